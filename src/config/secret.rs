@@ -1,0 +1,226 @@
+//! Secret values: how they are written in the config (`"…"`, `{ env = … }`,
+//! `{ file = … }`) and the [`Secret`] type that holds a resolved value and
+//! never prints it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// A resolved secret: a refresh token, an API key, an admin token.
+///
+/// `Debug` and `Display` print `***`, so a secret that slips into a log
+/// line or an error message shows nothing. The value is reached only
+/// through [`Secret::expose`], which makes every use greppable.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Secret(Arc<str>);
+
+impl Secret {
+    /// Wraps a value as a secret.
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret value itself. Call only where the value must leave the
+    /// process (an HTTP header, a refresh call, the state file).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Hex SHA-256 of the value: identifies a secret without revealing it.
+    pub fn fingerprint(&self) -> String {
+        hex(&Sha256::digest(self.0.as_bytes()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Lower-case hex of some bytes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// Where a secret comes from, as written in the config file.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// The value written inline.
+    Inline(Secret),
+    /// The value of an environment variable.
+    Env(String),
+    /// The contents of a file, relative to the config file's folder,
+    /// with one trailing newline trimmed.
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline(***)"),
+            SecretSource::Env(var) => write!(f, "Env({var})"),
+            SecretSource::File(path) => write!(f, "File({})", path.display()),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret's value. `base` is the config file's folder.
+    ///
+    /// The error message names the variable or file, never a value.
+    pub fn resolve(&self, base: &Path) -> Result<Secret, String> {
+        match self {
+            SecretSource::Inline(secret) => non_empty(secret.clone(), || "inline".into()),
+            SecretSource::Env(var) => match std::env::var(var) {
+                Ok(value) => {
+                    non_empty(Secret::new(value), || format!("environment variable {var}"))
+                }
+                Err(std::env::VarError::NotPresent) => {
+                    Err(format!("environment variable {var} is not set"))
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    Err(format!("environment variable {var} is not valid UTF-8"))
+                }
+            },
+            SecretSource::File(path) => {
+                let full = base.join(path);
+                let text = std::fs::read_to_string(&full)
+                    .map_err(|e| format!("cannot read secret file {}: {e}", full.display()))?;
+                let value = text
+                    .strip_suffix("\r\n")
+                    .or_else(|| text.strip_suffix('\n'))
+                    .unwrap_or(&text);
+                non_empty(Secret::new(value), || {
+                    format!("secret file {}", full.display())
+                })
+            }
+        }
+    }
+
+    /// The file this secret is read from, if any (for the reload watcher).
+    pub fn file(&self, base: &Path) -> Option<PathBuf> {
+        match self {
+            SecretSource::File(path) => Some(base.join(path)),
+            _ => None,
+        }
+    }
+}
+
+fn non_empty(secret: Secret, what: impl FnOnce() -> String) -> Result<Secret, String> {
+    let trimmed = secret.expose().trim();
+    if trimmed.is_empty() {
+        Err(format!("{} is empty", what()))
+    } else if trimmed.len() != secret.expose().len() {
+        // Whitespace around a credential is almost always a copy-paste
+        // accident that would make every upstream call fail.
+        Err(format!("{} has leading or trailing whitespace", what()))
+    } else {
+        Ok(secret)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SourceVisitor;
+
+        impl<'de> Visitor<'de> for SourceVisitor {
+            type Value = SecretSource;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, { env = \"VAR\" } or { file = \"path\" }")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SecretSource, E> {
+                Ok(SecretSource::Inline(Secret::new(v)))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(de::Error::custom(
+                        "empty secret table: expected { env = \"VAR\" } or { file = \"path\" }",
+                    ));
+                };
+                let source = match key.as_str() {
+                    "env" => SecretSource::Env(map.next_value()?),
+                    "file" => SecretSource::File(map.next_value::<PathBuf>()?),
+                    other => {
+                        return Err(de::Error::custom(format!(
+                            "unknown secret source `{other}`: expected `env` or `file`"
+                        )))
+                    }
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format!(
+                        "a secret has exactly one source; unexpected `{extra}`"
+                    )));
+                }
+                Ok(source)
+            }
+        }
+
+        deserializer.deserialize_any(SourceVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_hide_the_value() {
+        let s = Secret::new("hunter2-very-secret");
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(format!("{s}"), "***");
+        let src = SecretSource::Inline(s);
+        assert!(!format!("{src:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn file_secret_trims_one_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), "abc\n").unwrap();
+        let src = SecretSource::File("k".into());
+        assert_eq!(src.resolve(dir.path()).unwrap().expose(), "abc");
+        std::fs::write(dir.path().join("k"), "abc\r\n").unwrap();
+        assert_eq!(src.resolve(dir.path()).unwrap().expose(), "abc");
+    }
+
+    #[test]
+    fn empty_and_padded_secrets_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), "\n").unwrap();
+        let err = SecretSource::File("k".into())
+            .resolve(dir.path())
+            .unwrap_err();
+        assert!(err.contains("is empty"), "{err}");
+        let err = SecretSource::Inline(Secret::new(" x"))
+            .resolve(dir.path())
+            .unwrap_err();
+        assert!(err.contains("whitespace"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_is_sha256_hex() {
+        // sha256("abc")
+        assert_eq!(
+            Secret::new("abc").fingerprint(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

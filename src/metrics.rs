@@ -1,0 +1,360 @@
+//! Every Prometheus metric of DESIGN §6, registered in one place.
+//!
+//! Counters and histograms move where things happen (proxy, refresher,
+//! reload); the per-state and per-token gauges are computed from the pool
+//! at scrape time by [`Metrics::observe_pool`], so they can never drift
+//! from the pool's real state. Labels carry tier, token *names*, states,
+//! reasons, outcomes and status codes — never a secret.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::config::Tier;
+use crate::pool::{Pool, Reason, TokenState};
+
+/// Outcomes of `tokenpool_requests_total`.
+pub mod outcome {
+    /// The client got an answer below 400.
+    pub const SUCCESS: &str = "success";
+    /// The upstream answered 5xx, or the proxy could not reach it (502/504).
+    pub const UPSTREAM_ERROR: &str = "upstream_error";
+    /// The upstream answered 4xx, or the request was bad (413, 400).
+    pub const CLIENT_ERROR: &str = "client_error";
+    /// No token was available (503).
+    pub const NO_TOKEN: &str = "no_token";
+    /// The client did not authenticate (401 from the proxy).
+    pub const REJECTED: &str = "rejected";
+}
+
+/// Outcomes of `tokenpool_refreshes_total`.
+pub mod refresh_outcome {
+    /// A new access token.
+    pub const SUCCESS: &str = "success";
+    /// The endpoint rejected the call for a reason other than revocation.
+    pub const FAILED: &str = "failed";
+    /// The refresh token was rejected.
+    pub const REVOKED: &str = "revoked";
+    /// Unreachable, timed out, 5xx or garbage.
+    pub const UNAVAILABLE: &str = "unavailable";
+    /// The endpoint answered 429.
+    pub const RATE_LIMITED: &str = "rate_limited";
+}
+
+/// The registry and every metric family.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by outcome.
+    pub requests: IntCounterVec,
+    /// Time to response headers.
+    pub request_duration: Histogram,
+    /// Requests being served.
+    pub inflight: IntGauge,
+    /// Tokens picked, per tier and token.
+    pub selections: IntCounterVec,
+    /// Requests served by a lower tier than the first.
+    pub tier_fallbacks: IntCounterVec,
+    /// Requests that moved to another token, by the reason.
+    pub failovers: IntCounterVec,
+    /// Failures charged to a token.
+    pub token_failures: IntCounterVec,
+    /// Tokens per tier and state.
+    pub tokens: IntGaugeVec,
+    /// 1 when a token is usable.
+    pub token_up: IntGaugeVec,
+    /// When a token's access token expires.
+    pub access_expiry: GaugeVec,
+    /// Refresh calls by outcome.
+    pub refreshes: IntCounterVec,
+    /// Refresh call latency.
+    pub refresh_duration: HistogramVec,
+    /// Upstream answers by status code.
+    pub upstream_requests: IntCounterVec,
+    /// Upstream time to headers.
+    pub upstream_response: HistogramVec,
+    /// Reloads by result.
+    pub reloads: IntCounterVec,
+    /// 1 when the last reload succeeded.
+    pub last_reload_successful: IntGauge,
+    /// Unix time of the last successful reload (or the first load).
+    pub last_reload_success_timestamp: Gauge,
+}
+
+/// Buckets from 5 ms to 30 s, for refresh calls.
+const REFRESH_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Buckets from 5 ms to 60 s, for time to upstream headers.
+const UPSTREAM_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Buckets from 1 ms to 60 s, for time to response headers.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("tokenpool")
+}
+
+fn hopts(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
+    HistogramOpts::new(name, help)
+        .namespace("tokenpool")
+        .buckets(buckets.to_vec())
+}
+
+impl Metrics {
+    /// Registers every family (and the process collector) in a new registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definition is valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let m = Metrics {
+            requests: reg!(IntCounterVec::new(
+                opts("requests_total", "Client requests by outcome."),
+                &["outcome"]
+            )),
+            request_duration: reg!(Histogram::with_opts(hopts(
+                "request_duration_seconds",
+                "Time from a client request to its response headers.",
+                REQUEST_BUCKETS
+            ))),
+            inflight: reg!(IntGauge::with_opts(opts(
+                "inflight_requests",
+                "Client requests being served, streams included."
+            ))),
+            selections: reg!(IntCounterVec::new(
+                opts("selections_total", "Tokens picked for a request."),
+                &["tier", "token"]
+            )),
+            tier_fallbacks: reg!(IntCounterVec::new(
+                opts(
+                    "tier_fallbacks_total",
+                    "Requests served by a lower tier because every token above was unavailable."
+                ),
+                &["from_tier", "to_tier"]
+            )),
+            failovers: reg!(IntCounterVec::new(
+                opts(
+                    "failovers_total",
+                    "Requests moved to another token, by reason."
+                ),
+                &["tier", "reason"]
+            )),
+            token_failures: reg!(IntCounterVec::new(
+                opts(
+                    "token_failures_total",
+                    "Failures charged to a token, by reason."
+                ),
+                &["tier", "token", "reason"]
+            )),
+            tokens: reg!(IntGaugeVec::new(
+                opts("tokens", "Tokens per tier and state."),
+                &["tier", "state"]
+            )),
+            token_up: reg!(IntGaugeVec::new(
+                opts("token_up", "1 when the token is in rotation, else 0."),
+                &["tier", "token"]
+            )),
+            access_expiry: reg!(GaugeVec::new(
+                opts(
+                    "token_access_expiry_timestamp_seconds",
+                    "Unix time when the token's access token expires."
+                ),
+                &["tier", "token"]
+            )),
+            refreshes: reg!(IntCounterVec::new(
+                opts("refreshes_total", "Refresh calls by outcome."),
+                &["tier", "outcome"]
+            )),
+            refresh_duration: reg!(HistogramVec::new(
+                hopts(
+                    "refresh_duration_seconds",
+                    "Refresh call latency.",
+                    REFRESH_BUCKETS
+                ),
+                &["tier"]
+            )),
+            upstream_requests: reg!(IntCounterVec::new(
+                opts(
+                    "upstream_requests_total",
+                    "Upstream answers by status code."
+                ),
+                &["tier", "code"]
+            )),
+            upstream_response: reg!(HistogramVec::new(
+                hopts(
+                    "upstream_response_seconds",
+                    "Time from sending upstream to the upstream's response headers.",
+                    UPSTREAM_BUCKETS
+                ),
+                &["tier"]
+            )),
+            reloads: reg!(IntCounterVec::new(
+                opts("config_reloads_total", "Config reloads by result."),
+                &["result"]
+            )),
+            last_reload_successful: reg!(IntGauge::with_opts(opts(
+                "config_last_reload_successful",
+                "1 when the last config reload succeeded."
+            ))),
+            last_reload_success_timestamp: reg!(Gauge::with_opts(opts(
+                "config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful config load."
+            ))),
+            registry,
+        };
+        let build_info = IntGaugeVec::new(
+            opts(
+                "build_info",
+                "Always 1; the version label says which build runs.",
+            ),
+            &["version"],
+        )
+        .expect("metric definition is valid");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m.registry
+            .register(Box::new(build_info))
+            .expect("metric names are unique");
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            // Registration fails only when /proc is missing; metrics then lack it.
+            let _ = m.registry.register(Box::new(process));
+        }
+
+        // Series that must exist from the start, with zeros.
+        for o in [
+            outcome::SUCCESS,
+            outcome::UPSTREAM_ERROR,
+            outcome::CLIENT_ERROR,
+            outcome::NO_TOKEN,
+            outcome::REJECTED,
+        ] {
+            m.requests.with_label_values(&[o]);
+        }
+        for tier in Tier::ALL {
+            for state in TokenState::ALL {
+                m.tokens.with_label_values(&[tier.as_str(), state.as_str()]);
+            }
+            for reason in Reason::METRIC {
+                m.failovers
+                    .with_label_values(&[tier.as_str(), reason.as_str()]);
+            }
+            for o in [
+                refresh_outcome::SUCCESS,
+                refresh_outcome::FAILED,
+                refresh_outcome::REVOKED,
+                refresh_outcome::UNAVAILABLE,
+                refresh_outcome::RATE_LIMITED,
+            ] {
+                m.refreshes.with_label_values(&[tier.as_str(), o]);
+            }
+        }
+        for result in ["success", "failure"] {
+            m.reloads.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// Counts a token failure and the failover it causes.
+    pub fn token_failure(&self, tier: Tier, token: &str, reason: Reason) {
+        self.token_failures
+            .with_label_values(&[tier.as_str(), token, reason.as_str()])
+            .inc();
+    }
+
+    /// Counts a request moving to another token.
+    pub fn failover(&self, tier: Tier, reason: Reason) {
+        self.failovers
+            .with_label_values(&[tier.as_str(), reason.as_str()])
+            .inc();
+    }
+
+    /// Sets the gauges computed from the pool's state. Per-token gauges are
+    /// rebuilt, so removed tokens disappear.
+    pub fn observe_pool(&self, pool: &Pool) {
+        let mut counts = [[0i64; 4]; 3];
+        self.token_up.reset();
+        self.access_expiry.reset();
+        for token in pool.tokens() {
+            let s = token.snapshot();
+            let tier_i = Tier::ALL.iter().position(|&t| t == s.tier).unwrap_or(0);
+            let state_i = TokenState::ALL
+                .iter()
+                .position(|&x| x == s.state)
+                .unwrap_or(0);
+            counts[tier_i][state_i] += 1;
+            let labels = [s.tier.as_str(), &*s.name];
+            self.token_up
+                .with_label_values(&labels)
+                .set(i64::from(s.state == TokenState::Active));
+            if let Some(at) = s.access_token_expires_at {
+                let secs = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                self.access_expiry.with_label_values(&labels).set(secs);
+            }
+        }
+        for (ti, tier) in Tier::ALL.iter().enumerate() {
+            for (si, state) in TokenState::ALL.iter().enumerate() {
+                self.tokens
+                    .with_label_values(&[tier.as_str(), state.as_str()])
+                    .set(counts[ti][si]);
+            }
+        }
+    }
+
+    /// Deletes every per-token series of a token that left the pool.
+    pub fn forget_token(&self, tier: Tier, token: &str) {
+        let _ = self.selections.remove_label_values(&[tier.as_str(), token]);
+        for reason in Reason::METRIC {
+            let _ =
+                self.token_failures
+                    .remove_label_values(&[tier.as_str(), token, reason.as_str()]);
+        }
+        let _ = self.token_up.remove_label_values(&[tier.as_str(), token]);
+        let _ = self
+            .access_expiry
+            .remove_label_values(&[tier.as_str(), token]);
+    }
+
+    /// Records the result of a config load or reload.
+    pub fn reload_result(&self, ok: bool) {
+        if ok {
+            self.reloads.with_label_values(&["success"]).inc();
+            self.last_reload_successful.set(1);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.last_reload_success_timestamp.set(now);
+        } else {
+            self.reloads.with_label_values(&["failure"]).inc();
+            self.last_reload_successful.set(0);
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

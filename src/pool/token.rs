@@ -1,0 +1,726 @@
+//! One token: its identity, its access token, and the state machine of
+//! DESIGN §5.2 (`active`, `cooling_down`, `disabled`, `revoked`).
+//!
+//! The hot path reads a single atomic, the *gate*: the clock reading (in
+//! milliseconds) from which the token may be picked. Every transition runs
+//! under a short `std::sync::Mutex` that is never held across an `.await`,
+//! and ends by storing the new gate.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{Clock, PoolSettings};
+use crate::config::{Secret, Tier, TokenConfig};
+
+/// Gate value of a token that nothing but an operator (or a config change)
+/// brings back.
+const CLOSED: u64 = u64::MAX;
+
+/// A token's state, as shown in the admin API and the `state` metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    /// In rotation.
+    Active,
+    /// Resting until its cooldown ends.
+    CoolingDown,
+    /// Out after repeated failures (back after a trial) or by hand.
+    Disabled,
+    /// Its refresh token was rejected; back only by enable or a new secret.
+    Revoked,
+}
+
+impl TokenState {
+    /// Every state, in display order.
+    pub const ALL: [TokenState; 4] = [
+        TokenState::Active,
+        TokenState::CoolingDown,
+        TokenState::Disabled,
+        TokenState::Revoked,
+    ];
+
+    /// The name used in metrics and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Active => "active",
+            TokenState::CoolingDown => "cooling_down",
+            TokenState::Disabled => "disabled",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+/// Why a token left `active`, or why a request left a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The upstream answered 401 twice.
+    Unauthorized,
+    /// The upstream answered 403 (not an HTML block page).
+    Forbidden,
+    /// A 429 that is not about quota.
+    RateLimited,
+    /// A 429 matching `quota_pattern`.
+    QuotaExhausted,
+    /// The refresh endpoint failed (rejected the call, or was unreachable
+    /// while the token held no valid access token).
+    RefreshFailed,
+    /// The refresh endpoint rejected the refresh token itself.
+    Revoked,
+    /// An operator disabled it.
+    Manual,
+}
+
+impl Reason {
+    /// Reasons that appear as the `reason` label of failure metrics.
+    pub const METRIC: [Reason; 6] = [
+        Reason::Unauthorized,
+        Reason::Forbidden,
+        Reason::RateLimited,
+        Reason::QuotaExhausted,
+        Reason::RefreshFailed,
+        Reason::Revoked,
+    ];
+
+    /// The name used in metrics and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unauthorized => "unauthorized",
+            Reason::Forbidden => "forbidden",
+            Reason::RateLimited => "rate_limited",
+            Reason::QuotaExhausted => "quota_exhausted",
+            Reason::RefreshFailed => "refresh_failed",
+            Reason::Revoked => "revoked",
+            Reason::Manual => "manual",
+        }
+    }
+}
+
+/// What happened when a token was used; the proxy and the refresher
+/// translate HTTP answers into these, so the pool never sees HTTP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The token worked.
+    Success,
+    /// Something failed that is not the token's fault (5xx, transport).
+    Neutral,
+    /// A failure that is the token's fault and counts toward `failure_threshold`.
+    Failure(Reason),
+    /// A 429 that is not about quota, with the upstream's Retry-After.
+    RateLimited(Option<Duration>),
+    /// A quota-exhausted 429.
+    QuotaExhausted,
+    /// The refresh token was rejected.
+    Revoked,
+    /// The refresh endpoint was unavailable while the token had no valid
+    /// access token: rest briefly, without blame.
+    RefreshUnavailable,
+}
+
+/// A short-lived bearer obtained by refreshing a token.
+pub struct AccessToken {
+    /// `Bearer <token>`, ready to be an `Authorization` header value.
+    header: Bytes,
+    /// When it stops being valid, on the pool's clock.
+    pub expires_at: Instant,
+    /// When it stops being valid, as wall-clock time (for metrics and the admin API).
+    pub expires_at_wall: SystemTime,
+}
+
+impl AccessToken {
+    /// Wraps a bearer valid for `ttl` from now.
+    pub fn new(bearer: &str, ttl: Duration) -> AccessToken {
+        let mut header = Vec::with_capacity(7 + bearer.len());
+        header.extend_from_slice(b"Bearer ");
+        header.extend_from_slice(bearer.as_bytes());
+        AccessToken {
+            header: Bytes::from(header),
+            expires_at: Instant::now() + ttl,
+            expires_at_wall: SystemTime::now() + ttl,
+        }
+    }
+
+    /// The `Authorization` value. A secret: never log it.
+    pub fn header_bytes(&self) -> &Bytes {
+        &self.header
+    }
+
+    /// The bearer alone (without `Bearer `). A secret: never log it.
+    pub fn bearer(&self) -> &[u8] {
+        &self.header[7..]
+    }
+
+    /// Whether it is still valid at `now`.
+    pub fn valid_at(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("header", &"***")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// How a refresh ended, shared with every request waiting on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefreshResult {
+    /// A fresh access token is installed.
+    Refreshed,
+    /// It failed; the token's state already says how.
+    Failed(Reason),
+    /// The endpoint is unavailable or backing off; not the token's fault.
+    Unavailable,
+}
+
+/// The receiving side of an in-flight refresh: `None` until it ends.
+pub type Flight = watch::Receiver<Option<RefreshResult>>;
+
+/// The parts of a token's state that change together, under one lock.
+#[derive(Debug, Clone)]
+struct Inner {
+    state: TokenState,
+    reason: Option<Reason>,
+    /// A half-open trial of a disabled token is under way.
+    trial: bool,
+    consecutive_failures: u32,
+    cooldown_until: Option<Instant>,
+    /// Consecutive quota cooldowns: the next one lasts `quota_cooldown * 2^level`.
+    quota_level: u32,
+    /// Failed recovery trials: the next wait is `recovery_backoff * 2^level`.
+    backoff_level: u32,
+    /// Consecutive refresh-unavailable rests: 1 s doubling, capped at 10 s.
+    refresh_level: u32,
+    /// The refresh token in use: the configured one, or a rotated one.
+    refresh_token: Secret,
+    /// Set when `refresh_token` came from a rotation.
+    rotated: bool,
+    last_error: Option<String>,
+}
+
+/// One configured token and everything the proxy knows about it.
+pub struct Token {
+    name: Arc<str>,
+    tier: Tier,
+    /// The secret as configured; identifies the token across reloads.
+    configured: Secret,
+    clock: Clock,
+    /// Clock reading (ms) from which the token may be picked; `CLOSED` for never.
+    gate: AtomicU64,
+    /// Requests this token was picked for.
+    requests: AtomicU64,
+    /// Unix milliseconds of the last pick (0 = never).
+    last_used_ms: AtomicU64,
+    /// Set when a transition happened that the state file should record.
+    dirty: std::sync::atomic::AtomicBool,
+    access: ArcSwapOption<AccessToken>,
+    flight: Mutex<Option<Flight>>,
+    inner: Mutex<Inner>,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("name", &self.name)
+            .field("tier", &self.tier)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A read-only copy of a token's state, for the admin API, metrics and
+/// the state file.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Its name.
+    pub name: Arc<str>,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its effective state now (an ended cooldown reads `active`).
+    pub state: TokenState,
+    /// Why it is not active.
+    pub reason: Option<Reason>,
+    /// Consecutive token-fault failures.
+    pub consecutive_failures: u32,
+    /// When its cooldown, or its next recovery trial, is due.
+    pub cooldown_until: Option<SystemTime>,
+    /// When its access token expires.
+    pub access_token_expires_at: Option<SystemTime>,
+    /// Requests it was picked for.
+    pub requests: u64,
+    /// When it was last picked.
+    pub last_used_at: Option<SystemTime>,
+    /// The last error seen, without secrets.
+    pub last_error: Option<String>,
+    /// Failed recovery trials so far.
+    pub backoff_level: u32,
+    /// Consecutive quota cooldowns so far.
+    pub quota_level: u32,
+    /// Whether it was disabled by hand.
+    pub manual: bool,
+}
+
+/// The persisted part of a token's state (DESIGN §7), restored at start.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// A rotated refresh token that replaces the configured one.
+    pub refresh_token: Option<Secret>,
+    /// The state it was in.
+    pub state: Option<TokenState>,
+    /// Why.
+    pub reason: Option<Reason>,
+    /// When its cooldown or recovery wait ends.
+    pub until: Option<SystemTime>,
+    /// Its recovery backoff level.
+    pub backoff_level: u32,
+    /// Its quota cooldown level.
+    pub quota_level: u32,
+}
+
+impl Token {
+    /// A fresh, active token.
+    pub fn new(config: &TokenConfig, clock: Clock) -> Token {
+        Token {
+            name: Arc::from(config.name.as_str()),
+            tier: config.tier,
+            configured: config.secret.clone(),
+            clock,
+            gate: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            last_used_ms: AtomicU64::new(0),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+            access: ArcSwapOption::empty(),
+            flight: Mutex::new(None),
+            inner: Mutex::new(Inner {
+                state: TokenState::Active,
+                reason: None,
+                trial: false,
+                consecutive_failures: 0,
+                cooldown_until: None,
+                quota_level: 0,
+                backoff_level: 0,
+                refresh_level: 0,
+                refresh_token: config.secret.clone(),
+                rotated: false,
+                last_error: None,
+            }),
+        }
+    }
+
+    /// Its configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its tier.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
+    /// The secret as configured (not a rotated one).
+    pub fn configured_secret(&self) -> &Secret {
+        &self.configured
+    }
+
+    /// Whether this token is the one configured as `config` (same name,
+    /// tier and secret): such a token keeps its state across a reload.
+    pub fn same_as(&self, config: &TokenConfig) -> bool {
+        &*self.name == config.name && self.tier == config.tier && self.configured == config.secret
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The refresh token to send: the rotated one if there is one.
+    pub fn refresh_token(&self) -> Secret {
+        self.lock().refresh_token.clone()
+    }
+
+    /// Installs a rotated refresh token.
+    pub fn rotate(&self, new: Secret) {
+        let mut inner = self.lock();
+        inner.refresh_token = new;
+        inner.rotated = true;
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// The rotated refresh token, if the current one came from a rotation.
+    pub fn rotated_refresh_token(&self) -> Option<Secret> {
+        let inner = self.lock();
+        inner.rotated.then(|| inner.refresh_token.clone())
+    }
+
+    /// The current access token, valid or not.
+    pub fn access(&self) -> Option<Arc<AccessToken>> {
+        self.access.load_full()
+    }
+
+    /// The access token if it is still valid at `now`.
+    pub fn valid_access(&self, now: Instant) -> Option<Arc<AccessToken>> {
+        let guard = self.access.load();
+        match &*guard {
+            Some(a) if a.valid_at(now) => Some(Arc::clone(a)),
+            _ => None,
+        }
+    }
+
+    /// Whether a valid access token is held at `now`, without cloning it.
+    pub fn has_valid_access(&self, now: Instant) -> bool {
+        self.access.load().as_ref().is_some_and(|a| a.valid_at(now))
+    }
+
+    /// Installs a new access token (and ends any refresh-unavailable rest).
+    pub fn set_access(&self, access: AccessToken) {
+        self.access.store(Some(Arc::new(access)));
+        let mut inner = self.lock();
+        inner.refresh_level = 0;
+        if inner.state == TokenState::CoolingDown && inner.reason == Some(Reason::RefreshFailed) {
+            inner.state = TokenState::Active;
+            inner.reason = None;
+            inner.cooldown_until = None;
+            self.gate.store(0, Ordering::Release);
+        }
+    }
+
+    /// Forgets the access token (after a 401, or when the secret changed).
+    pub fn drop_access(&self) {
+        self.access.store(None);
+    }
+
+    /// The refresh in flight for this token, or a new one to start.
+    ///
+    /// Returns `(receiver, Some(sender))` when the caller must run the
+    /// refresh and report through the sender; `(receiver, None)` when one is
+    /// already under way.
+    pub fn join_flight(&self) -> (Flight, Option<watch::Sender<Option<RefreshResult>>>) {
+        let mut slot = self.flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = slot.as_ref() {
+            if rx.borrow().is_none() && rx.has_changed().is_ok() {
+                return (rx.clone(), None);
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        *slot = Some(rx.clone());
+        (rx, Some(tx))
+    }
+
+    /// Whether a refresh is under way for this token.
+    pub fn refresh_in_flight(&self) -> bool {
+        let slot = self.flight.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref()
+            .is_some_and(|rx| rx.borrow().is_none() && rx.has_changed().is_ok())
+    }
+
+    /// Counts a pick (hot path: two relaxed atomics).
+    fn note_pick(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_used_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Requests this token was picked for.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Tries to take the token for one request at clock reading `now_ms`.
+    ///
+    /// An active token is taken with one atomic load. A token whose gate
+    /// has passed takes the slow path: an ended cooldown becomes active;
+    /// a disabled token due for recovery is taken for one trial, and its
+    /// gate moves so that no other request trials it at the same time.
+    pub(super) fn try_acquire(&self, now_ms: u64, settings: &PoolSettings) -> bool {
+        let gate = self.gate.load(Ordering::Acquire);
+        if gate == 0 {
+            self.note_pick();
+            return true;
+        }
+        if gate > now_ms {
+            return false;
+        }
+        let now = self.clock.instant(now_ms);
+        let mut inner = self.lock();
+        // Re-check under the lock: another request may have moved the gate.
+        if self.gate.load(Ordering::Acquire) > now_ms {
+            return false;
+        }
+        match inner.state {
+            TokenState::Active => {}
+            TokenState::CoolingDown => {
+                inner.state = TokenState::Active;
+                inner.reason = None;
+                inner.cooldown_until = None;
+                self.dirty.store(true, Ordering::Release);
+            }
+            TokenState::Disabled => {
+                // Half-open: one trial. If its outcome never arrives (the
+                // client went away), another trial is due after one more wait.
+                inner.trial = true;
+                let wait = settings.recovery_wait(inner.backoff_level);
+                inner.cooldown_until = Some(now + wait);
+                self.gate
+                    .store(self.clock.millis(now + wait), Ordering::Release);
+                drop(inner);
+                self.note_pick();
+                return true;
+            }
+            TokenState::Revoked => return false,
+        }
+        self.gate.store(0, Ordering::Release);
+        drop(inner);
+        self.note_pick();
+        true
+    }
+
+    /// Whether the background refresher should keep this token's access
+    /// token fresh: it is in rotation, or its cooldown has ended.
+    pub fn background_refreshable(&self, now: Instant) -> bool {
+        match self.gate.load(Ordering::Acquire) {
+            0 => true,
+            CLOSED => false,
+            gate => gate <= self.clock.millis(now) && self.lock().state == TokenState::CoolingDown,
+        }
+    }
+
+    /// Clock reading (ms) when this token may next be picked; `None` if
+    /// only an operator can bring it back.
+    pub(super) fn due_ms(&self) -> Option<u64> {
+        match self.gate.load(Ordering::Acquire) {
+            CLOSED => None,
+            g => Some(g),
+        }
+    }
+
+    /// Applies what happened on a request or refresh; returns the new state.
+    pub fn report(&self, outcome: Outcome, settings: &PoolSettings) -> TokenState {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let trial = std::mem::take(&mut inner.trial);
+        match outcome {
+            Outcome::Success => {
+                inner.consecutive_failures = 0;
+                inner.quota_level = 0;
+                inner.last_error = None;
+                if inner.state == TokenState::Disabled && !is_manual(&inner) {
+                    inner.backoff_level = 0;
+                    self.activate(&mut inner);
+                }
+            }
+            Outcome::Neutral => {
+                if trial && inner.state == TokenState::Disabled {
+                    // The trial said nothing about the token: it may be tried again now.
+                    inner.cooldown_until = Some(now);
+                    self.gate.store(self.clock.millis(now), Ordering::Release);
+                }
+            }
+            Outcome::Failure(reason) => {
+                inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
+                inner.last_error = Some(reason.as_str().to_string());
+                if inner.state == TokenState::Revoked || is_manual(&inner) {
+                    // Already out for a stronger reason.
+                } else if trial && inner.state == TokenState::Disabled {
+                    inner.backoff_level = inner.backoff_level.saturating_add(1);
+                    self.disable(&mut inner, reason, now, settings);
+                } else if inner.consecutive_failures >= settings.failure_threshold {
+                    inner.backoff_level = 0;
+                    self.disable(&mut inner, reason, now, settings);
+                }
+            }
+            Outcome::RateLimited(retry_after) => {
+                let wait = retry_after
+                    .unwrap_or(settings.cooldown)
+                    .min(settings.max_cooldown);
+                inner.last_error = Some(Reason::RateLimited.as_str().to_string());
+                self.cool(&mut inner, Reason::RateLimited, now, wait);
+            }
+            Outcome::QuotaExhausted => {
+                let wait = settings.quota_wait(inner.quota_level);
+                inner.quota_level = inner.quota_level.saturating_add(1);
+                inner.last_error = Some(Reason::QuotaExhausted.as_str().to_string());
+                self.cool(&mut inner, Reason::QuotaExhausted, now, wait);
+            }
+            Outcome::Revoked => {
+                inner.state = TokenState::Revoked;
+                inner.reason = Some(Reason::Revoked);
+                inner.cooldown_until = None;
+                inner.last_error = Some("refresh token rejected".to_string());
+                self.gate.store(CLOSED, Ordering::Release);
+                self.drop_access();
+            }
+            Outcome::RefreshUnavailable => {
+                if matches!(inner.state, TokenState::Active | TokenState::CoolingDown) {
+                    let wait = refresh_rest(inner.refresh_level);
+                    inner.refresh_level = inner.refresh_level.saturating_add(1);
+                    inner.last_error = Some("refresh endpoint unavailable".to_string());
+                    self.cool(&mut inner, Reason::RefreshFailed, now, wait);
+                } else if trial && inner.state == TokenState::Disabled {
+                    inner.cooldown_until = Some(now);
+                    self.gate.store(self.clock.millis(now), Ordering::Release);
+                }
+            }
+        }
+        self.dirty.store(true, Ordering::Release);
+        inner.state
+    }
+
+    fn activate(&self, inner: &mut Inner) {
+        inner.state = TokenState::Active;
+        inner.reason = None;
+        inner.cooldown_until = None;
+        self.gate.store(0, Ordering::Release);
+    }
+
+    fn cool(&self, inner: &mut Inner, reason: Reason, now: Instant, wait: Duration) {
+        if inner.state == TokenState::Revoked || is_manual(inner) {
+            return;
+        }
+        // A longer rest already under way is kept.
+        let until = now + wait;
+        if inner.state == TokenState::CoolingDown && inner.cooldown_until.is_some_and(|u| u > until)
+        {
+            return;
+        }
+        inner.state = TokenState::CoolingDown;
+        inner.reason = Some(reason);
+        inner.cooldown_until = Some(until);
+        self.gate.store(self.clock.millis(until), Ordering::Release);
+    }
+
+    fn disable(&self, inner: &mut Inner, reason: Reason, now: Instant, settings: &PoolSettings) {
+        let until = now + settings.recovery_wait(inner.backoff_level);
+        inner.state = TokenState::Disabled;
+        inner.reason = Some(reason);
+        inner.cooldown_until = Some(until);
+        self.gate.store(self.clock.millis(until), Ordering::Release);
+    }
+
+    /// Takes the token out of rotation until [`Token::enable`] (reason `manual`).
+    pub fn disable_manually(&self) {
+        let mut inner = self.lock();
+        inner.state = TokenState::Disabled;
+        inner.reason = Some(Reason::Manual);
+        inner.trial = false;
+        inner.cooldown_until = None;
+        self.gate.store(CLOSED, Ordering::Release);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Puts the token back into rotation, clearing failures, cooldowns and
+    /// revocation.
+    pub fn enable(&self) {
+        let mut inner = self.lock();
+        inner.consecutive_failures = 0;
+        inner.quota_level = 0;
+        inner.backoff_level = 0;
+        inner.refresh_level = 0;
+        inner.trial = false;
+        inner.last_error = None;
+        self.activate(&mut inner);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Restores persisted state (at start, from the state file).
+    pub fn restore(&self, restored: Restored) {
+        let mut inner = self.lock();
+        if let Some(rt) = restored.refresh_token {
+            inner.refresh_token = rt;
+            inner.rotated = true;
+        }
+        inner.backoff_level = restored.backoff_level;
+        inner.quota_level = restored.quota_level;
+        let until = restored.until.map(|u| {
+            let left = u
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            Instant::now() + left
+        });
+        match restored.state {
+            Some(TokenState::Revoked) => {
+                inner.state = TokenState::Revoked;
+                inner.reason = Some(Reason::Revoked);
+                self.gate.store(CLOSED, Ordering::Release);
+            }
+            Some(TokenState::Disabled) if restored.reason == Some(Reason::Manual) => {
+                inner.state = TokenState::Disabled;
+                inner.reason = Some(Reason::Manual);
+                self.gate.store(CLOSED, Ordering::Release);
+            }
+            Some(state @ (TokenState::Disabled | TokenState::CoolingDown)) => {
+                if let Some(until) = until {
+                    inner.state = state;
+                    inner.reason = restored.reason;
+                    inner.cooldown_until = Some(until);
+                    self.gate.store(self.clock.millis(until), Ordering::Release);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether state changed since the last call (for the state file).
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
+    }
+
+    /// A copy of its state at `now`.
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let inner = self.lock().clone();
+        let mut state = inner.state;
+        let mut reason = inner.reason;
+        let mut cooldown_until = inner.cooldown_until;
+        if state == TokenState::CoolingDown && cooldown_until.is_some_and(|u| u <= now) {
+            state = TokenState::Active;
+            reason = None;
+            cooldown_until = None;
+        }
+        let wall = |at: Instant| {
+            let now_wall = SystemTime::now();
+            if at >= now {
+                now_wall + (at - now)
+            } else {
+                now_wall - (now - at)
+            }
+        };
+        let last_ms = self.last_used_ms.load(Ordering::Relaxed);
+        Snapshot {
+            name: Arc::clone(&self.name),
+            tier: self.tier,
+            state,
+            reason,
+            consecutive_failures: inner.consecutive_failures,
+            cooldown_until: cooldown_until.map(wall),
+            access_token_expires_at: self.access.load().as_ref().map(|a| a.expires_at_wall),
+            requests: self.requests(),
+            last_used_at: (last_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(last_ms)),
+            last_error: inner.last_error.clone(),
+            backoff_level: inner.backoff_level,
+            quota_level: inner.quota_level,
+            manual: inner.reason == Some(Reason::Manual),
+        }
+    }
+}
+
+fn is_manual(inner: &Inner) -> bool {
+    inner.state == TokenState::Disabled && inner.reason == Some(Reason::Manual)
+}
+
+/// Rest after the refresh endpoint was unavailable: 1 s doubling, capped at
+/// 10 s, so the pool serves again within seconds of the endpoint's return.
+fn refresh_rest(level: u32) -> Duration {
+    Duration::from_secs(1u64 << level.min(4)).min(Duration::from_secs(10))
+}

@@ -1,0 +1,173 @@
+//! The response body the proxy sends: either bytes it holds (its own
+//! errors, buffered upstream error answers) or the upstream's body
+//! streamed frame by frame, with `[upstream] idle_timeout` bounding the
+//! silence between frames. Both carry the guard that keeps the request
+//! counted in `tokenpool_inflight_requests` until the body is done.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus::IntGauge;
+use tokio::time::{Instant, Sleep};
+
+/// Errors while streaming the upstream body to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The upstream said nothing for longer than `idle_timeout`.
+    #[error("upstream stream idle for longer than {0:?}")]
+    Idle(Duration),
+    /// The upstream connection broke.
+    #[error("upstream stream broke: {0}")]
+    Upstream(#[from] hyper::Error),
+}
+
+/// Counts a request in `tokenpool_inflight_requests` while it lives.
+#[derive(Debug)]
+pub struct InflightGuard(IntGauge);
+
+impl InflightGuard {
+    /// Increments the gauge until the guard is dropped.
+    pub fn new(gauge: &IntGauge) -> InflightGuard {
+        gauge.inc();
+        InflightGuard(gauge.clone())
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The upstream's body with an idle timer.
+#[derive(Debug)]
+struct Streaming {
+    inner: Incoming,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Full(Option<Bytes>),
+    Streaming(Box<Streaming>),
+}
+
+/// A response body of the proxy.
+#[derive(Debug)]
+pub struct ProxyBody {
+    kind: Kind,
+    guard: Option<InflightGuard>,
+}
+
+impl ProxyBody {
+    /// A body of known bytes.
+    pub fn full(bytes: Bytes) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            guard: None,
+        }
+    }
+
+    /// The upstream's body, streamed, failing after `idle` of silence.
+    pub fn streaming(inner: Incoming, idle: Duration) -> ProxyBody {
+        ProxyBody {
+            kind: Kind::Streaming(Box::new(Streaming {
+                inner,
+                idle,
+                timer: Box::pin(tokio::time::sleep(idle)),
+            })),
+            guard: None,
+        }
+    }
+
+    /// Attaches the in-flight guard, released when the body ends or is dropped.
+    pub fn with_guard(mut self, guard: InflightGuard) -> ProxyBody {
+        self.guard = Some(guard);
+        self
+    }
+}
+
+impl From<Bytes> for ProxyBody {
+    fn from(bytes: Bytes) -> Self {
+        ProxyBody::full(bytes)
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = StreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
+        let this = self.get_mut();
+        let result = match &mut this.kind {
+            Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Streaming(s) => match Pin::new(&mut s.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    s.timer.as_mut().reset(Instant::now() + s.idle);
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(StreamError::Upstream(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => match s.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(StreamError::Idle(s.idle)))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
+        };
+        if matches!(result, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            // The request is over: stop counting it now rather than when
+            // hyper gets round to dropping the body.
+            this.guard = None;
+        }
+        result
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(data) => data.is_none(),
+            Kind::Streaming(s) => s.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Streaming(s) => s.inner.size_hint(),
+        }
+    }
+}
+
+/// Reads up to `limit` bytes of a body, within `idle` of silence per
+/// frame. Returns the bytes and whether the body was cut at the limit.
+pub async fn collect_limited(
+    mut body: Incoming,
+    limit: usize,
+    idle: Duration,
+) -> Result<(Bytes, bool), StreamError> {
+    let mut out = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(StreamError::Idle(idle)),
+            Ok(None) => return Ok((out.freeze(), false)),
+            Ok(Some(frame)) => frame?,
+        };
+        if let Ok(data) = frame.into_data() {
+            let room = limit - out.len();
+            if data.len() > room {
+                out.extend_from_slice(&data[..room]);
+                return Ok((out.freeze(), true));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! Keeping access tokens fresh (DESIGN §5.4): on demand when a request
+//! finds none, and in the background ahead of expiry.
+//!
+//! Every refresh of a token is *single flight*: the first need starts one
+//! spawned call and every other need waits on its result. The call runs as
+//! its own task, so a client that goes away cannot cancel it half-way and
+//! lose a rotated refresh token. A rotated token is written to the state
+//! file before the new access token is installed.
+//!
+//! Outcomes are applied to the token (pool state) and counted here; the
+//! HTTP details stay in [`provider`].
+
+pub mod provider;
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::{Provider, RefreshConfig, Secret};
+use crate::metrics::{refresh_outcome, Metrics};
+use crate::pool::token::{Flight, RefreshResult};
+use crate::pool::{AccessToken, Outcome, Pool, Reason, Token};
+use crate::state::StateStore;
+use provider::{Grant, RefreshError};
+
+/// Lifetime given to a `static` bearer: it never expires on its own.
+const STATIC_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// First pause of all refreshing after the endpoint answered 429 without
+/// Retry-After; doubles on repeats up to [`MAX_RATE_LIMIT_BACKOFF`].
+const FIRST_RATE_LIMIT_BACKOFF: Duration = Duration::from_secs(10);
+const MAX_RATE_LIMIT_BACKOFF: Duration = Duration::from_secs(600);
+/// Background refreshes run at most this many at once, so a cold start of
+/// thousands of tokens does not hit the refresh endpoint all at once.
+pub const BACKGROUND_CONCURRENCY: usize = 4;
+/// Largest refresh answer read.
+const MAX_ANSWER_BYTES: usize = 256 * 1024;
+
+/// Makes refresh calls for one generation's `[refresh]` settings.
+pub struct Refresher {
+    provider: Provider,
+    url: Option<String>,
+    headers: reqwest::header::HeaderMap,
+    client_id: Option<String>,
+    client_secret: Option<Secret>,
+    margin: Duration,
+    client: reqwest::Client,
+    metrics: Arc<Metrics>,
+    state: Option<Arc<StateStore>>,
+    /// Consecutive 429s from the endpoint, for the doubling pause.
+    rate_limit_level: AtomicU32,
+}
+
+impl std::fmt::Debug for Refresher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refresher")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Refresher {
+    /// A refresher for `config`.
+    pub fn new(
+        config: &RefreshConfig,
+        metrics: Arc<Metrics>,
+        state: Option<Arc<StateStore>>,
+    ) -> Result<Refresher, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in &config.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        Ok(Refresher {
+            provider: config.provider,
+            url: config.url.clone(),
+            headers,
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+            margin: config.margin,
+            client,
+            metrics,
+            state,
+            rate_limit_level: AtomicU32::new(0),
+        })
+    }
+
+    /// For the `static` provider, gives every token its bearer.
+    pub fn prime(&self, pool: &Pool) {
+        if self.provider != Provider::Static {
+            return;
+        }
+        for token in pool.tokens() {
+            if token.access().is_none() {
+                token.set_access(AccessToken::new(token.refresh_token().expose(), STATIC_TTL));
+            }
+        }
+    }
+
+    /// A valid access token for `token`, refreshing it if needed.
+    pub async fn access(
+        self: &Arc<Self>,
+        pool: &Arc<Pool>,
+        token: &Arc<Token>,
+    ) -> Result<Arc<AccessToken>, RefreshResult> {
+        if let Some(access) = token.valid_access(Instant::now()) {
+            return Ok(access);
+        }
+        if self.provider == Provider::Static {
+            token.set_access(AccessToken::new(token.refresh_token().expose(), STATIC_TTL));
+            return token
+                .valid_access(Instant::now())
+                .ok_or(RefreshResult::Unavailable);
+        }
+        match self.refresh(pool, token).await {
+            RefreshResult::Refreshed => token
+                .valid_access(Instant::now())
+                .ok_or(RefreshResult::Unavailable),
+            other => Err(other),
+        }
+    }
+
+    /// Refreshes `token` now (or joins the refresh under way) and waits
+    /// for the result.
+    pub async fn refresh(self: &Arc<Self>, pool: &Arc<Pool>, token: &Arc<Token>) -> RefreshResult {
+        let mut flight = self.start(pool, token, None);
+        wait(&mut flight).await
+    }
+
+    /// Starts a refresh of `token` unless one is under way; returns the
+    /// flight to wait on. `permit` is held until the call ends.
+    fn start(
+        self: &Arc<Self>,
+        pool: &Arc<Pool>,
+        token: &Arc<Token>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Flight {
+        let (rx, tx) = token.join_flight();
+        if let Some(tx) = tx {
+            let this = Arc::clone(self);
+            let pool = Arc::clone(pool);
+            let token = Arc::clone(token);
+            tokio::spawn(async move {
+                let result = this.run(&pool, &token).await;
+                drop(permit);
+                // Nobody waiting is fine: the result is in the token's state.
+                let _ = tx.send(Some(result));
+            });
+        }
+        rx
+    }
+
+    /// One refresh call and everything that follows from its answer.
+    async fn run(&self, pool: &Arc<Pool>, token: &Arc<Token>) -> RefreshResult {
+        let tier = token.tier().as_str();
+        if pool.refresh_blocked_until(Instant::now()).is_some() {
+            return RefreshResult::Unavailable;
+        }
+        let started = Instant::now();
+        let result = self.call(&token.refresh_token()).await;
+        self.metrics
+            .refresh_duration
+            .with_label_values(&[tier])
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(_) => refresh_outcome::SUCCESS,
+            Err(RefreshError::Revoked { .. }) => refresh_outcome::REVOKED,
+            Err(RefreshError::Rejected { .. }) => refresh_outcome::FAILED,
+            Err(RefreshError::RateLimited { .. }) => refresh_outcome::RATE_LIMITED,
+            Err(RefreshError::Unavailable { .. }) => refresh_outcome::UNAVAILABLE,
+        };
+        self.metrics
+            .refreshes
+            .with_label_values(&[tier, outcome])
+            .inc();
+        match result {
+            Ok(grant) => {
+                self.rate_limit_level.store(0, Ordering::Relaxed);
+                self.install(pool, token, grant).await;
+                tracing::debug!(token = token.name(), "access token refreshed");
+                RefreshResult::Refreshed
+            }
+            Err(RefreshError::Revoked { code }) => {
+                tracing::warn!(
+                    token = token.name(),
+                    code,
+                    "refresh token rejected; token revoked"
+                );
+                token.report(Outcome::Revoked, pool.settings());
+                self.metrics
+                    .token_failure(token.tier(), token.name(), Reason::Revoked);
+                RefreshResult::Failed(Reason::Revoked)
+            }
+            Err(e @ RefreshError::Rejected { .. }) => {
+                tracing::warn!(token = token.name(), error = %e, "refresh failed");
+                token.report(Outcome::Failure(Reason::RefreshFailed), pool.settings());
+                self.metrics
+                    .token_failure(token.tier(), token.name(), Reason::RefreshFailed);
+                RefreshResult::Failed(Reason::RefreshFailed)
+            }
+            Err(RefreshError::RateLimited { retry_after }) => {
+                let level = self.rate_limit_level.fetch_add(1, Ordering::Relaxed);
+                let pause = retry_after.unwrap_or_else(|| {
+                    FIRST_RATE_LIMIT_BACKOFF
+                        .checked_mul(1 << level.min(16))
+                        .unwrap_or(MAX_RATE_LIMIT_BACKOFF)
+                });
+                let pause = pause.min(MAX_RATE_LIMIT_BACKOFF);
+                pool.block_refresh_until(Instant::now() + pause);
+                tracing::warn!(pause = ?pause, "refresh endpoint answered 429; pausing all refreshes");
+                RefreshResult::Unavailable
+            }
+            Err(e @ RefreshError::Unavailable { .. }) => {
+                if token.has_valid_access(Instant::now()) {
+                    tracing::info!(token = token.name(), error = %e, "refresh failed; current access token still valid");
+                } else {
+                    tracing::warn!(token = token.name(), error = %e, "refresh failed and no valid access token; token rests briefly");
+                    token.report(Outcome::RefreshUnavailable, pool.settings());
+                }
+                RefreshResult::Unavailable
+            }
+        }
+    }
+
+    /// Installs a grant: a rotated refresh token first, persisted before
+    /// the new access token is used.
+    async fn install(&self, pool: &Arc<Pool>, token: &Arc<Token>, grant: Grant) {
+        if let Some(rotated) = grant.rotated {
+            if &rotated != &token.refresh_token() {
+                token.rotate(rotated);
+                tracing::info!(token = token.name(), "refresh token rotated");
+                if let Some(store) = &self.state {
+                    let store = Arc::clone(store);
+                    let pool = Arc::clone(pool);
+                    match tokio::task::spawn_blocking(move || store.save(&pool)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "rotated refresh token NOT persisted; it will be lost on restart")
+                        }
+                        Err(e) => tracing::error!(error = %e, "state writer failed"),
+                    }
+                }
+            }
+        }
+        token.set_access(AccessToken::new(grant.bearer.expose(), grant.ttl));
+    }
+
+    /// The HTTP call.
+    async fn call(&self, refresh_token: &Secret) -> Result<Grant, RefreshError> {
+        let unavailable = |detail: String| RefreshError::Unavailable { detail };
+        let Some(url) = &self.url else {
+            return Err(unavailable("no refresh url configured".into()));
+        };
+        let mut body = String::with_capacity(64 + refresh_token.expose().len());
+        body.push_str("grant_type=refresh_token&refresh_token=");
+        form_encode(refresh_token.expose(), &mut body);
+        if let Some(id) = &self.client_id {
+            body.push_str("&client_id=");
+            form_encode(id, &mut body);
+        }
+        if let Some(secret) = &self.client_secret {
+            body.push_str("&client_secret=");
+            form_encode(secret.expose(), &mut body);
+        }
+        let response = self
+            .client
+            .post(url)
+            .headers(self.headers.clone())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("accept", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| unavailable(describe_reqwest_error(&e)))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(provider::parse_retry_after);
+        let body = read_limited(response)
+            .await
+            .map_err(|e| unavailable(describe_reqwest_error(&e)))?;
+        if (200..300).contains(&status) {
+            provider::parse_grant(&body, SystemTime::now())
+        } else {
+            Err(provider::classify_failure(status, &body, retry_after))
+        }
+    }
+
+    /// Whether the background loop should refresh `token` now.
+    fn due(&self, token: &Token, now: Instant) -> bool {
+        match token.access() {
+            None => true,
+            Some(access) => {
+                let lead = self.margin + jitter(token.name(), self.margin / 5);
+                access.expires_at <= now + lead
+            }
+        }
+    }
+
+    /// One pass of the background loop: starts a refresh for every token
+    /// in rotation whose access token is missing or close to expiry.
+    pub fn scan(self: &Arc<Self>, pool: &Arc<Pool>, limit: &Arc<Semaphore>) {
+        if self.provider == Provider::Static {
+            return;
+        }
+        let now = Instant::now();
+        if pool.refresh_blocked_until(now).is_some() {
+            return;
+        }
+        for token in pool.tokens() {
+            if !token.background_refreshable(now)
+                || token.refresh_in_flight()
+                || !self.due(token, now)
+            {
+                continue;
+            }
+            let Ok(permit) = Arc::clone(limit).try_acquire_owned() else {
+                return;
+            };
+            drop(self.start(pool, token, Some(permit)));
+        }
+    }
+}
+
+/// Waits for a flight's result.
+async fn wait(flight: &mut Flight) -> RefreshResult {
+    loop {
+        if let Some(result) = flight.borrow_and_update().clone() {
+            return result;
+        }
+        if flight.changed().await.is_err() {
+            // The refresh task ended without a word (it panicked).
+            return flight
+                .borrow()
+                .clone()
+                .unwrap_or(RefreshResult::Unavailable);
+        }
+    }
+}
+
+/// A stable per-token spread in `[0, max)`, so tokens loaded together do
+/// not all refresh in the same second.
+fn jitter(name: &str, max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    Duration::from_millis(h.finish() % max.as_millis().max(1) as u64)
+}
+
+/// Appends `value` in `application/x-www-form-urlencoded` form.
+fn form_encode(value: &str, out: &mut String) {
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 15)] as char);
+            }
+        }
+    }
+}
+
+/// A reqwest error described without its URL (which may carry an API key).
+fn describe_reqwest_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else if e.is_body() || e.is_decode() {
+        "broken answer"
+    } else {
+        "request failed"
+    };
+    kind.to_string()
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_ANSWER_BYTES.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if room <= chunk.len() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Starts the background refresh loop: once a second it looks at the
+/// current generation (through `current`) and refreshes what is due.
+pub fn spawn_refresh_loop<F>(current: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> (Arc<Refresher>, Arc<Pool>) + Send + 'static,
+{
+    tokio::spawn(async move {
+        let limit = Arc::new(Semaphore::new(BACKGROUND_CONCURRENCY));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (refresher, pool) = current();
+            refresher.scan(&pool, &limit);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding() {
+        let mut s = String::new();
+        form_encode("a b+c/d=é", &mut s);
+        assert_eq!(s, "a+b%2Bc%2Fd%3D%C3%A9");
+    }
+
+    #[test]
+    fn jitter_is_stable_and_bounded() {
+        let max = Duration::from_secs(60);
+        assert_eq!(jitter("alice", max), jitter("alice", max));
+        assert!(jitter("alice", max) < max);
+        assert_eq!(jitter("x", Duration::ZERO), Duration::ZERO);
+    }
+}
