@@ -164,10 +164,9 @@ impl App {
             None => Config::from_env(&env),
         };
         match loaded {
-            Ok(config) => self.apply_locked(config).map_err(|e| {
-                self.metrics.reload_result(false);
-                e
-            }),
+            Ok(config) => self
+                .apply_locked(config)
+                .inspect_err(|_| self.metrics.reload_result(false)),
             Err(e) => {
                 self.metrics.reload_result(false);
                 tracing::error!(

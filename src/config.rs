@@ -281,8 +281,11 @@ impl Config {
             position: span.map(|s| line_col(text, s.start)),
             message,
         };
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| located(e.span(), e.message().to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // One line per error: the parser's message may span several.
+            let message = e.message().trim().replace('\n', "; ");
+            located(e.span(), message)
+        })?;
         let base = path
             .and_then(Path::parent)
             .map(Path::to_path_buf)
@@ -294,6 +297,7 @@ impl Config {
         };
         Builder {
             base: &base,
+            env,
             located: &located,
         }
         .build(raw, path, env)
@@ -633,6 +637,7 @@ pub fn default_token_name(tier: Tier, secret: &Secret) -> String {
 
 struct Builder<'a> {
     base: &'a Path,
+    env: EnvLookup<'a>,
     located: &'a dyn Fn(Option<Range<usize>>, String) -> ConfigError,
 }
 
@@ -649,7 +654,7 @@ impl Builder<'_> {
 
     fn secret(&self, src: &Spanned<SecretSource>) -> Result<Secret, ConfigError> {
         src.get_ref()
-            .resolve(self.base)
+            .resolve(self.base, self.env)
             .or_else(|msg| self.err(src.span(), msg))
     }
 

@@ -233,7 +233,7 @@ impl Refresher {
     /// the new access token is used.
     async fn install(&self, pool: &Arc<Pool>, token: &Arc<Token>, grant: Grant) {
         if let Some(rotated) = grant.rotated {
-            if &rotated != &token.refresh_token() {
+            if rotated != token.refresh_token() {
                 token.rotate(rotated);
                 tracing::info!(token = token.name(), "refresh token rotated");
                 if let Some(store) = &self.state {

@@ -79,6 +79,8 @@ pub enum AiBehaviour {
     Hold,
     /// One event, then silence forever.
     Silent,
+    /// No answer at all, headers included.
+    HangBeforeHeaders,
 }
 
 #[derive(Debug)]
@@ -108,6 +110,8 @@ pub struct SimState {
     refresh_calls: AtomicU64,
     ai_calls: AtomicU64,
     jti: AtomicU64,
+    /// JWTs with a `jti` below this are refused with 401, as if expired.
+    valid_from_jti: AtomicU64,
     release: Notify,
 }
 
@@ -152,6 +156,7 @@ impl Sim {
             refresh_calls: AtomicU64::new(0),
             ai_calls: AtomicU64::new(0),
             jti: AtomicU64::new(0),
+            valid_from_jti: AtomicU64::new(0),
             release: Notify::new(),
         });
         let serving = Arc::clone(&state);
@@ -276,6 +281,13 @@ impl Sim {
         self.inner().seen.clone()
     }
 
+    /// Makes every JWT issued so far answer 401 (as if it had expired
+    /// early), so the next request must refresh.
+    pub fn invalidate_issued_jwts(&self) {
+        let next = self.state.jti.load(Ordering::SeqCst);
+        self.state.valid_from_jti.store(next, Ordering::SeqCst);
+    }
+
     /// Lets held streams ([`AiBehaviour::Hold`]) finish.
     pub fn release_streams(&self) {
         self.state.release.notify_waiters();
@@ -296,13 +308,17 @@ pub fn make_jwt(sub: &str, exp: u64, jti: u64) -> String {
     )
 }
 
-fn jwt_claims(token: &str) -> Option<(String, u64)> {
+fn jwt_claims(token: &str) -> Option<(String, u64, u64)> {
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some((v["sub"].as_str()?.to_string(), v["exp"].as_u64()?))
+    Some((
+        v["sub"].as_str()?.to_string(),
+        v["exp"].as_u64()?,
+        v["jti"].as_u64().unwrap_or(0),
+    ))
 }
 
 fn unix_now() -> u64 {
@@ -526,14 +542,14 @@ impl SimState {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let Some((sub, exp)) = bearer.and_then(jwt_claims) else {
+        let Some((sub, exp, jti)) = bearer.and_then(jwt_claims) else {
             return Ok(respond(
                 StatusCode::UNAUTHORIZED,
                 "text/plain",
                 "Unauthorized: User not in context",
             ));
         };
-        if exp <= unix_now() {
+        if exp <= unix_now() || jti < self.valid_from_jti.load(Ordering::SeqCst) {
             return Ok(respond(
                 StatusCode::UNAUTHORIZED,
                 "text/plain",
@@ -594,6 +610,10 @@ impl SimState {
                 respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "")
             }
             AiBehaviour::ResetBeforeHeaders => return Err(SimReset),
+            AiBehaviour::HangBeforeHeaders => {
+                std::future::pending::<()>().await;
+                unreachable!("pending never completes")
+            }
             AiBehaviour::Ok
             | AiBehaviour::ResetMidStream
             | AiBehaviour::Hold
@@ -665,7 +685,7 @@ mod tests {
     #[test]
     fn jwt_round_trip() {
         let t = make_jwt("alice", 123, 0);
-        assert_eq!(jwt_claims(&t), Some(("alice".to_string(), 123)));
+        assert_eq!(jwt_claims(&t), Some(("alice".to_string(), 123, 0)));
         assert_eq!(
             crate::refresh::provider::jwt_expiry(&t),
             Some(UNIX_EPOCH + Duration::from_secs(123))

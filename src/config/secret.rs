@@ -84,19 +84,14 @@ impl SecretSource {
     /// Reads the secret's value. `base` is the config file's folder.
     ///
     /// The error message names the variable or file, never a value.
-    pub fn resolve(&self, base: &Path) -> Result<Secret, String> {
+    pub fn resolve(&self, base: &Path, env: super::EnvLookup) -> Result<Secret, String> {
         match self {
             SecretSource::Inline(secret) => non_empty(secret.clone(), || "inline".into()),
-            SecretSource::Env(var) => match std::env::var(var) {
-                Ok(value) => {
+            SecretSource::Env(var) => match env(var) {
+                Some(value) => {
                     non_empty(Secret::new(value), || format!("environment variable {var}"))
                 }
-                Err(std::env::VarError::NotPresent) => {
-                    Err(format!("environment variable {var} is not set"))
-                }
-                Err(std::env::VarError::NotUnicode(_)) => {
-                    Err(format!("environment variable {var} is not valid UTF-8"))
-                }
+                None => Err(format!("environment variable {var} is not set")),
             },
             SecretSource::File(path) => {
                 let full = base.join(path);
@@ -196,9 +191,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("k"), "abc\n").unwrap();
         let src = SecretSource::File("k".into());
-        assert_eq!(src.resolve(dir.path()).unwrap().expose(), "abc");
+        assert_eq!(src.resolve(dir.path(), &|_| None).unwrap().expose(), "abc");
         std::fs::write(dir.path().join("k"), "abc\r\n").unwrap();
-        assert_eq!(src.resolve(dir.path()).unwrap().expose(), "abc");
+        assert_eq!(src.resolve(dir.path(), &|_| None).unwrap().expose(), "abc");
     }
 
     #[test]
@@ -206,11 +201,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("k"), "\n").unwrap();
         let err = SecretSource::File("k".into())
-            .resolve(dir.path())
+            .resolve(dir.path(), &|_| None)
             .unwrap_err();
         assert!(err.contains("is empty"), "{err}");
         let err = SecretSource::Inline(Secret::new(" x"))
-            .resolve(dir.path())
+            .resolve(dir.path(), &|_| None)
             .unwrap_err();
         assert!(err.contains("whitespace"), "{err}");
     }

@@ -1,1 +1,516 @@
+//! Selection and state-machine tests, on paused tokio time.
 
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::time::advance;
+
+use super::*;
+use crate::config::Config;
+
+/// A pool of `static`-style tokens (always have a bearer): `spec` is a list
+/// of `(name, tier)`.
+fn pool_with(spec: &[(&str, &str)], pool_section: &str) -> Pool {
+    let mut text = format!("[pool]\n{pool_section}\n");
+    for (name, tier) in spec {
+        text.push_str(&format!(
+            "[[tokens]]\nname = \"{name}\"\ntier = \"{tier}\"\ntoken = \"secret-{name}\"\n"
+        ));
+    }
+    let c = Config::parse(&text, None, &|_| None).unwrap();
+    Pool::new(&c.pool, &c.tokens, false, None)
+}
+
+const SETTINGS: &str = "failure_threshold = 3\ncooldown = \"60s\"\nquota_cooldown = \"10m\"\n\
+                        max_cooldown = \"1h\"\nrecovery_backoff = \"1m\"\nmax_recovery_backoff = \"4m\"";
+
+fn four() -> Pool {
+    pool_with(
+        &[
+            ("a", "personal"),
+            ("b", "personal"),
+            ("c", "shared"),
+            ("d", "anonymous"),
+        ],
+        SETTINGS,
+    )
+}
+
+fn pick(pool: &Pool) -> Option<String> {
+    pool.select(&[]).map(|s| s.token.name().to_string())
+}
+
+fn state(pool: &Pool, name: &str) -> TokenState {
+    pool.get(name).unwrap().snapshot().state
+}
+
+#[tokio::test(start_paused = true)]
+async fn round_robin_is_fair_within_the_first_tier() {
+    let pool = four();
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..100 {
+        *counts.entry(pick(&pool).unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(counts.get("a"), Some(&50));
+    assert_eq!(counts.get("b"), Some(&50));
+    assert_eq!(counts.len(), 2, "lower tiers are never used: {counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn falls_back_tier_by_tier_and_reports_it() {
+    let pool = four();
+    pool.get("a").unwrap().disable_manually();
+    pool.get("b").unwrap().disable_manually();
+    let s = pool.select(&[]).unwrap();
+    assert_eq!(s.token.name(), "c");
+    assert_eq!(s.fallback, Some((Tier::Personal, Tier::Shared)));
+    pool.get("c")
+        .unwrap()
+        .report(Outcome::Revoked, pool.settings());
+    let s = pool.select(&[]).unwrap();
+    assert_eq!(s.token.name(), "d");
+    assert_eq!(s.fallback, Some((Tier::Personal, Tier::Anonymous)));
+    pool.get("d").unwrap().disable_manually();
+    assert!(pool.select(&[]).is_none());
+    assert_eq!(
+        pool.next_available_in(),
+        None,
+        "nothing comes back by itself"
+    );
+    pool.get("a").unwrap().enable();
+    let s = pool.select(&[]).unwrap();
+    assert_eq!((s.token.name(), s.fallback), ("a", None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn configured_order_is_respected() {
+    let pool = pool_with(
+        &[("a", "personal"), ("c", "shared"), ("d", "anonymous")],
+        "order = [\"anonymous\", \"personal\", \"shared\"]",
+    );
+    assert_eq!(pick(&pool).as_deref(), Some("d"));
+    pool.get("d").unwrap().disable_manually();
+    let s = pool.select(&[]).unwrap();
+    assert_eq!(s.token.name(), "a");
+    assert_eq!(s.fallback, Some((Tier::Anonymous, Tier::Personal)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn tried_tokens_are_skipped() {
+    let pool = four();
+    let a = Arc::clone(pool.get("a").unwrap());
+    let b = Arc::clone(pool.get("b").unwrap());
+    for _ in 0..4 {
+        assert_eq!(
+            pool.select(std::slice::from_ref(&a)).unwrap().token.name(),
+            "b"
+        );
+    }
+    assert_eq!(pool.select(&[a, b]).unwrap().token.name(), "c");
+}
+
+/// One step of a state-machine scenario: do something to token "a" (or
+/// advance time), then check its state and whether it can be picked.
+enum Step {
+    Report(Outcome),
+    Advance(u64),
+    Pick,
+    Enable,
+    Disable,
+}
+
+/// A step, the state it must leave, and whether the token is then pickable.
+type Expect = (Step, TokenState, bool);
+
+fn run_scenario(name: &str, steps: &[Expect]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = pool_with(&[("a", "personal")], SETTINGS);
+        let a = Arc::clone(pool.get("a").unwrap());
+        for (i, (step, want_state, want_pickable)) in steps.iter().enumerate() {
+            let mut picked = None;
+            match step {
+                Step::Report(o) => {
+                    a.report(*o, pool.settings());
+                }
+                Step::Advance(secs) => advance(Duration::from_secs(*secs)).await,
+                Step::Pick => picked = Some(pool.select(&[]).is_some()),
+                Step::Enable => a.enable(),
+                Step::Disable => a.disable_manually(),
+            }
+            assert_eq!(
+                a.snapshot().state,
+                *want_state,
+                "{name}: state after step {i}"
+            );
+            let pickable = match picked {
+                Some(p) => p,
+                // Look without taking a half-open trial.
+                None => {
+                    let due = a.due_ms();
+                    due.is_some_and(|d| d <= pool.clock().now_millis())
+                }
+            };
+            assert_eq!(pickable, *want_pickable, "{name}: pickable after step {i}");
+        }
+    });
+}
+
+#[test]
+fn state_transitions() {
+    use Step::*;
+    use TokenState::*;
+    let fail = Report(Outcome::Failure(Reason::Forbidden));
+    let scenarios: Vec<(&str, Vec<Expect>)> = vec![
+        (
+            "failures below the threshold keep a token active; success resets them",
+            vec![
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Unauthorized)), Active, true),
+                (Report(Outcome::Success), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Neutral), Active, true),
+                (fail, Disabled, false),
+            ],
+        ),
+        (
+            "a disabled token gets one trial after a doubling backoff",
+            vec![
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Disabled, false),
+                (Advance(59), Disabled, false),
+                (Advance(1), Disabled, true),
+                (Pick, Disabled, true),
+                // The trial is under way: nobody else gets it.
+                (Pick, Disabled, false),
+                (Report(Outcome::Failure(Reason::Forbidden)), Disabled, false),
+                (Advance(119), Disabled, false),
+                (Advance(1), Disabled, true),
+                (Pick, Disabled, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Disabled, false),
+                (Advance(239), Disabled, false),
+                (Advance(1), Disabled, true),
+                (Pick, Disabled, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Disabled, false),
+                // Capped at max_recovery_backoff = 4m.
+                (Advance(240), Disabled, true),
+                (Pick, Disabled, true),
+                (Report(Outcome::Success), Active, true),
+                // Recovered: the backoff starts over.
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Disabled, false),
+                (Advance(60), Disabled, true),
+            ],
+        ),
+        (
+            "a trial that says nothing about the token can be retried at once",
+            vec![
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Disabled, false),
+                (Advance(60), Disabled, true),
+                (Pick, Disabled, true),
+                (Report(Outcome::Neutral), Disabled, true),
+            ],
+        ),
+        (
+            "a trial whose outcome never arrives is offered again after one more wait",
+            vec![
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Active, true),
+                (Report(Outcome::Failure(Reason::Forbidden)), Disabled, false),
+                (Advance(60), Disabled, true),
+                (Pick, Disabled, true),
+                (Advance(59), Disabled, false),
+                (Advance(1), Disabled, true),
+            ],
+        ),
+        (
+            "429 with Retry-After cools for that long, capped by max_cooldown",
+            vec![
+                (
+                    Report(Outcome::RateLimited(Some(Duration::from_secs(5)))),
+                    CoolingDown,
+                    false,
+                ),
+                (Advance(4), CoolingDown, false),
+                (Advance(1), Active, true),
+                (
+                    Report(Outcome::RateLimited(Some(Duration::from_secs(99_999)))),
+                    CoolingDown,
+                    false,
+                ),
+                (Advance(3599), CoolingDown, false),
+                (Advance(1), Active, true),
+            ],
+        ),
+        (
+            "429 without Retry-After cools for `cooldown`",
+            vec![
+                (Report(Outcome::RateLimited(None)), CoolingDown, false),
+                (Advance(59), CoolingDown, false),
+                (Advance(1), Active, true),
+                (Pick, Active, true),
+            ],
+        ),
+        (
+            "quota cooldowns double on repeats, are capped, and reset on success",
+            vec![
+                (Report(Outcome::QuotaExhausted), CoolingDown, false),
+                (Advance(600), Active, true),
+                (Report(Outcome::QuotaExhausted), CoolingDown, false),
+                (Advance(1199), CoolingDown, false),
+                (Advance(1), Active, true),
+                (Report(Outcome::QuotaExhausted), CoolingDown, false),
+                (Advance(2400), Active, true),
+                (Report(Outcome::QuotaExhausted), CoolingDown, false),
+                // 80m capped at max_cooldown = 1h.
+                (Advance(3600), Active, true),
+                (Report(Outcome::Success), Active, true),
+                (Report(Outcome::QuotaExhausted), CoolingDown, false),
+                (Advance(600), Active, true),
+            ],
+        ),
+        (
+            "429s do not count toward the failure threshold",
+            vec![
+                (
+                    Report(Outcome::RateLimited(Some(Duration::from_secs(1)))),
+                    CoolingDown,
+                    false,
+                ),
+                (Advance(1), Active, true),
+                (
+                    Report(Outcome::RateLimited(Some(Duration::from_secs(1)))),
+                    CoolingDown,
+                    false,
+                ),
+                (Advance(1), Active, true),
+                (
+                    Report(Outcome::RateLimited(Some(Duration::from_secs(1)))),
+                    CoolingDown,
+                    false,
+                ),
+                (Advance(1), Active, true),
+                (
+                    Report(Outcome::RateLimited(Some(Duration::from_secs(1)))),
+                    CoolingDown,
+                    false,
+                ),
+                (Advance(1), Active, true),
+            ],
+        ),
+        (
+            "revoked stays revoked until enabled",
+            vec![
+                (Report(Outcome::Revoked), Revoked, false),
+                (Advance(100_000), Revoked, false),
+                (Report(Outcome::Success), Revoked, false),
+                (Report(Outcome::RateLimited(None)), Revoked, false),
+                (Enable, Active, true),
+            ],
+        ),
+        (
+            "manual disable holds until enable, whatever happens",
+            vec![
+                (Disable, Disabled, false),
+                (Advance(100_000), Disabled, false),
+                (Report(Outcome::Success), Disabled, false),
+                (Report(Outcome::QuotaExhausted), Disabled, false),
+                (Pick, Disabled, false),
+                (Enable, Active, true),
+            ],
+        ),
+        (
+            "refresh-unavailable rests 1 s doubling to a 10 s cap, without blame",
+            vec![
+                (Report(Outcome::RefreshUnavailable), CoolingDown, false),
+                (Advance(1), Active, true),
+                (Report(Outcome::RefreshUnavailable), CoolingDown, false),
+                (Advance(1), CoolingDown, false),
+                (Advance(1), Active, true),
+                (Report(Outcome::RefreshUnavailable), CoolingDown, false),
+                (Advance(4), Active, true),
+                (Report(Outcome::RefreshUnavailable), CoolingDown, false),
+                (Advance(8), Active, true),
+                (Report(Outcome::RefreshUnavailable), CoolingDown, false),
+                (Advance(9), CoolingDown, false),
+                (Advance(1), Active, true),
+                (Report(Outcome::RefreshUnavailable), CoolingDown, false),
+                (Advance(10), Active, true),
+            ],
+        ),
+    ];
+    for (name, steps) in scenarios {
+        run_scenario(name, &steps);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fresh_access_token_ends_a_refresh_rest() {
+    let pool = four();
+    let a = pool.get("a").unwrap();
+    a.report(Outcome::RefreshUnavailable, pool.settings());
+    assert_eq!(state(&pool, "a"), TokenState::CoolingDown);
+    a.set_access(AccessToken::new("jwt", Duration::from_secs(60)));
+    assert_eq!(state(&pool, "a"), TokenState::Active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_the_earliest_return() {
+    let pool = four();
+    for (name, secs) in [("a", 30), ("b", 7), ("c", 90)] {
+        pool.get(name).unwrap().report(
+            Outcome::RateLimited(Some(Duration::from_secs(secs))),
+            pool.settings(),
+        );
+    }
+    pool.get("d")
+        .unwrap()
+        .report(Outcome::Revoked, pool.settings());
+    assert!(pool.select(&[]).is_none());
+    assert_eq!(pool.next_available_in(), Some(Duration::from_secs(7)));
+    advance(Duration::from_millis(6_500)).await;
+    // Rounded up to at least one second.
+    assert_eq!(pool.next_available_in(), Some(Duration::from_secs(1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_carries_unchanged_tokens_with_their_state() {
+    let old = four();
+    old.get("a")
+        .unwrap()
+        .report(Outcome::QuotaExhausted, old.settings());
+    old.get("a")
+        .unwrap()
+        .set_access(AccessToken::new("jwt", Duration::from_secs(60)));
+    let text = "[[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = \"secret-a\"\n\
+                [[tokens]]\nname = \"b\"\ntier = \"personal\"\ntoken = \"changed\"\n";
+    let c = Config::parse(text, None, &|_| None).unwrap();
+    let new = Pool::new(&c.pool, &c.tokens, false, Some(&old));
+    assert!(Arc::ptr_eq(new.get("a").unwrap(), old.get("a").unwrap()));
+    assert_eq!(state(&new, "a"), TokenState::CoolingDown);
+    assert!(new.get("a").unwrap().access().is_some());
+    assert!(!Arc::ptr_eq(new.get("b").unwrap(), old.get("b").unwrap()));
+    assert!(new.get("c").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn blocked_refresh_skips_tokens_without_access() {
+    let text = "[[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = \"ra\"\n\
+                [[tokens]]\nname = \"b\"\ntier = \"shared\"\ntoken = \"rb\"\n";
+    let c = Config::parse(text, None, &|_| None).unwrap();
+    let pool = Pool::new(&c.pool, &c.tokens, true, None);
+    pool.get("b")
+        .unwrap()
+        .set_access(AccessToken::new("jwt", Duration::from_secs(600)));
+    pool.block_refresh_until(Instant::now() + Duration::from_secs(10));
+    assert_eq!(pick(&pool).as_deref(), Some("b"));
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(pick(&pool).as_deref(), Some("a"));
+}
+
+// ---------------------------------------------------------------------------
+// Properties.
+
+#[derive(Debug, Clone)]
+enum Op {
+    Report(usize, u8),
+    Advance(u16),
+    Enable(usize),
+    Disable(usize),
+    Select,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..8usize, 0..7u8).prop_map(|(t, o)| Op::Report(t, o)),
+        (0..400u16).prop_map(Op::Advance),
+        (0..8usize).prop_map(Op::Enable),
+        (0..8usize).prop_map(Op::Disable),
+        Just(Op::Select),
+        Just(Op::Select),
+    ]
+}
+
+fn outcome(code: u8) -> Outcome {
+    match code {
+        0 => Outcome::Success,
+        1 => Outcome::Failure(Reason::Forbidden),
+        2 => Outcome::RateLimited(Some(Duration::from_secs(30))),
+        3 => Outcome::QuotaExhausted,
+        4 => Outcome::Revoked,
+        5 => Outcome::Neutral,
+        _ => Outcome::RefreshUnavailable,
+    }
+}
+
+/// Whether a snapshot says the token can be picked now, without asking
+/// the pool's own code.
+fn available(s: &Snapshot, now: std::time::SystemTime) -> bool {
+    match s.state {
+        TokenState::Active => true,
+        TokenState::CoolingDown => false,
+        TokenState::Disabled => !s.manual && s.cooldown_until.is_some_and(|u| u <= now),
+        TokenState::Revoked => false,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// A token that is not available is never picked, and a lower tier is
+    /// never picked while a higher tier has an available token.
+    #[test]
+    fn selection_respects_availability_and_tier_order(
+        tiers in proptest::collection::vec(0..3usize, 1..8),
+        ops in proptest::collection::vec(op(), 1..60),
+    ) {
+        let names: Vec<String> = (0..tiers.len()).map(|i| format!("t{i}")).collect();
+        let tier_names = ["personal", "shared", "anonymous"];
+        let spec: Vec<(&str, &str)> = names.iter().zip(&tiers).map(|(n, &t)| (n.as_str(), tier_names[t])).collect();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        rt.block_on(async {
+            let pool = pool_with(&spec, SETTINGS);
+            for op in ops {
+                match op {
+                    Op::Report(i, o) => { pool.tokens()[i % spec.len()].report(outcome(o), pool.settings()); }
+                    Op::Advance(s) => advance(Duration::from_secs(u64::from(s))).await,
+                    Op::Enable(i) => pool.tokens()[i % spec.len()].enable(),
+                    Op::Disable(i) => pool.tokens()[i % spec.len()].disable_manually(),
+                    Op::Select => {
+                        // Wall-clock "now" the snapshots are expressed in.
+                        let snaps: Vec<Snapshot> = pool.tokens().iter().map(|t| t.snapshot()).collect();
+                        let now = std::time::SystemTime::now() + Duration::from_millis(1);
+                        let picked = pool.select(&[]);
+                        match picked {
+                            None => {
+                                for s in &snaps {
+                                    prop_assert!(!available(s, now), "{} was available but nothing was picked", s.name);
+                                }
+                            }
+                            Some(sel) => {
+                                let s = snaps.iter().find(|s| *s.name == *sel.token.name()).unwrap();
+                                prop_assert!(available(s, now), "{} was picked while {:?}", s.name, s.state);
+                                let rank = |t: Tier| Tier::ALL.iter().position(|&x| x == t).unwrap();
+                                for other in &snaps {
+                                    if rank(other.tier) < rank(s.tier) {
+                                        prop_assert!(!available(other, now), "{} ({}) was available but {} ({}) was picked", other.name, other.tier, s.name, s.tier);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
+}

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -220,7 +220,8 @@ pub struct Token {
     gate: AtomicU64,
     /// Requests this token was picked for.
     requests: AtomicU64,
-    /// Unix milliseconds of the last pick (0 = never).
+    /// Clock reading (ms) of the last pick (0 = never); turned into wall
+    /// time only when a snapshot is taken, so a pick reads no wall clock.
     last_used_ms: AtomicU64,
     /// Set when a transition happened that the state file should record.
     dirty: std::sync::atomic::AtomicBool,
@@ -335,7 +336,7 @@ impl Token {
     /// Whether this token is the one configured as `config` (same name,
     /// tier and secret): such a token keeps its state across a reload.
     pub fn same_as(&self, config: &TokenConfig) -> bool {
-        &*self.name == config.name && self.tier == config.tier && self.configured == config.secret
+        *self.name == *config.name && self.tier == config.tier && self.configured == config.secret
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -424,11 +425,8 @@ impl Token {
     }
 
     /// Counts a pick (hot path: two relaxed atomics).
-    fn note_pick(&self) {
+    fn note_pick(&self, now_ms: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         self.last_used_ms.store(now_ms, Ordering::Relaxed);
     }
 
@@ -446,7 +444,7 @@ impl Token {
     pub(super) fn try_acquire(&self, now_ms: u64, settings: &PoolSettings) -> bool {
         let gate = self.gate.load(Ordering::Acquire);
         if gate == 0 {
-            self.note_pick();
+            self.note_pick(now_ms);
             return true;
         }
         if gate > now_ms {
@@ -475,14 +473,14 @@ impl Token {
                 self.gate
                     .store(self.clock.millis(now + wait), Ordering::Release);
                 drop(inner);
-                self.note_pick();
+                self.note_pick(now_ms);
                 return true;
             }
             TokenState::Revoked => return false,
         }
         self.gate.store(0, Ordering::Release);
         drop(inner);
-        self.note_pick();
+        self.note_pick(now_ms);
         true
     }
 
@@ -706,7 +704,7 @@ impl Token {
             cooldown_until: cooldown_until.map(wall),
             access_token_expires_at: self.access.load().as_ref().map(|a| a.expires_at_wall),
             requests: self.requests(),
-            last_used_at: (last_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(last_ms)),
+            last_used_at: (last_ms > 0).then(|| wall(self.clock.instant(last_ms))),
             last_error: inner.last_error.clone(),
             backoff_level: inner.backoff_level,
             quota_level: inner.quota_level,

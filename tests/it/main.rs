@@ -1,1 +1,10 @@
-//! Integration tests: one binary.
+//! Integration tests: one binary, driving real proxies against the
+//! in-process simulated upstream, everything on 127.0.0.1 port 0.
+
+mod admin;
+mod config_files;
+mod harness;
+mod process;
+mod proxy;
+mod refresh;
+mod reload;

@@ -1,0 +1,264 @@
+//! The real binary as a child process: graceful shutdown on SIGTERM with a
+//! stream in flight, and a run at `RUST_LOG=trace` through faults whose
+//! every log line, error body, header and admin answer is scanned for
+//! secrets.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use tokenpool::sim::{AiBehaviour, RefreshBehaviour, RefreshMode};
+
+use crate::harness::{rt, Setup, CLIENT_KEY};
+
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    rx: mpsc::UnboundedReceiver<String>,
+}
+
+impl Running {
+    fn spawn(config: &std::path::Path) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tokenpool"))
+            .args(["--log-format", "json", "serve", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "trace")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let keep = Arc::clone(&lines);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Running { child, lines, rx }
+    }
+
+    /// Waits for a log line containing `needle`.
+    async fn wait_for(&mut self, needle: &str) -> String {
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = self.rx.recv().await {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!(
+                "no log line with {needle:?}; got:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            ),
+        }
+    }
+
+    /// The address logged in field `field` of a line containing `needle`.
+    async fn addr(&mut self, needle: &str, field: &str) -> String {
+        let line = self.wait_for(needle).await;
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["fields"][field].as_str().unwrap().to_string()
+    }
+}
+
+/// Appends a response's headers and body to `seen`; returns its status.
+async fn take(r: reqwest::Response, seen: &mut String) -> u16 {
+    let status = r.status().as_u16();
+    for (k, v) in r.headers() {
+        seen.push_str(&format!("{k}: {v:?}\n"));
+    }
+    seen.push_str(&r.text().await.unwrap_or_default());
+    status
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Strings that look like a JWT: three base64url parts, the first `eyJ…`.
+fn jwt_like(text: &str) -> Option<&str> {
+    let start = text.find("eyJ")?;
+    let rest = &text[start..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+        .unwrap_or(rest.len());
+    let candidate = &rest[..end];
+    (candidate.matches('.').count() >= 2 && candidate.len() > 20).then_some(candidate)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
+    let tokens = &[
+        ("quota", "personal"),
+        ("unauth", "personal"),
+        ("revoked", "shared"),
+        ("blocked", "shared"),
+        ("good", "anonymous"),
+    ];
+    let s = Setup::new(tokens, "max_attempts = 5", "[state]\npath = \"state.json\"").await;
+    let admin_token = "admin-token-4b9d0f";
+    s.write(
+        &s.config(tokens, "max_attempts = 5", "[state]\npath = \"state.json\"")
+            .replace(
+                "[admin]\nlisten = \"127.0.0.1:0\"",
+                &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\""),
+            ),
+    );
+    s.sim.set_ai("quota", AiBehaviour::Quota);
+    s.sim.set_ai("unauth", AiBehaviour::Unauthorized);
+    s.sim.set_refresh("revoked", RefreshBehaviour::Revoked);
+    s.sim.set_ai("blocked", AiBehaviour::Blocked);
+    s.sim.set_refresh("good", RefreshBehaviour::Rotate);
+
+    let mut run = Running::spawn(&s.path);
+    let proxy = run.addr("proxy listening", "proxy_addr").await;
+    let admin = run.addr("admin listening", "admin_addr").await;
+    let client = reqwest::Client::new();
+    let mut seen_by_client = String::new();
+
+    // Faults: every token but `good` fails in its own way.
+    for _ in 0..3 {
+        let r = client
+            .post(format!("http://{proxy}/ai/multi-agent"))
+            .bearer_auth(CLIENT_KEY)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(take(r, &mut seen_by_client).await, 200);
+    }
+    for bad in ["", "wrong-key"] {
+        let r = client
+            .post(format!("http://{proxy}/ai/multi-agent"))
+            .bearer_auth(bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(take(r, &mut seen_by_client).await, 401);
+    }
+    let r = client
+        .post(format!("http://{proxy}/x"))
+        .bearer_auth(CLIENT_KEY)
+        .body(vec![0u8; 20_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(take(r, &mut seen_by_client).await, 413);
+    // The refresh endpoint fails for a while.
+    s.sim.set_refresh_mode(RefreshMode::Down);
+    s.sim.invalidate_issued_jwts();
+    let r = client
+        .post(format!("http://{proxy}/ai/multi-agent"))
+        .bearer_auth(CLIENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    take(r, &mut seen_by_client).await;
+    s.sim.set_refresh_mode(RefreshMode::Normal);
+    for path in ["/admin/pool", "/metrics", "/readyz"] {
+        let r = client
+            .get(format!("http://{admin}{path}"))
+            .bearer_auth(admin_token)
+            .send()
+            .await
+            .unwrap();
+        // /readyz may be 503 here: every token is failing or resting.
+        let status = take(r, &mut seen_by_client).await;
+        assert!(
+            status == 200 || (path == "/readyz" && status == 503),
+            "{path}: {status}"
+        );
+    }
+    let r = client
+        .post(format!("http://{admin}/admin/reload"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(take(r, &mut seen_by_client).await, 401);
+
+    // A stream in flight when SIGTERM arrives completes.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    s.sim.set_ai("good", AiBehaviour::Hold);
+    let mut stream = loop {
+        let r = client
+            .post(format!("http://{proxy}/ai/multi-agent"))
+            .bearer_auth(CLIENT_KEY)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break r;
+        }
+        // The refresh outage may still be resting a token.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let first = stream.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    sigterm(&run.child);
+    run.wait_for("proxy stopped accepting").await;
+    assert!(
+        tokio::net::TcpStream::connect(&proxy).await.is_err(),
+        "no new connections after SIGTERM"
+    );
+    s.sim.release_streams();
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    assert!(
+        String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"),
+        "the stream completed"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), run.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    // Scan everything.
+    let logs = run.lines.lock().unwrap().join("\n");
+    assert!(
+        logs.contains("TRACE") || logs.contains("\"level\":\"TRACE\""),
+        "trace logging was on"
+    );
+    let mut secrets: Vec<String> = tokens.iter().map(|(n, _)| rt(n)).collect();
+    secrets.push(s.sim.refresh_token("good").unwrap());
+    secrets.push(CLIENT_KEY.to_string());
+    secrets.push(admin_token.to_string());
+    secrets.push("sim-web-api-key".to_string());
+    for (what, text) in [("logs", &logs), ("client-visible answers", &seen_by_client)] {
+        for secret in &secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{what} contain a secret ({} chars)",
+                secret.len()
+            );
+        }
+        if let Some(jwt) = jwt_like(text) {
+            panic!("{what} contain a JWT-looking string: {}…", &jwt[..12]);
+        }
+    }
+    // The state file holds the rotated token (that is its job), mode 0600.
+    let state = std::fs::read_to_string(s.dir.path().join("state.json")).unwrap();
+    assert!(state.contains(&s.sim.refresh_token("good").unwrap()));
+}
