@@ -63,6 +63,10 @@ pub struct Metrics {
     pub tokens: IntGaugeVec,
     /// 1 when a token is usable.
     pub token_up: IntGaugeVec,
+    /// 1 for each token's current state (and reason): per-token alerts
+    /// (revoked, disabled) need the state itself, not a counter that may
+    /// have moved before the first scrape. An addition to DESIGN §6.
+    pub token_state: IntGaugeVec,
     /// When a token's access token expires.
     pub access_expiry: GaugeVec,
     /// Refresh calls by outcome.
@@ -163,6 +167,13 @@ impl Metrics {
             token_up: reg!(IntGaugeVec::new(
                 opts("token_up", "1 when the token is in rotation, else 0."),
                 &["tier", "token"]
+            )),
+            token_state: reg!(IntGaugeVec::new(
+                opts(
+                    "token_state",
+                    "1 for the token's current state; reason says why it is not active."
+                ),
+                &["tier", "token", "state", "reason"]
             )),
             access_expiry: reg!(GaugeVec::new(
                 opts(
@@ -286,6 +297,7 @@ impl Metrics {
     pub fn observe_pool(&self, pool: &Pool) {
         let mut counts = [[0i64; 4]; 3];
         self.token_up.reset();
+        self.token_state.reset();
         self.access_expiry.reset();
         for token in pool.tokens() {
             let s = token.snapshot();
@@ -299,6 +311,14 @@ impl Metrics {
             self.token_up
                 .with_label_values(&labels)
                 .set(i64::from(s.state == TokenState::Active));
+            self.token_state
+                .with_label_values(&[
+                    s.tier.as_str(),
+                    &*s.name,
+                    s.state.as_str(),
+                    s.reason.map_or("", |r| r.as_str()),
+                ])
+                .set(1);
             if let Some(at) = s.access_token_expires_at {
                 let secs = at
                     .duration_since(std::time::UNIX_EPOCH)
@@ -324,6 +344,7 @@ impl Metrics {
                     .remove_label_values(&[tier.as_str(), token, reason.as_str()]);
         }
         let _ = self.token_up.remove_label_values(&[tier.as_str(), token]);
+        // token_state is rebuilt on every scrape; nothing to remove here.
         let _ = self
             .access_expiry
             .remove_label_values(&[tier.as_str(), token]);

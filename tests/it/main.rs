@@ -4,6 +4,7 @@
 mod admin;
 mod config_files;
 mod harness;
+mod metrics;
 mod process;
 mod proxy;
 mod refresh;
