@@ -35,7 +35,7 @@ type AdminResponse = Response<Full<Bytes>>;
 
 /// Serves the admin routes on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown) {
-    let builder = crate::proxy::connection_builder();
+    let builder = crate::proxy::connection_builder(app.current().config.server.header_read_timeout);
     loop {
         tokio::select! {
             accepted = listener.accept() => {

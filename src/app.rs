@@ -202,6 +202,10 @@ impl App {
             ));
             config.admin.listen = old.config.admin.listen;
         }
+        if config.server.header_read_timeout != old.config.server.header_read_timeout {
+            needs_restart.push("[server] header_read_timeout".to_string());
+            config.server.header_read_timeout = old.config.server.header_read_timeout;
+        }
         if config.state.path != old.config.state.path {
             needs_restart.push("[state] path".to_string());
             config.state.path = old.config.state.path.clone();

@@ -113,6 +113,9 @@ pub struct ServerConfig {
     /// On shutdown, how long requests in flight (streams included) may
     /// take to finish before their connections are closed.
     pub shutdown_grace: Duration,
+    /// Longest a client may take to send its request headers (a guard
+    /// against slow-loris clients holding connections open).
+    pub header_read_timeout: Duration,
 }
 
 /// `[admin]`.
@@ -419,6 +422,8 @@ struct RawServer {
     allow_unauthenticated: bool,
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     shutdown_grace: Duration,
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    header_read_timeout: Duration,
 }
 
 impl Default for RawServer {
@@ -429,6 +434,7 @@ impl Default for RawServer {
             max_request_body_bytes: default_max_body(),
             allow_unauthenticated: false,
             shutdown_grace: default_shutdown_grace(),
+            header_read_timeout: default_header_read_timeout(),
         }
     }
 }
@@ -565,6 +571,9 @@ fn default_listen() -> Spanned<String> {
 }
 fn default_admin_listen() -> Spanned<String> {
     Spanned::new(0..0, "127.0.0.1:9090".into())
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
@@ -760,6 +769,10 @@ impl Builder<'_> {
             max_request_body_bytes: raw.server.max_request_body_bytes,
             allow_unauthenticated: raw.server.allow_unauthenticated,
             shutdown_grace: raw.server.shutdown_grace,
+            header_read_timeout: self.positive(
+                "[server] header_read_timeout",
+                raw.server.header_read_timeout,
+            )?,
         };
 
         // [admin]

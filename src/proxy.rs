@@ -36,8 +36,6 @@ use crate::pool::token::RefreshResult;
 use crate::pool::{AccessToken, Outcome, Reason, Token};
 use body::{collect_limited, InflightGuard, ProxyBody};
 
-/// Longest a client may take to send its request headers (slow-loris guard).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request header block accepted, HTTP/1 and HTTP/2 alike.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// HTTP/2 streams one client connection may have open at once.
@@ -49,13 +47,14 @@ const MAX_ERROR_BODY: usize = 1024 * 1024;
 /// disabled by hand): long enough not to hammer, short enough to notice a fix.
 const RETRY_AFTER_WHEN_NONE_RETURN: Duration = Duration::from_secs(60);
 
-/// Builds the connection builder with the limits above.
-pub fn connection_builder() -> auto::Builder<TokioExecutor> {
+/// Builds the connection builder with the limits above; clients must send
+/// their request headers within `header_read_timeout`.
+pub fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES.max(8192));
     builder
         .http2()
@@ -68,7 +67,7 @@ pub fn connection_builder() -> auto::Builder<TokioExecutor> {
 /// Accepts connections on `listener` until `shutdown`, then lets open
 /// requests (streams included) finish for up to `grace`.
 pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown, grace: Duration) {
-    let builder = connection_builder();
+    let builder = connection_builder(app.current().config.server.header_read_timeout);
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {

@@ -206,6 +206,11 @@ impl Refresher {
                 RefreshResult::Failed(Reason::RefreshFailed)
             }
             Err(RefreshError::RateLimited { retry_after }) => {
+                if pool.refresh_blocked_until(Instant::now()).is_some() {
+                    // Another call already met the 429 and paused refreshing:
+                    // answers to calls that were in flight together are one event.
+                    return RefreshResult::Unavailable;
+                }
                 let level = self.rate_limit_level.fetch_add(1, Ordering::Relaxed);
                 let pause = retry_after.unwrap_or_else(|| {
                     FIRST_RATE_LIMIT_BACKOFF

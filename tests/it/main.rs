@@ -3,6 +3,8 @@
 
 mod admin;
 mod config_files;
+mod faults;
+mod hardening;
 mod harness;
 mod metrics;
 mod process;

@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Side-by-side load run: nginx (keep-alive reverse proxy setting an
+# Authorization header) and tokenpool (static provider, 3 keys) in front of
+# the same upstream, driven by wrk, with the load generator and the
+# upstream pinned to one core and the proxy under test to the other.
+#
+# Installs nothing: it needs nginx (1.22 from Debian), wrk and taskset
+# (util-linux) on PATH, and builds tokenpool in release mode. All traffic
+# stays on 127.0.0.1; every run is bounded by DURATION and the script stops
+# everything it started.
+#
+#   bash benches/load.sh            # 10 s per run
+#   DURATION=30s bash benches/load.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+LOAD_CORE=${LOAD_CORE:-0}
+PROXY_CORE=${PROXY_CORE:-1}
+
+for tool in nginx wrk taskset curl python3; do
+  command -v "$tool" >/dev/null || { echo "load.sh: $tool is not installed (Debian: apt-get install nginx wrk util-linux curl)" >&2; exit 1; }
+done
+cargo build --release --quiet
+BIN=target/release/tokenpool
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+wait_http() {
+  for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "load.sh: $1 never answered" >&2; exit 1
+}
+
+UP_PORT=$(free_port)
+NGINX_PORT=$(free_port)
+TP_PORT=$(free_port)
+TP_ADMIN=$(free_port)
+
+# The SSE answer: 20 events, as an SSE upstream sends them.
+python3 - "$WORK/sse.txt" <<'PY'
+import sys
+with open(sys.argv[1], "w") as f:
+    for i in range(20):
+        f.write(f"data: {'x' * 48}{i:02d}\n\n")
+    f.write("data: [DONE]\n\n")
+PY
+
+# One nginx process is the upstream (on the load core), another the proxy
+# under comparison (on the proxy core). Each has its own config and pid.
+mkdir -p "$WORK/up" "$WORK/px"
+cat >"$WORK/up/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/up/nginx.pid;
+error_log $WORK/up/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/up;
+  server {
+    listen 127.0.0.1:$UP_PORT reuseport;
+    location /v1/chat { default_type application/json; return 200 '{"id":"r1","ok":true,"usage":{"tokens":12}}'; }
+    location /v1/stream { default_type text/event-stream; alias $WORK/sse.txt; }
+  }
+}
+EOF
+cat >"$WORK/px/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/px/nginx.pid;
+error_log $WORK/px/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/px;
+  proxy_temp_path $WORK/px;
+  upstream backend { server 127.0.0.1:$UP_PORT; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer sk-load-key-1";
+      proxy_buffering off;
+    }
+  }
+}
+EOF
+cat >"$WORK/tokenpool.toml" <<EOF
+[server]
+listen = "127.0.0.1:$TP_PORT"
+api_keys = ["load-client-key"]
+[admin]
+listen = "127.0.0.1:$TP_ADMIN"
+[upstream]
+url = "http://127.0.0.1:$UP_PORT"
+[refresh]
+provider = "static"
+[[tokens]]
+name = "k1"
+tier = "shared"
+token = "sk-load-key-1"
+[[tokens]]
+name = "k2"
+tier = "shared"
+token = "sk-load-key-2"
+[[tokens]]
+name = "k3"
+tier = "shared"
+token = "sk-load-key-3"
+EOF
+
+taskset -c "$LOAD_CORE" nginx -c "$WORK/up/nginx.conf" -p "$WORK/up" &
+PIDS+=($!)
+taskset -c "$PROXY_CORE" nginx -c "$WORK/px/nginx.conf" -p "$WORK/px" &
+PIDS+=($!)
+NGINX_PROXY_PID=$!
+RUST_LOG=warn taskset -c "$PROXY_CORE" "$BIN" serve -c "$WORK/tokenpool.toml" 2>"$WORK/tokenpool.log" &
+PIDS+=($!)
+TP_PID=$!
+wait_http "http://127.0.0.1:$UP_PORT/v1/chat"
+wait_http "http://127.0.0.1:$NGINX_PORT/v1/chat"
+wait_http "http://127.0.0.1:$TP_ADMIN/healthz"
+# The nginx master forks its worker: measure the worker's CPU.
+sleep 0.3
+NGINX_WORKER_PID=$(pgrep -P "$NGINX_PROXY_PID" | head -1)
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+CLK_TCK=$(getconf CLK_TCK)
+
+# run NAME PID URL CONNECTIONS METHOD-ARGS... -> prints one table row
+run() {
+  local name=$1 pid=$2 url=$3 conns=$4 kind=$5
+  local lua="$WORK/post.lua"
+  printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' \
+    "'{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'" >"$lua"
+  # Warm up keep-alive pools, then measure.
+  taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d2s -s "$lua" "$url" >/dev/null 2>&1 || true
+  local before after out
+  before=$(cpu_ticks "$pid")
+  out=$(taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d"$DURATION" --latency -s "$lua" "$url")
+  after=$(cpu_ticks "$pid")
+  python3 - "$name" "$kind" "$conns" "$((after - before))" "$CLK_TCK" "$out" <<'PY'
+import re, sys
+name, kind, conns, ticks, clk, out = sys.argv[1:7]
+def dur(s):
+    m = re.match(r"([\d.]+)(us|ms|s)", s)
+    v, u = float(m.group(1)), m.group(2)
+    return v * {"us": 1, "ms": 1e3, "s": 1e6}[u]
+reqs = int(re.search(r"(\d+) requests in", out).group(1))
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+p50 = dur(re.search(r"50%\s+(\S+)", out).group(1))
+p99 = dur(re.search(r"99%\s+(\S+)", out).group(1))
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+cpu_us = int(ticks) / int(clk) * 1e6 / max(reqs, 1)
+print(f"{name:<10} {kind:<5} {conns:>4} {rps:>10.0f} {p50:>9.0f} {p99:>9.0f} {cpu_us:>10.1f}  {errors.group(1) + ' non-2xx' if errors else ''}")
+PY
+}
+
+echo "# load.sh: $(nproc) cores, wrk + upstream on core $LOAD_CORE, proxy on core $PROXY_CORE, $DURATION per run"
+printf '%-10s %-5s %4s %10s %9s %9s %10s\n' proxy kind conn "req/s" "p50 µs" "p99 µs" "CPU µs/req"
+for conns in 64 1; do
+  run nginx json "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/chat" "$conns" | tee -a "$WORK/rows"
+  run tokenpool json "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/chat" "$conns" | tee -a "$WORK/rows"
+done
+run nginx sse "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/stream" 64 | tee -a "$WORK/rows"
+run tokenpool sse "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/stream" 64 | tee -a "$WORK/rows"
+
+python3 - "$WORK/rows" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+by = {(r[0], r[1], r[2]): r for r in rows}
+print("\nratio tokenpool / nginx (req/s higher is better; p99 and CPU lower is better)")
+for (kind, conns) in [("json", "64"), ("json", "1"), ("sse", "64")]:
+    n, t = by.get(("nginx", kind, conns)), by.get(("tokenpool", kind, conns))
+    if n and t:
+        print(f"  {kind:<5} {conns:>3} conns: req/s x{float(t[3]) / float(n[3]):.2f}   p99 x{float(t[5]) / max(float(n[5]), 1):.2f}   CPU/req x{float(t[6]) / max(float(n[6]), 0.001):.2f}")
+PY

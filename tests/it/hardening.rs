@@ -1,0 +1,170 @@
+//! Bad client input: malformed HTTP, huge headers, slow-loris clients and
+//! HTTP/2 limits. Each gets a clear error or a closed connection, and the
+//! proxy keeps serving everyone else.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{Proxy, Setup, CLIENT_KEY};
+use crate::proxy::raw_exchange;
+
+async fn still_serving(p: &Proxy) {
+    let (status, _, body) = p.ai_text().await;
+    assert_eq!(status, 200, "the proxy still serves: {body}");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_harm_no_one() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+    let cases: &[&[u8]] = &[
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ];
+    for raw in cases {
+        let answer = raw_exchange(p.addr, &[raw]).await;
+        assert!(
+            answer.is_empty()
+                || answer.starts_with("HTTP/1.1 400")
+                || answer.starts_with("HTTP/1.1 505"),
+            "{:?} -> {answer:?}",
+            String::from_utf8_lossy(raw)
+        );
+        still_serving(&p).await;
+    }
+    assert_eq!(
+        s.sim.total_ai_calls(),
+        cases.len() as u64,
+        "nothing malformed reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn huge_headers_are_refused() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+    let big = format!(
+        "GET /x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let answer = raw_exchange(p.addr, &[big.as_bytes()]).await;
+    assert!(
+        answer.is_empty()
+            || answer.starts_with("HTTP/1.1 431")
+            || answer.starts_with("HTTP/1.1 400"),
+        "{}",
+        &answer[..answer.len().min(80)]
+    );
+    let many: String = (0..2000)
+        .map(|i| format!("x-h{i}: {}\r\n", "v".repeat(40)))
+        .collect();
+    let raw = format!("GET /x HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    let answer = raw_exchange(p.addr, &[raw.as_bytes()]).await;
+    assert!(
+        answer.is_empty()
+            || answer.starts_with("HTTP/1.1 431")
+            || answer.starts_with("HTTP/1.1 400"),
+        "{}",
+        &answer[..answer.len().min(80)]
+    );
+    still_serving(&p).await;
+    assert_eq!(s.sim.total_ai_calls(), 1);
+}
+
+#[tokio::test]
+async fn slow_loris_clients_are_cut_off_and_others_are_served() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    s.write(&s.config(&[("a", "personal")], "", "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nheader_read_timeout = \"1s\"",
+    ));
+    let p = s.proxy().await;
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut c = TcpStream::connect(p.addr).await.unwrap();
+        c.write_all(b"POST /ai/multi-agent HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(c);
+    }
+    // While they dawdle, everyone else is served.
+    still_serving(&p).await;
+    let started = Instant::now();
+    for c in &mut slow {
+        let mut buf = [0u8; 256];
+        // The proxy answers 408 or just closes, within about the timeout.
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .expect("the proxy gives up on a slow client")
+            .unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    still_serving(&p).await;
+}
+
+/// Reads HTTP/2 frames until the server's SETTINGS frame and returns its
+/// parameters.
+async fn server_settings(stream: &mut TcpStream) -> Vec<(u16, u32)> {
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut chunk))
+            .await
+            .expect("server speaks")
+            .unwrap();
+        assert!(n > 0, "server closed before SETTINGS");
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            let (kind, flags) = (buf[3], buf[4]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            if kind == 0x4 && flags & 0x1 == 0 {
+                return buf[9..9 + len]
+                    .chunks(6)
+                    .map(|c| {
+                        (
+                            u16::from_be_bytes([c[0], c[1]]),
+                            u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                        )
+                    })
+                    .collect();
+            }
+            buf.drain(..9 + len);
+        }
+    }
+}
+
+#[tokio::test]
+async fn http2_limits_are_announced() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let settings = server_settings(&mut c).await;
+    let get = |id: u16| settings.iter().find(|(k, _)| *k == id).map(|(_, v)| *v);
+    assert_eq!(
+        get(0x3),
+        Some(256),
+        "SETTINGS_MAX_CONCURRENT_STREAMS: {settings:?}"
+    );
+    assert_eq!(
+        get(0x6),
+        Some(64 * 1024),
+        "SETTINGS_MAX_HEADER_LIST_SIZE: {settings:?}"
+    );
+    drop(c);
+    still_serving(&p).await;
+}
