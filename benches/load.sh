@@ -141,12 +141,18 @@ NGINX_WORKER_PID=$(pgrep -P "$NGINX_PROXY_PID" | head -1)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 CLK_TCK=$(getconf CLK_TCK)
 
-# run NAME PID URL CONNECTIONS METHOD-ARGS... -> prints one table row
+# run NAME KIND PID URL CONNECTIONS -> prints one table row
 run() {
-  local name=$1 pid=$2 url=$3 conns=$4 kind=$5
-  local lua="$WORK/post.lua"
-  printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' \
-    "'{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'" >"$lua"
+  local name=$1 kind=$2 pid=$3 url=$4 conns=$5
+  local lua="$WORK/$kind.lua"
+  if [ "$kind" = json ]; then
+    # A small JSON POST, like a chat completion request.
+    printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' \
+      "'{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'" >"$lua"
+  else
+    # A GET of the 20-event SSE answer.
+    printf 'wrk.method = "GET"\nwrk.headers["Accept"] = "text/event-stream"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' >"$lua"
+  fi
   # Warm up keep-alive pools, then measure.
   taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d2s -s "$lua" "$url" >/dev/null 2>&1 || true
   local before after out
@@ -156,6 +162,8 @@ run() {
   python3 - "$name" "$kind" "$conns" "$((after - before))" "$CLK_TCK" "$out" <<'PY'
 import re, sys
 name, kind, conns, ticks, clk, out = sys.argv[1:7]
+if "requests in" not in out:
+    sys.exit(f"wrk gave no result for {name} {kind} {conns}:\n{out}")
 def dur(s):
     m = re.match(r"([\d.]+)(us|ms|s)", s)
     v, u = float(m.group(1)), m.group(2)

@@ -45,11 +45,16 @@ impl Drop for InflightGuard {
 }
 
 /// The upstream's body with an idle timer.
+///
+/// The timer is armed only when the body makes us wait: most answers
+/// arrive whole with their headers and never need one, and a timer costs a
+/// trip through the runtime's timer wheel.
 #[derive(Debug)]
 struct Streaming {
     inner: Incoming,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    /// Armed at the first `Pending` after a frame; disarmed by a frame.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 #[derive(Debug)]
@@ -80,7 +85,7 @@ impl ProxyBody {
             kind: Kind::Streaming(Box::new(Streaming {
                 inner,
                 idle,
-                timer: Box::pin(tokio::time::sleep(idle)),
+                timer: None,
             })),
             guard: None,
         }
@@ -90,6 +95,16 @@ impl ProxyBody {
     pub fn with_guard(mut self, guard: InflightGuard) -> ProxyBody {
         self.guard = Some(guard);
         self
+    }
+}
+
+impl Streaming {
+    /// A frame arrived: the silence it ended no longer counts. The timer is
+    /// kept (to be reset, not reallocated) only if one was armed.
+    fn armed_at_frame(&mut self) {
+        if let Some(timer) = self.timer.as_mut() {
+            timer.as_mut().reset(Instant::now() + self.idle);
+        }
     }
 }
 
@@ -112,15 +127,21 @@ impl Body for ProxyBody {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Kind::Streaming(s) => match Pin::new(&mut s.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    s.timer.as_mut().reset(Instant::now() + s.idle);
+                    s.armed_at_frame();
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(StreamError::Upstream(e)))),
                 Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => match s.timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(StreamError::Idle(s.idle)))),
-                    Poll::Pending => Poll::Pending,
-                },
+                Poll::Pending => {
+                    let idle = s.idle;
+                    let timer = s
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(StreamError::Idle(idle)))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
             },
         };
         if matches!(result, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
