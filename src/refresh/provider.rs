@@ -120,7 +120,9 @@ pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let exp = claims.get("exp")?.as_f64()?;
-    if !exp.is_finite() || exp <= 0.0 || exp > 1e11 {
+    // Below one second the claim truncates to the epoch itself (found by
+    // fuzzing: `"exp": 0.99999999`); past 1e11 it is not a date.
+    if !exp.is_finite() || !(1.0..=1e11).contains(&exp) {
         return None;
     }
     Some(UNIX_EPOCH + Duration::from_secs(exp as u64))
@@ -304,5 +306,8 @@ mod tests {
             jwt_expiry(&jwt(5)),
             Some(UNIX_EPOCH + Duration::from_secs(5))
         );
+        // Fuzzing regression: a fractional exp below one second truncated
+        // to the epoch itself.
+        assert_eq!(jwt_expiry(".eyJleHAiOjAuOTk5OTk5OTl9."), None);
     }
 }
