@@ -170,6 +170,9 @@ async fn main() {
     ];
     let mut round = 0u64;
     let mut reloads_written = 0u64;
+    // The comparison that shows growth: under load after a minute of
+    // warm-up (allocator and connection pools filled), and under load at the end.
+    let mut warmed: Option<(u64, usize)> = None;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
         round += 1;
@@ -197,11 +200,20 @@ async fn main() {
         }
         std::fs::write(&path, config(&sim, admin_port, proxy_port, round)).unwrap();
         reloads_written += 1;
+        if round == 60.min(secs / 2) {
+            warmed = Some(proc_status(pid));
+        }
     }
+    let loaded_end = proc_status(pid);
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.await;
     }
+    // Idle client connections close after the pool timeout of the client;
+    // drop ours so the proxy's count reflects only what it keeps itself.
+    drop(client);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let client = reqwest::Client::new();
     let (rss_end, fds_end) = proc_status(pid);
     let metrics = client
         .get(format!("http://127.0.0.1:{admin_port}/metrics"))
@@ -240,7 +252,16 @@ async fn main() {
         reload_line("success"),
         reload_line("failure")
     );
-    println!("proxy RSS: {rss_start} KiB at start, {rss_end} KiB at end");
-    println!("proxy open fds: {fds_start} at start, {fds_end} at end");
+    let (warm_rss, warm_fds) = warmed.unwrap_or_default();
+    println!(
+        "proxy RSS: {rss_start} KiB idle at start, {warm_rss} KiB under load after warm-up, \
+         {} KiB under load at the end, {rss_end} KiB after the load stopped",
+        loaded_end.0
+    );
+    println!(
+        "proxy open fds: {fds_start} idle at start, {warm_fds} under load after warm-up, \
+         {} under load at the end, {fds_end} after the load stopped",
+        loaded_end.1
+    );
     println!("exit after SIGTERM: {exit:?}");
 }

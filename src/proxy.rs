@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -478,11 +478,4 @@ fn is_html(answer: &Response<Bytes>) -> bool {
         .map(|b| b.to_ascii_lowercase())
         .collect();
     by_type || start.starts_with(b"<!doctype html") || start.starts_with(b"<html")
-}
-
-/// A plain status response (used where no JSON error applies).
-pub fn status_response(status: StatusCode) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::full(Bytes::new()));
-    *r.status_mut() = status;
-    r
 }

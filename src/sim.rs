@@ -37,6 +37,12 @@ pub enum RefreshBehaviour {
     Rotate,
     /// 400 `INVALID_REFRESH_TOKEN`.
     Revoked,
+    /// 503 for this account's refreshes.
+    ServerError,
+    /// 429 for this account's refreshes, with this Retry-After if given.
+    RateLimited(Option<u64>),
+    /// Mints a JWT after this long.
+    Slow(Duration),
 }
 
 /// How the whole refresh endpoint behaves.
@@ -496,6 +502,17 @@ impl SimState {
                 r#"{"error":{"code":400,"message":"MISSING_REFRESH_TOKEN"}}"#,
             );
         };
+        // Per-account delays happen before the lock is taken.
+        let delay = {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.accounts.values().find_map(|a| match a.refresh {
+                RefreshBehaviour::Slow(d) if a.refresh_token == presented => Some(d),
+                _ => None,
+            })
+        };
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let ttl = inner.jwt_ttl;
         let Some((id, account)) = inner
@@ -508,6 +525,21 @@ impl SimState {
         account.refresh_calls += 1;
         match account.refresh {
             RefreshBehaviour::Revoked => invalid(),
+            RefreshBehaviour::ServerError => {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "unavailable")
+            }
+            RefreshBehaviour::RateLimited(retry_after) => {
+                let mut r = respond(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "application/json",
+                    r#"{"error":{"code":429,"message":"TOO_MANY_ATTEMPTS_TRY_LATER"}}"#,
+                );
+                if let Some(s) = retry_after {
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(s));
+                }
+                r
+            }
             behaviour => {
                 if behaviour == RefreshBehaviour::Rotate {
                     account.rotations += 1;

@@ -110,23 +110,43 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     let tokens = &[
         ("quota", "personal"),
         ("unauth", "personal"),
+        ("limited", "personal"),
         ("revoked", "shared"),
         ("blocked", "shared"),
+        ("html", "shared"),
+        ("broken", "shared"),
+        ("reset", "shared"),
+        ("slowref", "shared"),
         ("good", "anonymous"),
     ];
-    let s = Setup::new(tokens, "max_attempts = 5", "[state]\npath = \"state.json\"").await;
+    let s = Setup::new(
+        tokens,
+        "max_attempts = 10",
+        "[state]\npath = \"state.json\"",
+    )
+    .await;
     let admin_token = "admin-token-4b9d0f";
     s.write(
-        &s.config(tokens, "max_attempts = 5", "[state]\npath = \"state.json\"")
-            .replace(
-                "[admin]\nlisten = \"127.0.0.1:0\"",
-                &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\""),
-            ),
+        &s.config(
+            tokens,
+            "max_attempts = 10",
+            "[state]\npath = \"state.json\"",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\""),
+        ),
     );
     s.sim.set_ai("quota", AiBehaviour::Quota);
     s.sim.set_ai("unauth", AiBehaviour::Unauthorized);
     s.sim.set_refresh("revoked", RefreshBehaviour::Revoked);
     s.sim.set_ai("blocked", AiBehaviour::Blocked);
+    s.sim.set_ai("limited", AiBehaviour::RateLimited(Some(1)));
+    s.sim.set_ai("html", AiBehaviour::HtmlBlock);
+    s.sim.set_ai("broken", AiBehaviour::ServerError);
+    s.sim.set_ai("reset", AiBehaviour::ResetBeforeHeaders);
+    s.sim
+        .set_refresh("slowref", RefreshBehaviour::Slow(Duration::from_secs(3)));
     s.sim.set_refresh("good", RefreshBehaviour::Rotate);
 
     let mut run = Running::spawn(&s.path);
@@ -135,8 +155,10 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     let client = reqwest::Client::new();
     let mut seen_by_client = String::new();
 
-    // Faults: every token but `good` fails in its own way.
-    for _ in 0..3 {
+    // Faults: every token but `good` fails in its own way. Some answers
+    // are the upstream's (HTML 403, 500) or the proxy's (502): the status
+    // varies; what matters is what the client saw, scanned below.
+    for _ in 0..12 {
         let r = client
             .post(format!("http://{proxy}/ai/multi-agent"))
             .bearer_auth(CLIENT_KEY)
@@ -144,8 +166,36 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
             .send()
             .await
             .unwrap();
-        assert_eq!(take(r, &mut seen_by_client).await, 200);
+        take(r, &mut seen_by_client).await;
     }
+    // The refresh endpoint answers garbage for a while.
+    s.sim.set_refresh_mode(RefreshMode::Garbage);
+    s.sim.invalidate_issued_jwts();
+    for _ in 0..2 {
+        let r = client
+            .post(format!("http://{proxy}/ai/multi-agent"))
+            .bearer_auth(CLIENT_KEY)
+            .send()
+            .await
+            .unwrap();
+        take(r, &mut seen_by_client).await;
+    }
+    s.sim.set_refresh_mode(RefreshMode::Normal);
+    // A rejected config edit is reported with its position, never a value.
+    let good_config = std::fs::read_to_string(&s.path).unwrap();
+    std::fs::write(
+        &s.path,
+        good_config.replace("tier = \"anonymous\"", "tier = \"vip\""),
+    )
+    .unwrap();
+    let r = client
+        .post(format!("http://{admin}/admin/reload"))
+        .bearer_auth(admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(take(r, &mut seen_by_client).await, 422);
+    std::fs::write(&s.path, &good_config).unwrap();
     for bad in ["", "wrong-key"] {
         let r = client
             .post(format!("http://{proxy}/ai/multi-agent"))
@@ -199,7 +249,23 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     // A stream in flight when SIGTERM arrives completes.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     s.sim.set_ai("good", AiBehaviour::Hold);
+    // Tokens whose faults are not their own (HTML 403, 500, reset) stay in
+    // rotation; an operator takes them out so the stream lands on `good`.
+    for (name, _) in tokens.iter().filter(|(n, _)| *n != "good") {
+        let r = client
+            .post(format!("http://{admin}/admin/tokens/{name}/disable"))
+            .bearer_auth(admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(take(r, &mut seen_by_client).await, 200, "{name}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut stream = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 200 for the stream"
+        );
         let r = client
             .post(format!("http://{proxy}/ai/multi-agent"))
             .bearer_auth(CLIENT_KEY)

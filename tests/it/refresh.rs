@@ -216,3 +216,38 @@ async fn garbage_and_slow_refresh_answers_are_not_the_tokens_fault() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn one_tokens_refresh_failing_leaves_the_others_serving() {
+    let tokens = &[
+        ("down", "personal"),
+        ("limited", "personal"),
+        ("slow", "personal"),
+        ("ok", "shared"),
+    ];
+    let s = Setup::new(tokens, "failure_threshold = 1", "").await;
+    s.sim.set_refresh("down", RefreshBehaviour::ServerError);
+    s.sim
+        .set_refresh("limited", RefreshBehaviour::RateLimited(Some(30)));
+    s.sim
+        .set_refresh("slow", RefreshBehaviour::Slow(Duration::from_secs(5)));
+    let p = s.proxy().await;
+    for _ in 0..3 {
+        assert_eq!(p.ai_text().await.0, 200);
+    }
+    // A 5xx or slow refresh is not the token's fault: resting, not disabled.
+    for name in ["down", "slow"] {
+        let (state, _) = p.state(name);
+        assert_ne!(state, TokenState::Disabled, "{name}");
+        assert_ne!(state, TokenState::Revoked, "{name}");
+    }
+    assert_ne!(p.state("limited").0, TokenState::Disabled);
+    assert!(s.sim.ai_calls("ok") >= 1);
+    let m = p.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "tokenpool_refreshes_total{outcome=\"unavailable\",tier=\"personal\"}"
+        ) >= 1.0
+    );
+}
