@@ -71,7 +71,7 @@ http {
   server {
     listen 127.0.0.1:$UP_PORT reuseport;
     location /v1/chat { default_type application/json; return 200 '{"id":"r1","ok":true,"usage":{"tokens":12}}'; }
-    location /v1/stream { default_type text/event-stream; alias $WORK/sse.txt; }
+    location /v1/stream { default_type text/event-stream; return 200 '$(cat "$WORK/sse.txt")'; }
   }
 }
 EOF
