@@ -286,7 +286,7 @@ impl Config {
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             // One line per error: the parser's message may span several.
-            let message = e.message().trim().replace('\n', "; ");
+            let message = redact_quoted(&e.message().trim().replace('\n', "; "));
             located(e.span(), message)
         })?;
         let base = path
@@ -375,6 +375,29 @@ pub fn redact_query(url: &str) -> String {
         Some((base, _)) => format!("{base}?…"),
         None => url.to_string(),
     }
+}
+
+/// A parser message with every quoted string value replaced by `"…"`.
+///
+/// serde quotes the offending value (`invalid type: string "…", expected
+/// u32`); when a secret was typed into the wrong field that would put it in
+/// a log line and the `/admin/reload` answer. Field and variant names are
+/// quoted with backticks and stay.
+fn redact_quoted(message: &str) -> String {
+    const MARK: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(MARK) {
+        let value_start = at + MARK.len();
+        let Some(len) = rest[value_start..].find('"') else {
+            break;
+        };
+        out.push_str(&rest[..value_start]);
+        out.push_str("…\"");
+        rest = &rest[value_start + len + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -1097,6 +1120,18 @@ mod tests {
         }
         assert!(s.contains("alice"));
         assert!(!format!("{c:?}").contains("rt-alice"));
+    }
+
+    #[test]
+    fn a_secret_in_the_wrong_field_is_not_quoted_back() {
+        let err = parse("[pool]\nmax_attempts = \"sk-live-very-secret\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("sk-live-very-secret"), "{err}");
+        assert!(
+            err.starts_with("t.toml:2:16: invalid type: string \"…\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -507,6 +507,7 @@ impl Token {
     pub fn report(&self, outcome: Outcome, settings: &PoolSettings) -> TokenState {
         let now = Instant::now();
         let mut inner = self.lock();
+        let before = persisted(&inner);
         let trial = std::mem::take(&mut inner.trial);
         match outcome {
             Outcome::Success => {
@@ -571,7 +572,11 @@ impl Token {
                 }
             }
         }
-        self.dirty.store(true, Ordering::Release);
+        // Only what the state file keeps makes it dirty: a plain success on
+        // a healthy token must not rewrite the file.
+        if persisted(&inner) != before {
+            self.dirty.store(true, Ordering::Release);
+        }
         inner.state
     }
 
@@ -711,6 +716,17 @@ impl Token {
             manual: inner.reason == Some(Reason::Manual),
         }
     }
+}
+
+/// The fields of a token the state file records (DESIGN §7).
+fn persisted(inner: &Inner) -> (TokenState, Option<Reason>, Option<Instant>, u32, u32) {
+    (
+        inner.state,
+        inner.reason,
+        inner.cooldown_until,
+        inner.backoff_level,
+        inner.quota_level,
+    )
 }
 
 fn is_manual(inner: &Inner) -> bool {

@@ -262,8 +262,11 @@ async fn rate_limit_honours_retry_after_and_the_token_recovers_by_itself() {
 async fn unauthorized_refreshes_and_retries_once_on_the_same_token() {
     let s = Setup::new(TWO_PERSONAL, "", "").await;
     let p = s.proxy().await;
+    // Warm both tokens, so a failover would find a valid-looking JWT too.
+    assert_eq!(p.ai_text().await.0, 200);
     assert_eq!(p.ai_text().await.0, 200);
     let a_before = (s.sim.refresh_calls("a"), s.sim.ai_calls("a"));
+    let b_before = (s.sim.refresh_calls("b"), s.sim.ai_calls("b"));
     // Every JWT issued so far now gets 401: the proxy must refresh and retry.
     s.sim.invalidate_issued_jwts();
     let calls_before = s.sim.total_ai_calls();
@@ -275,6 +278,21 @@ async fn unauthorized_refreshes_and_retries_once_on_the_same_token() {
     );
     let refreshed = s.sim.refresh_calls("a") > a_before.0 || s.sim.refresh_calls("b") > 0;
     assert!(refreshed);
+    // The retry went to the same token, refreshed once between the two
+    // calls; the other token saw nothing. (The simulator counts an account's
+    // calls only once its JWT is accepted, so the 401 is not in ai_calls.)
+    let delta_a = (
+        s.sim.refresh_calls("a") - a_before.0,
+        s.sim.ai_calls("a") - a_before.1,
+    );
+    let delta_b = (
+        s.sim.refresh_calls("b") - b_before.0,
+        s.sim.ai_calls("b") - b_before.1,
+    );
+    assert!(
+        (delta_a == (1, 1) && delta_b == (0, 0)) || (delta_b == (1, 1) && delta_a == (0, 0)),
+        "a {delta_a:?}, b {delta_b:?}"
+    );
     assert_eq!(p.state("a"), (TokenState::Active, None));
     assert_eq!(p.state("b"), (TokenState::Active, None));
 }
