@@ -127,7 +127,10 @@ impl App {
         let generation = Generation {
             id: 1,
             loaded_at: SystemTime::now(),
-            upstream: Arc::new(Upstream::new(&config.upstream, None)),
+            upstream: Arc::new(
+                Upstream::new(&config.upstream, None)
+                    .map_err(|e| anyhow::anyhow!("cannot build the upstream client: {e}"))?,
+            ),
             config: Arc::new(config),
             pool,
             refresher,
@@ -232,6 +235,18 @@ impl App {
                 })?,
             )
         };
+        let upstream = Upstream::new(
+            &config.upstream,
+            Some((&old.upstream, &old.config.upstream)),
+        )
+        .map_err(|e| ConfigError {
+            file: config
+                .path
+                .as_ref()
+                .map_or_else(|| "<env>".into(), |p| p.display().to_string()),
+            position: None,
+            message: format!("cannot build the upstream client: {e}"),
+        })?;
         let pool = Arc::new(Pool::new(
             &config.pool,
             &config.tokens,
@@ -272,7 +287,7 @@ impl App {
         let generation = Generation {
             id,
             loaded_at: SystemTime::now(),
-            upstream: Arc::new(Upstream::new(&config.upstream, Some(&old.upstream))),
+            upstream: Arc::new(upstream),
             config: Arc::new(config),
             pool,
             refresher,

@@ -138,6 +138,9 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Headers set on every forwarded request, replacing the client's.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// CA certificates trusted for an https upstream besides the built-in
+    /// web roots (`ca_file`, PEM): for an upstream behind a private CA.
+    pub ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// `[refresh]`.
@@ -490,6 +493,8 @@ struct RawUpstream {
     idle_timeout: Duration,
     #[serde(default = "no_headers")]
     headers: Spanned<HashMap<String, String>>,
+    #[serde(default)]
+    ca_file: Option<Spanned<String>>,
 }
 
 impl Default for RawUpstream {
@@ -499,6 +504,7 @@ impl Default for RawUpstream {
             connect_timeout: default_connect_timeout(),
             idle_timeout: default_idle_timeout(),
             headers: no_headers(),
+            ca_file: None,
         }
     }
 }
@@ -690,6 +696,28 @@ impl Builder<'_> {
             .or_else(|msg| self.err(src.span(), msg))
     }
 
+    /// The certificates of a PEM file (relative to the config's folder).
+    fn ca_certs(
+        &self,
+        file: &Spanned<String>,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        let path = self.base.join(file.get_ref());
+        let certs: Result<Vec<_>, _> =
+            rustls::pki_types::CertificateDer::pem_file_iter(&path).and_then(Iterator::collect);
+        match certs {
+            Ok(certs) if !certs.is_empty() => Ok(certs),
+            Ok(_) => self.err(
+                file.span(),
+                format!("[upstream] ca_file {} holds no certificate", path.display()),
+            ),
+            Err(e) => self.err(
+                file.span(),
+                format!("[upstream] ca_file {}: {e}", path.display()),
+            ),
+        }
+    }
+
     fn listen(&self, value: &Spanned<String>, what: &str) -> Result<SocketAddr, ConfigError> {
         value.get_ref().parse().or_else(|_| {
             self.err(
@@ -823,6 +851,10 @@ impl Builder<'_> {
                 .positive("[upstream] connect_timeout", raw.upstream.connect_timeout)?,
             idle_timeout: self.positive("[upstream] idle_timeout", raw.upstream.idle_timeout)?,
             headers: self.headers(&raw.upstream.headers, "[upstream] headers")?,
+            ca_certs: match &raw.upstream.ca_file {
+                Some(file) => self.ca_certs(file)?,
+                None => Vec::new(),
+            },
         };
 
         // [refresh]

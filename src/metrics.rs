@@ -6,9 +6,12 @@
 //! from the pool's real state. Labels carry tier, token *names*, states,
 //! reasons, outcomes and status codes — never a secret.
 
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::Tier;
@@ -42,17 +45,48 @@ pub mod refresh_outcome {
     pub const RATE_LIMITED: &str = "rate_limited";
 }
 
+/// Status codes below this have their `upstream_requests_total` series
+/// handle cached per tier.
+const CACHED_CODES: usize = 600;
+
+/// Series handles the request path uses, looked up once instead of hashing
+/// their labels on every request.
+struct Hot {
+    /// `requests_total` by outcome, in [`OUTCOMES`] order.
+    requests: Vec<IntCounter>,
+    /// `upstream_response_seconds` by tier, in [`Tier::ALL`] order.
+    upstream_response: Vec<Histogram>,
+    /// `upstream_requests_total` by tier and code, created on first use.
+    upstream_requests: Vec<OnceLock<IntCounter>>,
+}
+
+const OUTCOMES: [&str; 5] = [
+    outcome::SUCCESS,
+    outcome::UPSTREAM_ERROR,
+    outcome::CLIENT_ERROR,
+    outcome::NO_TOKEN,
+    outcome::REJECTED,
+];
+
+fn tier_index(tier: Tier) -> usize {
+    Tier::ALL.iter().position(|&t| t == tier).unwrap_or(0)
+}
+
 /// The registry and every metric family.
 pub struct Metrics {
     registry: Registry,
+    hot: Hot,
+    /// One scrape at a time updates the pool-derived series.
+    scrape: Mutex<()>,
     /// Requests by outcome.
     pub requests: IntCounterVec,
     /// Time to response headers.
     pub request_duration: Histogram,
     /// Requests being served.
     pub inflight: IntGauge,
-    /// Tokens picked, per tier and token.
-    pub selections: IntCounterVec,
+    /// Tokens picked, per tier and token: brought up to each token's own
+    /// pick count at scrape time, so a pick costs no label lookup.
+    selections: IntCounterVec,
     /// Requests served by a lower tier than the first.
     pub tier_fallbacks: IntCounterVec,
     /// Requests that moved to another token, by the reason.
@@ -121,7 +155,15 @@ impl Metrics {
                 m
             }};
         }
-        let m = Metrics {
+        let mut m = Metrics {
+            hot: Hot {
+                requests: Vec::new(),
+                upstream_response: Vec::new(),
+                upstream_requests: (0..Tier::ALL.len() * CACHED_CODES)
+                    .map(|_| OnceLock::new())
+                    .collect(),
+            },
+            scrape: Mutex::new(()),
             requests: reg!(IntCounterVec::new(
                 opts("requests_total", "Client requests by outcome."),
                 &["outcome"]
@@ -245,15 +287,14 @@ impl Metrics {
         }
 
         // Series that must exist from the start, with zeros.
-        for o in [
-            outcome::SUCCESS,
-            outcome::UPSTREAM_ERROR,
-            outcome::CLIENT_ERROR,
-            outcome::NO_TOKEN,
-            outcome::REJECTED,
-        ] {
-            m.requests.with_label_values(&[o]);
-        }
+        m.hot.requests = OUTCOMES
+            .iter()
+            .map(|o| m.requests.with_label_values(&[o]))
+            .collect();
+        m.hot.upstream_response = Tier::ALL
+            .iter()
+            .map(|t| m.upstream_response.with_label_values(&[t.as_str()]))
+            .collect();
         for tier in Tier::ALL {
             for state in TokenState::ALL {
                 m.tokens.with_label_values(&[tier.as_str(), state.as_str()]);
@@ -278,6 +319,35 @@ impl Metrics {
         m
     }
 
+    /// Counts a finished client request (one of the [`outcome`]s) and the
+    /// time it took to its response headers.
+    pub fn request_done(&self, outcome: &str, elapsed: Duration) {
+        match OUTCOMES.iter().position(|&o| o == outcome) {
+            Some(i) => self.hot.requests[i].inc(),
+            None => self.requests.with_label_values(&[outcome]).inc(),
+        }
+        self.request_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an upstream answer of `tier`'s token and its time to headers.
+    pub fn upstream_answer(&self, tier: Tier, status: http::StatusCode, elapsed: Duration) {
+        let t = tier_index(tier);
+        self.hot.upstream_response[t].observe(elapsed.as_secs_f64());
+        let code = usize::from(status.as_u16());
+        if code < CACHED_CODES {
+            self.hot.upstream_requests[t * CACHED_CODES + code]
+                .get_or_init(|| {
+                    self.upstream_requests
+                        .with_label_values(&[tier.as_str(), status.as_str()])
+                })
+                .inc();
+        } else {
+            self.upstream_requests
+                .with_label_values(&[tier.as_str(), status.as_str()])
+                .inc();
+        }
+    }
+
     /// Counts a token failure and the failover it causes.
     pub fn token_failure(&self, tier: Tier, token: &str, reason: Reason) {
         self.token_failures
@@ -295,6 +365,7 @@ impl Metrics {
     /// Sets the gauges computed from the pool's state. Per-token gauges are
     /// rebuilt, so removed tokens disappear.
     pub fn observe_pool(&self, pool: &Pool) {
+        let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         let mut counts = [[0i64; 4]; 3];
         self.token_up.reset();
         self.token_state.reset();
@@ -308,6 +379,10 @@ impl Metrics {
                 .unwrap_or(0);
             counts[tier_i][state_i] += 1;
             let labels = [s.tier.as_str(), &*s.name];
+            let picks = self.selections.with_label_values(&labels);
+            // The series restarts with the token: a token whose secret
+            // changed is a new token, and its old series was deleted.
+            picks.inc_by(token.requests().saturating_sub(picks.get()));
             self.token_up
                 .with_label_values(&labels)
                 .set(i64::from(s.state == TokenState::Active));

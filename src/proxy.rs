@@ -10,6 +10,7 @@
 //! Once response headers have gone to the client nothing is retried.
 
 pub mod body;
+pub mod client;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -20,7 +21,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -34,7 +34,8 @@ use crate::error::ProxyError;
 use crate::metrics::{outcome, Metrics};
 use crate::pool::token::RefreshResult;
 use crate::pool::{AccessToken, Outcome, Reason, Token};
-use body::{collect_limited, InflightGuard, ProxyBody};
+use body::{collect_limited, read_request_body, InflightGuard, ProxyBody, RequestBodyError};
+use client::Lease;
 
 /// Largest request header block accepted, HTTP/1 and HTTP/2 alike.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -134,10 +135,7 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<ProxyBody> {
             (e.to_response(), o)
         }
     };
-    app.metrics.requests.with_label_values(&[outcome]).inc();
-    app.metrics
-        .request_duration
-        .observe(started.elapsed().as_secs_f64());
+    app.metrics.request_done(outcome, started.elapsed());
     response.map(|body| body.with_guard(guard))
 }
 
@@ -185,18 +183,18 @@ async fn forward(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::RequestTooLarge { limit });
     }
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ProxyError::RequestTooLarge { limit })
-        }
-        Err(_) => {
+    let body = match read_request_body(body, limit).await {
+        Ok(body) => body,
+        Err(RequestBodyError::TooLarge) => return Err(ProxyError::RequestTooLarge { limit }),
+        Err(RequestBodyError::Unreadable) => {
             return Err(ProxyError::BadRequest {
                 detail: "the request body could not be read",
             })
         }
     };
 
+    // The client's headers as they go upstream; each attempt adds its bearer.
+    let headers = generation.upstream.request_headers(&parts.headers);
     let pool = &generation.pool;
     let max_attempts = config.pool.max_attempts as usize;
     let mut tried: Vec<Arc<Token>> = Vec::with_capacity(max_attempts);
@@ -207,17 +205,13 @@ async fn forward(
         };
         let token = selected.token;
         let tier = token.tier();
-        metrics
-            .selections
-            .with_label_values(&[tier.as_str(), token.name()])
-            .inc();
         if let Some((from, to)) = selected.fallback {
             metrics
                 .tier_fallbacks
                 .with_label_values(&[from.as_str(), to.as_str()])
                 .inc();
         }
-        match attempt(metrics, generation, &token, &parts, &body).await? {
+        match attempt(metrics, generation, &token, &parts, &headers, &body).await? {
             Attempt::Done(response) => return Ok(response),
             Attempt::Failover { reason, answer } => {
                 tracing::debug!(
@@ -261,6 +255,7 @@ async fn attempt(
     generation: &Generation,
     token: &Arc<Token>,
     parts: &Parts,
+    headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Attempt, ProxyError> {
     let refresher = &generation.refresher;
@@ -281,8 +276,9 @@ async fn attempt(
     };
     let mut retried_unauthorized = false;
     loop {
-        let response = match send(metrics, generation, token, parts, body, &access).await {
-            Ok(response) => response,
+        let sent = send(metrics, generation, token, parts, headers, body, &access).await;
+        let (response, lease) = match sent {
+            Ok(sent) => sent,
             Err(e) => {
                 token.report(Outcome::Neutral, pool.settings());
                 return Err(e);
@@ -291,7 +287,7 @@ async fn attempt(
         let status = response.status();
         match status.as_u16() {
             401 => {
-                let answer = buffer(response, generation).await?;
+                let answer = buffer(response, lease, generation).await?;
                 if !retried_unauthorized {
                     // The access token may have expired or been revoked
                     // early: refresh and retry once on the same token.
@@ -324,7 +320,7 @@ async fn attempt(
                 });
             }
             403 => {
-                let answer = buffer(response, generation).await?;
+                let answer = buffer(response, lease, generation).await?;
                 if is_html(&answer) {
                     // A network block page, not the token's fault: pass it on.
                     token.report(Outcome::Neutral, pool.settings());
@@ -343,7 +339,7 @@ async fn attempt(
                 });
             }
             429 => {
-                let answer = buffer(response, generation).await?;
+                let answer = buffer(response, lease, generation).await?;
                 let pattern = &generation.config.pool.quota_pattern;
                 let quota = pattern.is_match(&String::from_utf8_lossy(answer.body()))
                     || answer
@@ -375,7 +371,7 @@ async fn attempt(
                 token.report(outcome, pool.settings());
                 let (mut head, incoming) = response.into_parts();
                 upstream::strip_response_headers(&mut head.headers);
-                let body = ProxyBody::streaming(incoming, generation.upstream.idle_timeout);
+                let body = ProxyBody::streaming(incoming, generation.upstream.idle_timeout, lease);
                 return Ok(Attempt::Done(Response::from_parts(head, body)));
             }
         }
@@ -389,33 +385,30 @@ async fn send(
     generation: &Generation,
     token: &Token,
     parts: &Parts,
+    headers: &HeaderMap,
     body: &Bytes,
     access: &AccessToken,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
     let upstream = &generation.upstream;
     let mut bearer = HeaderValue::from_maybe_shared(access.header_bytes().clone())
         .map_err(|_| ProxyError::UpstreamUnreachable)?;
     bearer.set_sensitive(true);
-    let mut request = Request::new(Full::new(body.clone()));
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = upstream.uri_for(parts.uri.path_and_query());
-    *request.headers_mut() = upstream.request_headers(&parts.headers, bearer);
-    let tier = token.tier().as_str();
+    let mut headers = headers.clone();
+    headers.insert(header::AUTHORIZATION, bearer);
     let started = Instant::now();
-    match tokio::time::timeout(upstream.idle_timeout, upstream.client().request(request)).await {
-        Ok(Ok(response)) => {
-            metrics
-                .upstream_response
-                .with_label_values(&[tier])
-                .observe(started.elapsed().as_secs_f64());
-            metrics
-                .upstream_requests
-                .with_label_values(&[tier, response.status().as_str()])
-                .inc();
-            Ok(response)
+    let sent = upstream.send(
+        parts.method.clone(),
+        parts.uri.path_and_query(),
+        headers,
+        body.clone(),
+    );
+    match tokio::time::timeout(upstream.idle_timeout, sent).await {
+        Ok(Ok((response, lease))) => {
+            metrics.upstream_answer(token.tier(), response.status(), started.elapsed());
+            Ok((response, lease))
         }
         Ok(Err(e)) => {
-            tracing::warn!(token = token.name(), error = %describe_client_error(&e), "upstream request failed");
+            tracing::warn!(token = token.name(), error = %e.describe(), "upstream request failed");
             Err(ProxyError::UpstreamUnreachable)
         }
         Err(_) => {
@@ -425,32 +418,16 @@ async fn send(
     }
 }
 
-/// A client error described by kind, with its source chain (which names
-/// no URL and no header).
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    let mut text = if e.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        "connection failed".to_string()
-    };
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// Reads a (small) upstream answer whole.
 async fn buffer(
     response: Response<Incoming>,
+    lease: Option<Lease>,
     generation: &Generation,
 ) -> Result<Response<Bytes>, ProxyError> {
     let (mut head, incoming) = response.into_parts();
     upstream::strip_response_headers(&mut head.headers);
-    let (bytes, cut) = collect_limited(incoming, MAX_ERROR_BODY, generation.upstream.idle_timeout)
+    let idle = generation.upstream.idle_timeout;
+    let (bytes, cut) = collect_limited(incoming, MAX_ERROR_BODY, idle, lease)
         .await
         .map_err(|e| match e {
             body::StreamError::Idle(_) => ProxyError::UpstreamTimeout,

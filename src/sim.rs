@@ -6,7 +6,8 @@
 //! down, slow, silent or broken.
 //!
 //! Routes: `POST …/token` (refresh), `POST /ai/multi-agent` (SSE),
-//! `POST /graphql/v2` (quota info), anything else echoes what it got.
+//! `POST /graphql/v2` (quota info), `/close` answers and closes the
+//! connection (`Connection: close`), anything else echoes what it got.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -107,6 +108,8 @@ struct Inner {
     events: usize,
     event_gap: Duration,
     seen: Vec<(String, HeaderMap)>,
+    /// The HTTP version of the last request.
+    last_version: Option<http::Version>,
 }
 
 /// The state behind a running simulator.
@@ -115,6 +118,8 @@ pub struct SimState {
     inner: Mutex<Inner>,
     refresh_calls: AtomicU64,
     ai_calls: AtomicU64,
+    /// Connections accepted.
+    connections: AtomicU64,
     jti: AtomicU64,
     /// JWTs with a `jti` below this are refused with 401, as if expired.
     valid_from_jti: AtomicU64,
@@ -125,6 +130,8 @@ pub struct SimState {
 #[derive(Debug)]
 pub struct Sim {
     addr: SocketAddr,
+    /// Whether it speaks TLS.
+    tls: bool,
     state: Arc<SimState>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -145,8 +152,43 @@ impl Sim {
         Ok(Sim::with_listener(listener))
     }
 
+    /// Starts a simulator on 127.0.0.1 that speaks TLS with `cert_pem`
+    /// (a chain) and `key_pem`, offering the ALPN protocols `alpn` (for
+    /// example `h2` and `http/1.1`).
+    pub async fn start_tls(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        alpn: &[&[u8]],
+    ) -> std::io::Result<Sim> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let certs = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(e.to_string()))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Ok(Sim::serve(
+            listener,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        ))
+    }
+
     /// Starts a simulator on an already-bound listener.
     pub fn with_listener(listener: TcpListener) -> Sim {
+        Sim::serve(listener, None)
+    }
+
+    fn serve(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> Sim {
         let addr = listener
             .local_addr()
             .expect("bound listener has an address");
@@ -158,14 +200,17 @@ impl Sim {
                 events: 5,
                 event_gap: Duration::from_millis(20),
                 seen: Vec::new(),
+                last_version: None,
             }),
             refresh_calls: AtomicU64::new(0),
             ai_calls: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             jti: AtomicU64::new(0),
             valid_from_jti: AtomicU64::new(0),
             release: Notify::new(),
         });
         let serving = Arc::clone(&state);
+        let is_tls = tls.is_some();
         let task = tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
             loop {
@@ -173,20 +218,39 @@ impl Sim {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                serving.connections.fetch_add(1, Ordering::SeqCst);
                 let state = Arc::clone(&serving);
                 let service = service_fn(move |req| {
                     let state = Arc::clone(&state);
                     async move { state.handle(req).await }
                 });
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
+                let builder = builder.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
                 });
             }
         });
-        Sim { addr, state, task }
+        Sim {
+            addr,
+            tls: is_tls,
+            state,
+            task,
+        }
     }
 
     /// Its address.
@@ -194,14 +258,25 @@ impl Sim {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https` when it speaks TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Connections it accepted.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// The HTTP version of the last request it got.
+    pub fn last_version(&self) -> Option<http::Version> {
+        self.inner().last_version
     }
 
     /// The refresh endpoint, Warp-style.
     pub fn refresh_url(&self) -> String {
-        format!("http://{}/proxy/token?key=sim-web-api-key", self.addr)
+        format!("{}/proxy/token?key=sim-web-api-key", self.url())
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -430,6 +505,7 @@ impl SimState {
                 inner.seen.remove(0);
             }
             inner.seen.push((path.clone(), req.headers().clone()));
+            inner.last_version = Some(req.version());
         }
         if path.ends_with("/token") {
             let body = req
@@ -447,6 +523,11 @@ impl SimState {
                 "application/json",
                 json!({"data": {"user": {"requestLimitInfo": {"isUnlimited": false, "requestLimit": 150, "requestsUsedSinceLastRefresh": 7, "nextRefreshTime": "2026-12-01T00:00:00Z"}}}}).to_string(),
             ))
+        } else if path == "/close" {
+            let mut r = respond(StatusCode::OK, "application/json", "{}");
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Ok(r)
         } else {
             let method = req.method().to_string();
             let body = req

@@ -15,6 +15,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus::IntGauge;
 use tokio::time::{Instant, Sleep};
 
+use super::client::Lease;
+
 /// Errors while streaming the upstream body to the client.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -55,6 +57,9 @@ struct Streaming {
     idle: Duration,
     /// Armed at the first `Pending` after a frame; disarmed by a frame.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The upstream connection, returned to the pool once the body has
+    /// been read to its end (dropped with the body otherwise).
+    lease: Option<Lease>,
 }
 
 #[derive(Debug)]
@@ -80,13 +85,18 @@ impl ProxyBody {
     }
 
     /// The upstream's body, streamed, failing after `idle` of silence.
-    pub fn streaming(inner: Incoming, idle: Duration) -> ProxyBody {
+    /// `lease` goes back to the pool when the body has been read whole.
+    pub fn streaming(inner: Incoming, idle: Duration, lease: Option<Lease>) -> ProxyBody {
+        let mut streaming = Streaming {
+            inner,
+            idle,
+            timer: None,
+            lease,
+        };
+        // An answer without a body (204, 304, HEAD) is never polled.
+        streaming.release_if_ended();
         ProxyBody {
-            kind: Kind::Streaming(Box::new(Streaming {
-                inner,
-                idle,
-                timer: None,
-            })),
+            kind: Kind::Streaming(Box::new(streaming)),
             guard: None,
         }
     }
@@ -99,6 +109,17 @@ impl ProxyBody {
 }
 
 impl Streaming {
+    /// Returns the connection once the body is known to be whole: hyper
+    /// stops polling a body that says it has ended, so this cannot wait
+    /// for the final `None`.
+    fn release_if_ended(&mut self) {
+        if self.inner.is_end_stream() {
+            if let Some(lease) = self.lease.take() {
+                lease.release();
+            }
+        }
+    }
+
     /// A frame arrived: the silence it ended no longer counts. The timer is
     /// kept (to be reset, not reallocated) only if one was armed.
     fn armed_at_frame(&mut self) {
@@ -128,10 +149,19 @@ impl Body for ProxyBody {
             Kind::Streaming(s) => match Pin::new(&mut s.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     s.armed_at_frame();
+                    s.release_if_ended();
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(StreamError::Upstream(e)))),
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => {
+                    s.lease = None;
+                    Poll::Ready(Some(Err(StreamError::Upstream(e))))
+                }
+                Poll::Ready(None) => {
+                    if let Some(lease) = s.lease.take() {
+                        lease.release();
+                    }
+                    Poll::Ready(None)
+                }
                 Poll::Pending => {
                     let idle = s.idle;
                     let timer = s
@@ -170,16 +200,23 @@ impl Body for ProxyBody {
 
 /// Reads up to `limit` bytes of a body, within `idle` of silence per
 /// frame. Returns the bytes and whether the body was cut at the limit.
+/// `lease` goes back to the pool if the body was read whole.
 pub async fn collect_limited(
     mut body: Incoming,
     limit: usize,
     idle: Duration,
+    lease: Option<Lease>,
 ) -> Result<(Bytes, bool), StreamError> {
     let mut out = bytes::BytesMut::new();
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => return Err(StreamError::Idle(idle)),
-            Ok(None) => return Ok((out.freeze(), false)),
+            Ok(None) => {
+                if let Some(lease) = lease {
+                    lease.release();
+                }
+                return Ok((out.freeze(), false));
+            }
             Ok(Some(frame)) => frame?,
         };
         if let Ok(data) = frame.into_data() {
@@ -191,4 +228,48 @@ pub async fn collect_limited(
             out.extend_from_slice(&data);
         }
     }
+}
+
+/// Why a client's request body was not read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RequestBodyError {
+    /// It is longer than the limit.
+    TooLarge,
+    /// The client's connection broke or sent a malformed body.
+    Unreadable,
+}
+
+/// Reads a client's request body whole, up to `limit` bytes. A body that
+/// arrives in one piece (the usual small JSON request) is kept as it came,
+/// without a copy.
+pub async fn read_request_body(
+    mut body: Incoming,
+    limit: usize,
+) -> Result<Bytes, RequestBodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut joined = bytes::BytesMut::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| RequestBodyError::Unreadable)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not forwarded
+        };
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Err(RequestBodyError::TooLarge);
+        }
+        if first.is_none() && joined.is_empty() {
+            first = Some(data);
+        } else {
+            if let Some(head) = first.take() {
+                joined.reserve(total);
+                joined.extend_from_slice(&head);
+            }
+            joined.extend_from_slice(&data);
+        }
+    }
+    Ok(match first {
+        Some(only) => only,
+        None => joined.freeze(),
+    })
 }

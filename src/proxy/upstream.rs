@@ -7,20 +7,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::uri::PathAndQuery;
+use http::{Method, Response};
+use hyper::body::Incoming;
 
+pub use super::client::{ClientError, Lease, UpstreamClient};
 use crate::config::UpstreamConfig;
 
-/// The client type used toward the upstream.
-pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// How many names [`HOP_BY_HOP`] has.
+const HOPS: usize = 8;
 
 /// Headers that describe one hop and never cross a proxy (RFC 9110 §7.6.1),
 /// plus the legacy `proxy-connection`.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -32,139 +31,126 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// The client's credentials: never forwarded.
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Where requests go, and how.
 pub struct Upstream {
     client: UpstreamClient,
-    scheme: Scheme,
-    authority: Authority,
     /// The URL's path without its trailing slash ("" for the root).
     base_path: String,
     /// `[upstream] headers`, set on every request.
     headers: Vec<(HeaderName, HeaderValue)>,
     /// Longest silence while waiting for headers or inside a stream.
     pub idle_timeout: Duration,
-    connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("authority", &self.authority)
+            .field("client", &self.client)
             .finish_non_exhaustive()
     }
 }
 
-/// Builds the pooled upstream client.
-pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .expect("ring supports the default protocol versions")
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(https)
-}
-
 impl Upstream {
-    /// The target of `config`, reusing `previous`'s client (and its warm
-    /// connections) when the connection settings did not change.
-    pub fn new(config: &UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
+    /// The target of `config`, reusing `previous`'s connection pool (and
+    /// its warm connections) when the URL's scheme and host, the connect
+    /// timeout and the trusted CAs did not change.
+    pub fn new(
+        config: &UpstreamConfig,
+        previous: Option<(&Upstream, &UpstreamConfig)>,
+    ) -> Result<Upstream, String> {
         let client = match previous {
-            Some(p) if p.connect_timeout == config.connect_timeout => p.client.clone(),
-            _ => build_client(config.connect_timeout),
+            Some((p, old))
+                if p.client.serves(&config.url, config.connect_timeout)
+                    && old.ca_certs == config.ca_certs =>
+            {
+                p.client.clone()
+            }
+            _ => UpstreamClient::new(&config.url, config.connect_timeout, &config.ca_certs)?,
         };
-        let scheme = config.url.scheme().cloned().unwrap_or(Scheme::HTTPS);
-        let authority = config
-            .url
-            .authority()
-            .cloned()
-            .expect("validated: the upstream url has a host");
         let base_path = config.url.path().trim_end_matches('/').to_string();
-        Upstream {
+        Ok(Upstream {
             client,
-            scheme,
-            authority,
             base_path,
             headers: config.headers.clone(),
             idle_timeout: config.idle_timeout,
-            connect_timeout: config.connect_timeout,
-        }
+        })
     }
 
-    /// The client.
+    /// The connection pool.
     pub fn client(&self) -> &UpstreamClient {
         &self.client
     }
 
-    /// The upstream URL for a client request's path and query.
-    pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Uri {
-        let pq_str = pq.map_or("/", PathAndQuery::as_str);
-        let joined = if self.base_path.is_empty() {
-            PathAndQuery::try_from(pq_str).unwrap_or_else(|_| PathAndQuery::from_static("/"))
-        } else {
-            let mut s = String::with_capacity(self.base_path.len() + pq_str.len());
-            s.push_str(&self.base_path);
-            s.push_str(pq_str);
-            PathAndQuery::try_from(s).unwrap_or_else(|_| PathAndQuery::from_static("/"))
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(joined)
-            .build()
-            .expect("scheme, authority and path are valid")
+    /// Sends a request for the client's `path` (joined to the URL's path).
+    pub async fn send(
+        &self,
+        method: Method,
+        path: Option<&PathAndQuery>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<(Response<Incoming>, Option<Lease>), ClientError> {
+        self.client
+            .send(method, self.path_for(path), headers, body)
+            .await
     }
 
-    /// The headers to send upstream: the client's, less hop-by-hop headers,
-    /// its credentials and forwarding headers, plus the bearer and
+    /// The upstream path and query for a client request's path and query.
+    pub fn path_for(&self, pq: Option<&PathAndQuery>) -> PathAndQuery {
+        if self.base_path.is_empty() {
+            return pq
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        }
+        let pq_str = pq.map_or("/", PathAndQuery::as_str);
+        let mut s = String::with_capacity(self.base_path.len() + pq_str.len());
+        s.push_str(&self.base_path);
+        s.push_str(pq_str);
+        PathAndQuery::try_from(s).unwrap_or_else(|_| PathAndQuery::from_static("/"))
+    }
+
+    /// The headers to send upstream, the bearer aside: the client's, less
+    /// hop-by-hop headers, its credentials and forwarding headers, plus
     /// `[upstream] headers` (which replace the client's of the same name).
-    pub fn request_headers(&self, client: &HeaderMap, bearer: HeaderValue) -> HeaderMap {
-        let mut out = HeaderMap::with_capacity(client.len() + self.headers.len() + 1);
+    /// Room is left for the bearer and `Host`.
+    pub fn request_headers(&self, client: &HeaderMap) -> HeaderMap {
+        let mut out = HeaderMap::with_capacity(client.len() + self.headers.len() + 2);
+        let connection = client.get_all(header::CONNECTION);
+        let listed_by_connection = connection.iter().next().is_some();
         for (name, value) in client {
-            if forwardable(name, client) && !self.headers.iter().any(|(n, _)| n == name) {
+            if forwardable(name)
+                && !(listed_by_connection && named_in(name, connection.iter()))
+                && !self.headers.iter().any(|(n, _)| n == name)
+            {
                 out.append(name.clone(), value.clone());
             }
         }
         for (name, value) in &self.headers {
             out.insert(name.clone(), value.clone());
         }
-        out.insert(header::AUTHORIZATION, bearer);
         out
     }
 }
 
-/// Whether a client request header may go upstream.
-fn forwardable(name: &HeaderName, all: &HeaderMap) -> bool {
-    if HOP_BY_HOP.contains(name)
+/// Whether a client request header may go upstream (those the client's
+/// `Connection` header names aside).
+fn forwardable(name: &HeaderName) -> bool {
+    !(HOP_BY_HOP.contains(name)
         || name == header::UPGRADE
         || name == header::HOST
         || name == header::AUTHORIZATION
-        || name == X_API_KEY
+        || *name == X_API_KEY
         || name == header::CONTENT_LENGTH
         || name == header::FORWARDED
         || name == header::VIA
-        || name.as_str().starts_with("x-forwarded-")
-    {
-        return false;
-    }
-    !named_by_connection(name, all)
+        || name.as_str().starts_with("x-forwarded-"))
 }
 
-/// Whether the `Connection` header lists `name` (those are hop-by-hop too).
-fn named_by_connection(name: &HeaderName, all: &HeaderMap) -> bool {
-    all.get_all(header::CONNECTION).iter().any(|v| {
+/// Whether one of the `Connection` header values lists `name` (those are
+/// hop-by-hop too).
+fn named_in<'a>(name: &HeaderName, mut values: impl Iterator<Item = &'a HeaderValue>) -> bool {
+    values.any(|v| {
         v.to_str().is_ok_and(|s| {
             s.split(',')
                 .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
@@ -174,18 +160,51 @@ fn named_by_connection(name: &HeaderName, all: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers from an upstream answer before it goes to
 /// the client.
+///
+/// Every name is looked at once with plain comparisons; only the names
+/// found are removed (each removal hashes). Most answers carry at most
+/// `Connection: keep-alive`, so this is one removal.
 pub fn strip_response_headers(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(listed.iter()) {
+    let mut found = [false; HOPS + 1];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            found[i] = true;
+            any = true;
+        } else if name == header::UPGRADE {
+            found[HOPS] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    // Names the Connection header lists are hop-by-hop too; its usual
+    // tokens (keep-alive, close) need no lookup of their own.
+    let listed: Vec<HeaderName> = if found[0] {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if found[i] {
+            headers.remove(name);
+        }
+    }
+    if found[HOPS] {
+        headers.remove(header::UPGRADE);
+    }
+    for name in &listed {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 #[cfg(test)]
@@ -201,22 +220,16 @@ mod tests {
             &|_| None,
         )
         .unwrap();
-        Upstream::new(&c.upstream, None)
+        Upstream::new(&c.upstream, None).unwrap()
     }
 
     #[tokio::test]
     async fn urls_join_the_base_path() {
         let u = upstream("http://127.0.0.1:1/base/");
         let pq = PathAndQuery::from_static("/ai/multi-agent?x=1");
-        assert_eq!(
-            u.uri_for(Some(&pq)).to_string(),
-            "http://127.0.0.1:1/base/ai/multi-agent?x=1"
-        );
+        assert_eq!(u.path_for(Some(&pq)).as_str(), "/base/ai/multi-agent?x=1");
         let u = upstream("http://127.0.0.1:1");
-        assert_eq!(
-            u.uri_for(Some(&pq)).to_string(),
-            "http://127.0.0.1:1/ai/multi-agent?x=1"
-        );
+        assert_eq!(u.path_for(Some(&pq)).as_str(), "/ai/multi-agent?x=1");
     }
 
     #[tokio::test]
@@ -240,7 +253,8 @@ mod tests {
         ] {
             h.append(k, HeaderValue::from_static(v));
         }
-        let out = u.request_headers(&h, HeaderValue::from_static("Bearer up"));
+        let mut out = u.request_headers(&h);
+        out.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer up"));
         let names: Vec<&str> = {
             let mut v: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
             v.sort();
@@ -269,6 +283,19 @@ mod tests {
             "content-type",
             HeaderValue::from_static("text/event-stream"),
         );
+        strip_response_headers(&mut h);
+        assert_eq!(h.len(), 1);
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("content-length", HeaderValue::from_static("2"));
+        strip_response_headers(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["content-length"]);
+
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
         strip_response_headers(&mut h);
         assert_eq!(h.len(), 1);
     }

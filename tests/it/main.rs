@@ -11,3 +11,4 @@ mod process;
 mod proxy;
 mod refresh;
 mod reload;
+mod upstream;

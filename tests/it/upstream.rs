@@ -1,0 +1,169 @@
+//! The upstream connection pool: keep-alive reuse, connections the
+//! upstream closes, and https upstreams (HTTP/1.1 and HTTP/2 by ALPN)
+//! behind a private CA given by `[upstream] ca_file`.
+
+use std::path::{Path, PathBuf};
+
+use tokenpool::sim::Sim;
+
+use crate::harness::{Proxy, CLIENT_KEY};
+
+fn tls_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+/// A config with one static key in front of `url`, plus `upstream_extra`
+/// lines in `[upstream]`.
+fn static_config(dir: &Path, url: &str, upstream_extra: &str) -> PathBuf {
+    let path = dir.join("tokenpool.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+api_keys = ["{CLIENT_KEY}"]
+[admin]
+listen = "127.0.0.1:0"
+[upstream]
+url = "{url}"
+idle_timeout = "5s"
+{upstream_extra}
+[refresh]
+provider = "static"
+[[tokens]]
+name = "k1"
+tier = "shared"
+token = "sk-static-upstream-key"
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn post(p: &Proxy, path: &str) -> (u16, String) {
+    let r = p
+        .client
+        .post(p.url(path))
+        .bearer_auth(CLIENT_KEY)
+        .body("{\"q\":1}")
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused_and_closed_ones_replaced() {
+    let sim = Sim::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proxy::start(&static_config(dir.path(), &sim.url(), "")).await;
+    for _ in 0..20 {
+        let (status, body) = post(&p, "/echo").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"body_bytes\":7"), "{body}");
+    }
+    assert_eq!(
+        sim.connections(),
+        1,
+        "20 requests in a row share one connection"
+    );
+    assert_eq!(p.app.current().upstream.client().idle_connections(), 1);
+
+    // An upstream that closes after each answer: the first goes on the
+    // warm connection, each later one on a new connection; none fails.
+    for _ in 0..5 {
+        let (status, body) = post(&p, "/close").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(sim.connections(), 5);
+    let (status, _) = post(&p, "/echo").await;
+    assert_eq!(status, 200);
+    assert_eq!(sim.connections(), 6);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn https_upstreams_speak_http1_or_http2_as_alpn_says() {
+    let cert = std::fs::read(tls_fixture("server.pem")).unwrap();
+    let key = std::fs::read(tls_fixture("server.key")).unwrap();
+    let ca = tls_fixture("ca.pem");
+    for (alpn, version) in [
+        (&[b"http/1.1".as_slice()][..], http::Version::HTTP_11),
+        (
+            &[b"h2".as_slice(), b"http/1.1".as_slice()][..],
+            http::Version::HTTP_2,
+        ),
+    ] {
+        let sim = Sim::start_tls(&cert, &key, alpn).await.unwrap();
+        assert!(sim.url().starts_with("https://127.0.0.1:"));
+        let dir = tempfile::tempdir().unwrap();
+        let extra = format!("ca_file = {:?}", ca.display().to_string());
+        let p = Proxy::start(&static_config(dir.path(), &sim.url(), &extra)).await;
+        for _ in 0..10 {
+            let (status, body) = post(&p, "/echo").await;
+            assert_eq!(status, 200, "{body}");
+        }
+        assert_eq!(sim.last_version(), Some(version));
+        assert_eq!(
+            sim.connections(),
+            1,
+            "{version:?}: one connection serves all"
+        );
+        let seen = sim.seen();
+        let (_, headers) = seen.last().unwrap();
+        assert_eq!(headers["authorization"], "Bearer sk-static-upstream-key");
+        // Streaming works over TLS too.
+        let r = p
+            .client
+            .post(p.url("/ai/multi-agent"))
+            .bearer_auth(CLIENT_KEY)
+            .send()
+            .await
+            .unwrap();
+        // The simulator's AI endpoint wants a JWT: a static key gets its 401,
+        // passed through after the retry; what matters is that it arrived.
+        assert!(r.status().is_client_error() || r.status().is_success());
+        p.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_an_unknown_ca_is_a_clean_502() {
+    let cert = std::fs::read(tls_fixture("server.pem")).unwrap();
+    let key = std::fs::read(tls_fixture("server.key")).unwrap();
+    let sim = Sim::start_tls(&cert, &key, &[b"http/1.1"]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proxy::start(&static_config(dir.path(), &sim.url(), "")).await;
+    let r = p
+        .client
+        .post(p.url("/echo"))
+        .bearer_auth(CLIENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-tokenpool-error"], "upstream_unreachable");
+    assert!(
+        sim.seen().is_empty(),
+        "no request crossed an unverified TLS session"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_ca_file_without_certificates_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
+    let path = static_config(dir.path(), "https://127.0.0.1:1", "ca_file = \"empty.pem\"");
+    let err = tokenpool::config::Config::load(&path, &|_| None).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("ca_file") && text.contains("no certificate"),
+        "{text}"
+    );
+    assert!(text.contains(":9:"), "the error points at the line: {text}");
+}
