@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 
 use crate::app::{key_matches, App, Shutdown};
 use crate::error::ProxyError;
-use crate::pool::{Snapshot, TokenState};
+use crate::pool::{Snapshot, StateCounts, TokenState};
 
 type AdminResponse = Response<Full<Bytes>>;
 
@@ -85,14 +85,11 @@ pub async fn route(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> 
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     match (method, path.as_str()) {
-        (Method::GET, "/metrics") => {
-            app.metrics.observe_pool(&app.current().pool);
-            text_response(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                app.metrics.render(),
-            )
-        }
+        (Method::GET, "/metrics") => text_response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            app.metrics.render(&app.current().pool),
+        ),
         (Method::GET, "/healthz") => text_response(StatusCode::OK, "text/plain", "ok\n"),
         (Method::GET, "/readyz") => readyz(app),
         (_, "/metrics" | "/healthz" | "/readyz") => ProxyError::MethodNotAllowed.to_response(),
@@ -188,11 +185,12 @@ fn readyz(app: &App) -> AdminResponse {
             &json!({"ready": true, "generation": generation.id}),
         );
     }
+    let all = pool.state_counts();
     let mut counts = serde_json::Map::new();
-    for (_, state, n) in pool.state_counts() {
+    for state in TokenState::ALL {
+        let n = all.in_state(state);
         if n > 0 {
-            let entry = counts.entry(state.as_str()).or_insert(json!(0));
-            *entry = json!(entry.as_u64().unwrap_or(0) + n as u64);
+            counts.insert(state.as_str().into(), json!(n));
         }
     }
     json_response(
@@ -227,15 +225,12 @@ pub fn pool_json(app: &App) -> Value {
     let generation = app.current();
     let pool = &generation.pool;
     let snapshots: Vec<Snapshot> = pool.tokens().iter().map(|t| t.snapshot()).collect();
+    let counts = StateCounts::of(&snapshots);
     let mut tiers = serde_json::Map::new();
     for tier in pool.order() {
         let mut states = serde_json::Map::new();
         for state in TokenState::ALL {
-            let n = snapshots
-                .iter()
-                .filter(|s| s.tier == tier && s.state == state)
-                .count();
-            states.insert(state.as_str().into(), json!(n));
+            states.insert(state.as_str().into(), json!(counts.get(tier, state)));
         }
         tiers.insert(tier.as_str().into(), Value::Object(states));
     }

@@ -1,21 +1,24 @@
 //! Every Prometheus metric of DESIGN §6, registered in one place.
 //!
 //! Counters and histograms move where things happen (proxy, refresher,
-//! reload); the per-state and per-token gauges are computed from the pool
-//! at scrape time by [`Metrics::observe_pool`], so they can never drift
+//! reload); the per-state and per-token families are computed from the
+//! pool at scrape time by [`Metrics::render`], so they can never drift
 //! from the pool's real state. Labels carry tier, token *names*, states,
 //! reasons, outcomes and status codes — never a secret.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use prometheus::proto::{
+    Counter as ProtoCounter, Gauge as ProtoGauge, LabelPair, Metric, MetricFamily, MetricType,
+};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::Tier;
-use crate::pool::{Pool, Reason, TokenState};
+use crate::pool::{Pool, Reason, Snapshot, StateCounts, TokenState};
 
 /// Outcomes of `tokenpool_requests_total`.
 pub mod outcome {
@@ -76,17 +79,12 @@ fn tier_index(tier: Tier) -> usize {
 pub struct Metrics {
     registry: Registry,
     hot: Hot,
-    /// One scrape at a time updates the pool-derived series.
-    scrape: Mutex<()>,
     /// Requests by outcome.
     pub requests: IntCounterVec,
     /// Time to response headers.
     pub request_duration: Histogram,
     /// Requests being served.
     pub inflight: IntGauge,
-    /// Tokens picked, per tier and token: brought up to each token's own
-    /// pick count at scrape time, so a pick costs no label lookup.
-    selections: IntCounterVec,
     /// Requests served by a lower tier than the first.
     pub tier_fallbacks: IntCounterVec,
     /// Requests that moved to another token, by the reason.
@@ -95,14 +93,6 @@ pub struct Metrics {
     pub token_failures: IntCounterVec,
     /// Tokens per tier and state.
     pub tokens: IntGaugeVec,
-    /// 1 when a token is usable.
-    pub token_up: IntGaugeVec,
-    /// 1 for each token's current state (and reason): per-token alerts
-    /// (revoked, disabled) need the state itself, not a counter that may
-    /// have moved before the first scrape. An addition to DESIGN §6.
-    pub token_state: IntGaugeVec,
-    /// When a token's access token expires.
-    pub access_expiry: GaugeVec,
     /// Refresh calls by outcome.
     pub refreshes: IntCounterVec,
     /// Refresh call latency.
@@ -163,7 +153,6 @@ impl Metrics {
                     .map(|_| OnceLock::new())
                     .collect(),
             },
-            scrape: Mutex::new(()),
             requests: reg!(IntCounterVec::new(
                 opts("requests_total", "Client requests by outcome."),
                 &["outcome"]
@@ -177,10 +166,6 @@ impl Metrics {
                 "inflight_requests",
                 "Client requests being served, streams included."
             ))),
-            selections: reg!(IntCounterVec::new(
-                opts("selections_total", "Tokens picked for a request."),
-                &["tier", "token"]
-            )),
             tier_fallbacks: reg!(IntCounterVec::new(
                 opts(
                     "tier_fallbacks_total",
@@ -205,24 +190,6 @@ impl Metrics {
             tokens: reg!(IntGaugeVec::new(
                 opts("tokens", "Tokens per tier and state."),
                 &["tier", "state"]
-            )),
-            token_up: reg!(IntGaugeVec::new(
-                opts("token_up", "1 when the token is in rotation, else 0."),
-                &["tier", "token"]
-            )),
-            token_state: reg!(IntGaugeVec::new(
-                opts(
-                    "token_state",
-                    "1 for the token's current state; reason says why it is not active."
-                ),
-                &["tier", "token", "state", "reason"]
-            )),
-            access_expiry: reg!(GaugeVec::new(
-                opts(
-                    "token_access_expiry_timestamp_seconds",
-                    "Unix time when the token's access token expires."
-                ),
-                &["tier", "token"]
             )),
             refreshes: reg!(IntCounterVec::new(
                 opts("refreshes_total", "Refresh calls by outcome."),
@@ -362,67 +329,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Sets the gauges computed from the pool's state. Per-token gauges are
-    /// rebuilt, so removed tokens disappear.
-    pub fn observe_pool(&self, pool: &Pool) {
-        let _one_scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        let mut counts = [[0i64; 4]; 3];
-        self.token_up.reset();
-        self.token_state.reset();
-        self.access_expiry.reset();
-        for token in pool.tokens() {
-            let s = token.snapshot();
-            let tier_i = Tier::ALL.iter().position(|&t| t == s.tier).unwrap_or(0);
-            let state_i = TokenState::ALL
-                .iter()
-                .position(|&x| x == s.state)
-                .unwrap_or(0);
-            counts[tier_i][state_i] += 1;
-            let labels = [s.tier.as_str(), &*s.name];
-            let picks = self.selections.with_label_values(&labels);
-            // The series restarts with the token: a token whose secret
-            // changed is a new token, and its old series was deleted.
-            picks.inc_by(token.requests().saturating_sub(picks.get()));
-            self.token_up
-                .with_label_values(&labels)
-                .set(i64::from(s.state == TokenState::Active));
-            self.token_state
-                .with_label_values(&[
-                    s.tier.as_str(),
-                    &*s.name,
-                    s.state.as_str(),
-                    s.reason.map_or("", |r| r.as_str()),
-                ])
-                .set(1);
-            if let Some(at) = s.access_token_expires_at {
-                let secs = at
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64());
-                self.access_expiry.with_label_values(&labels).set(secs);
-            }
-        }
-        for (ti, tier) in Tier::ALL.iter().enumerate() {
-            for (si, state) in TokenState::ALL.iter().enumerate() {
-                self.tokens
-                    .with_label_values(&[tier.as_str(), state.as_str()])
-                    .set(counts[ti][si]);
-            }
-        }
-    }
-
-    /// Deletes every per-token series of a token that left the pool.
+    /// Deletes every per-token series of a token that left the pool (the
+    /// per-token families built at scrape time need nothing deleted).
     pub fn forget_token(&self, tier: Tier, token: &str) {
-        let _ = self.selections.remove_label_values(&[tier.as_str(), token]);
         for reason in Reason::METRIC {
             let _ =
                 self.token_failures
                     .remove_label_values(&[tier.as_str(), token, reason.as_str()]);
         }
-        let _ = self.token_up.remove_label_values(&[tier.as_str(), token]);
-        // token_state is rebuilt on every scrape; nothing to remove here.
-        let _ = self
-            .access_expiry
-            .remove_label_values(&[tier.as_str(), token]);
     }
 
     /// Records the result of a config load or reload.
@@ -440,13 +354,128 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every metric.
-    pub fn render(&self) -> Vec<u8> {
+    /// The text exposition of every metric, with the per-token and
+    /// per-state families computed from `pool` now.
+    ///
+    /// Per-token families are built for the scrape and dropped after it
+    /// rather than kept as registered series: a series costs about 500
+    /// bytes for as long as it lives, and a token has four of them. Removed
+    /// tokens disappear from the next scrape by themselves.
+    pub fn render(&self, pool: &Pool) -> Vec<u8> {
+        let snapshots: Vec<Snapshot> = pool.tokens().iter().map(|t| t.snapshot()).collect();
+        let counts = StateCounts::of(&snapshots);
+        for tier in Tier::ALL {
+            for state in TokenState::ALL {
+                self.tokens
+                    .with_label_values(&[tier.as_str(), state.as_str()])
+                    .set(counts.get(tier, state) as i64);
+            }
+        }
+        let mut families = self.registry.gather();
+        families.extend(token_families(pool, &snapshots));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let _ = TextEncoder::new().encode(&families, &mut out);
         out
     }
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(format!("tokenpool_{name}"));
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut g = ProtoGauge::default();
+    g.set_value(value);
+    let mut m = Metric::from_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+/// The per-token families of `pool`, from `snapshots` (one per token, in
+/// pool order).
+fn token_families(pool: &Pool, snapshots: &[Snapshot]) -> Vec<MetricFamily> {
+    let n = snapshots.len();
+    let (mut picks, mut up, mut state, mut expiry) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::new(),
+    );
+    for (token, s) in pool.tokens().iter().zip(snapshots) {
+        let tier = s.tier.as_str();
+        let base = || vec![label("tier", tier), label("token", &s.name)];
+        let mut c = ProtoCounter::default();
+        c.set_value(token.requests() as f64);
+        let mut m = Metric::from_label(base());
+        m.set_counter(c);
+        picks.push(m);
+        up.push(gauge(
+            base(),
+            f64::from(u8::from(s.state == TokenState::Active)),
+        ));
+        // Labels in name order, as the registry's own series have them.
+        let labels = vec![
+            label("reason", s.reason.map_or("", |r| r.as_str())),
+            label("state", s.state.as_str()),
+            label("tier", tier),
+            label("token", &s.name),
+        ];
+        state.push(gauge(labels, 1.0));
+        if let Some(at) = s.access_token_expires_at {
+            let secs = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            expiry.push(gauge(base(), secs));
+        }
+    }
+    let mut out = vec![
+        family(
+            "selections_total",
+            "Tokens picked for a request.",
+            MetricType::COUNTER,
+            picks,
+        ),
+        family(
+            "token_up",
+            "1 when the token is in rotation, else 0.",
+            MetricType::GAUGE,
+            up,
+        ),
+        // 1 for each token's current state (and reason): per-token alerts
+        // (revoked, disabled) need the state itself, not a counter that may
+        // have moved before the first scrape. An addition to DESIGN §6.
+        family(
+            "token_state",
+            "1 for the token's current state; reason says why it is not active.",
+            MetricType::GAUGE,
+            state,
+        ),
+    ];
+    if !expiry.is_empty() {
+        out.push(family(
+            "token_access_expiry_timestamp_seconds",
+            "Unix time when the token's access token expires.",
+            MetricType::GAUGE,
+            expiry,
+        ));
+    }
+    // An empty family is not valid exposition.
+    out.retain(|f| !f.get_metric().is_empty());
+    out
 }
 
 impl Default for Metrics {

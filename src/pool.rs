@@ -9,7 +9,9 @@
 
 pub mod token;
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,19 +107,55 @@ fn doubled(base: Duration, level: u32, cap: Duration) -> Duration {
         .min(cap)
 }
 
-/// The tokens of one tier and its round-robin cursor.
+/// A value alone on its cache line (128 bytes: the line pair adjacent-line
+/// prefetchers fetch together), so that writes to its neighbours do not
+/// invalidate it in other cores' caches.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// This thread's stripe number. Each thread walks a tier with the cursor of
+/// its stripe, so threads picking at the same time do not fight over one
+/// cursor's cache line. On one thread (the proxy's runtime on one core)
+/// this is plain round-robin.
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        s.get()
+    })
+}
+
+/// Round-robin cursors per tier, one per thread stripe.
+const CURSORS: usize = 4;
+
+/// The tokens of one tier and its round-robin cursors.
 #[derive(Debug)]
 struct TierTokens {
     tier: Tier,
     tokens: Vec<Arc<Token>>,
-    cursor: AtomicUsize,
+    /// Every cursor starts at the first token: a pick is deterministic for
+    /// whichever thread makes it.
+    cursors: [Padded<AtomicUsize>; CURSORS],
 }
 
 /// A token picked for a request.
 #[derive(Debug)]
-pub struct Selected {
-    /// The token.
-    pub token: Arc<Token>,
+pub struct Selected<'a> {
+    /// The token (borrowed from the pool: a pick touches no reference count).
+    pub token: &'a Arc<Token>,
     /// `(from, to)` when a lower tier was used because every token of the
     /// first tier with tokens was unavailable.
     pub fallback: Option<(Tier, Tier)>,
@@ -167,7 +205,7 @@ impl Pool {
             .map(|&tier| TierTokens {
                 tier,
                 tokens: all.iter().filter(|t| t.tier() == tier).cloned().collect(),
-                cursor: AtomicUsize::new(0),
+                cursors: Default::default(),
             })
             .collect();
         Pool {
@@ -224,12 +262,16 @@ impl Pool {
     }
 
     /// Picks a token for a request, skipping those in `tried`.
+    pub fn select(&self, tried: &[&Arc<Token>]) -> Option<Selected<'_>> {
+        self.select_at(tried, Instant::now())
+    }
+
+    /// Picks a token for a request at `now`, skipping `tried`.
     ///
     /// Walks the tiers in order and takes the first tier with an available
     /// token, round-robin inside it. A token is available when its gate has
     /// passed and it has, or can get, an access token.
-    pub fn select(&self, tried: &[Arc<Token>]) -> Option<Selected> {
-        let now = Instant::now();
+    pub fn select_at(&self, tried: &[&Arc<Token>], now: Instant) -> Option<Selected<'_>> {
         let now_ms = self.clock.millis(now);
         // While the refresh endpoint is backing off, a token without a valid
         // access token cannot get one.
@@ -241,7 +283,7 @@ impl Pool {
                 continue;
             }
             first_tier.get_or_insert(tier.tier);
-            let start = tier.cursor.fetch_add(1, Ordering::Relaxed) % n;
+            let start = tier.cursors[stripe() % CURSORS].fetch_add(1, Ordering::Relaxed) % n;
             for i in 0..n {
                 let idx = if start + i >= n {
                     start + i - n
@@ -259,10 +301,7 @@ impl Pool {
                     let fallback = first_tier
                         .filter(|&first| first != tier.tier)
                         .map(|first| (first, tier.tier));
-                    return Some(Selected {
-                        token: Arc::clone(token),
-                        fallback,
-                    });
+                    return Some(Selected { token, fallback });
                 }
             }
         }
@@ -297,21 +336,48 @@ impl Pool {
             .any(|t| t.due_ms().is_some_and(|d| d <= now_ms))
     }
 
-    /// Token counts per tier and effective state.
-    pub fn state_counts(&self) -> Vec<(Tier, TokenState, usize)> {
+    /// Token counts per tier and effective state, now.
+    pub fn state_counts(&self) -> StateCounts {
         let snapshots: Vec<Snapshot> = self.tokens.iter().map(|t| t.snapshot()).collect();
-        let mut out = Vec::with_capacity(Tier::ALL.len() * TokenState::ALL.len());
-        for tier in Tier::ALL {
-            for state in TokenState::ALL {
-                let n = snapshots
-                    .iter()
-                    .filter(|s| s.tier == tier && s.state == state)
-                    .count();
-                out.push((tier, state, n));
-            }
-        }
-        out
+        StateCounts::of(&snapshots)
     }
+}
+
+/// Token counts by tier and state: the one count behind `tokenpool_tokens`,
+/// `/admin/pool` and `/readyz`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateCounts([[usize; TokenState::ALL.len()]; Tier::ALL.len()]);
+
+impl StateCounts {
+    /// Counts `snapshots` by tier and state.
+    pub fn of(snapshots: &[Snapshot]) -> StateCounts {
+        let mut counts = StateCounts::default();
+        for s in snapshots {
+            counts.0[tier_index(s.tier)][state_index(s.state)] += 1;
+        }
+        counts
+    }
+
+    /// Tokens of `tier` in `state`.
+    pub fn get(&self, tier: Tier, state: TokenState) -> usize {
+        self.0[tier_index(tier)][state_index(state)]
+    }
+
+    /// Tokens in `state`, all tiers together.
+    pub fn in_state(&self, state: TokenState) -> usize {
+        Tier::ALL.iter().map(|&t| self.get(t, state)).sum()
+    }
+}
+
+fn tier_index(tier: Tier) -> usize {
+    Tier::ALL.iter().position(|&t| t == tier).unwrap_or(0)
+}
+
+fn state_index(state: TokenState) -> usize {
+    TokenState::ALL
+        .iter()
+        .position(|&s| s == state)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

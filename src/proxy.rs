@@ -197,7 +197,7 @@ async fn forward(
     let headers = generation.upstream.request_headers(&parts.headers);
     let pool = &generation.pool;
     let max_attempts = config.pool.max_attempts as usize;
-    let mut tried: Vec<Arc<Token>> = Vec::with_capacity(max_attempts);
+    let mut tried: Vec<&Arc<Token>> = Vec::with_capacity(max_attempts);
     let mut last_answer: Option<Response<Bytes>> = None;
     while tried.len() < max_attempts {
         let Some(selected) = pool.select(&tried) else {
@@ -211,7 +211,7 @@ async fn forward(
                 .with_label_values(&[from.as_str(), to.as_str()])
                 .inc();
         }
-        match attempt(metrics, generation, &token, &parts, &headers, &body).await? {
+        match attempt(metrics, generation, token, &parts, &headers, &body).await? {
             Attempt::Done(response) => return Ok(response),
             Attempt::Failover { reason, answer } => {
                 tracing::debug!(

@@ -101,12 +101,9 @@ async fn tried_tokens_are_skipped() {
     let a = Arc::clone(pool.get("a").unwrap());
     let b = Arc::clone(pool.get("b").unwrap());
     for _ in 0..4 {
-        assert_eq!(
-            pool.select(std::slice::from_ref(&a)).unwrap().token.name(),
-            "b"
-        );
+        assert_eq!(pool.select(&[&a]).unwrap().token.name(), "b");
     }
-    assert_eq!(pool.select(&[a, b]).unwrap().token.name(), "c");
+    assert_eq!(pool.select(&[&a, &b]).unwrap().token.name(), "c");
 }
 
 /// One step of a state-machine scenario: do something to token "a" (or

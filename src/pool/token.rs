@@ -424,10 +424,13 @@ impl Token {
             .is_some_and(|rx| rx.borrow().is_none() && rx.has_changed().is_ok())
     }
 
-    /// Counts a pick (hot path: two relaxed atomics).
+    /// Counts a pick (hot path: one relaxed add, and a store at most once
+    /// per millisecond).
     fn note_pick(&self, now_ms: u64) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.last_used_ms.store(now_ms, Ordering::Relaxed);
+        if self.last_used_ms.load(Ordering::Relaxed) != now_ms {
+            self.last_used_ms.store(now_ms, Ordering::Relaxed);
+        }
     }
 
     /// Requests this token was picked for.
