@@ -9,12 +9,16 @@
 # stays on 127.0.0.1; every run is bounded by DURATION and the script stops
 # everything it started.
 #
-#   bash benches/load.sh            # 10 s per run
-#   DURATION=30s bash benches/load.sh
+# Runs alternate between the two proxies ROUNDS times; the summary gives
+# the median of each column, since a shared VM's runs vary by ±25%.
+#
+#   bash benches/load.sh            # 10 s per run, 3 rounds
+#   DURATION=30s ROUNDS=5 bash benches/load.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
 LOAD_CORE=${LOAD_CORE:-0}
 PROXY_CORE=${PROXY_CORE:-1}
 
@@ -138,7 +142,7 @@ wait_http "http://127.0.0.1:$TP_ADMIN/healthz"
 sleep 0.3
 NGINX_WORKER_PID=$(pgrep -P "$NGINX_PROXY_PID" | head -1)
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 CLK_TCK=$(getconf CLK_TCK)
 
 # run NAME KIND PID URL CONNECTIONS -> prints one table row
@@ -155,45 +159,57 @@ run() {
   fi
   # Warm up keep-alive pools, then measure.
   taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d2s -s "$lua" "$url" >/dev/null 2>&1 || true
-  local before after out
-  before=$(cpu_ticks "$pid")
+  local u1 s1 u2 s2 out
+  read -r u1 s1 < <(cpu_ticks "$pid")
   out=$(taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d"$DURATION" --latency -s "$lua" "$url")
-  after=$(cpu_ticks "$pid")
-  python3 - "$name" "$kind" "$conns" "$((after - before))" "$CLK_TCK" "$out" <<'PY'
+  read -r u2 s2 < <(cpu_ticks "$pid")
+  python3 - "$name" "$kind" "$conns" "$((u2 - u1))" "$((s2 - s1))" "$CLK_TCK" "$out" <<'PY'
 import re, sys
-name, kind, conns, ticks, clk, out = sys.argv[1:7]
+name, kind, conns, user, system, clk, out = sys.argv[1:8]
 if "requests in" not in out:
     sys.exit(f"wrk gave no result for {name} {kind} {conns}:\n{out}")
 def dur(s):
-    m = re.match(r"([\d.]+)(us|ms|s)", s)
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", s)
+    if not m:
+        sys.exit(f"wrk printed a latency load.sh cannot read ({s!r}) for {name} {kind} {conns}:\n{out}")
     v, u = float(m.group(1)), m.group(2)
-    return v * {"us": 1, "ms": 1e3, "s": 1e6}[u]
+    return v * {"us": 1, "ms": 1e3, "s": 1e6, "m": 60e6}[u]
 reqs = int(re.search(r"(\d+) requests in", out).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 p50 = dur(re.search(r"50%\s+(\S+)", out).group(1))
 p99 = dur(re.search(r"99%\s+(\S+)", out).group(1))
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-cpu_us = int(ticks) / int(clk) * 1e6 / max(reqs, 1)
-print(f"{name:<10} {kind:<5} {conns:>4} {rps:>10.0f} {p50:>9.0f} {p99:>9.0f} {cpu_us:>10.1f}  {errors.group(1) + ' non-2xx' if errors else ''}")
+per_req = lambda ticks: int(ticks) / int(clk) * 1e6 / max(reqs, 1)
+user_us, sys_us = per_req(user), per_req(system)
+print(f"{name:<10} {kind:<5} {conns:>4} {rps:>10.0f} {p50:>9.0f} {p99:>9.0f} {user_us + sys_us:>10.1f} {user_us:>8.1f} {sys_us:>8.1f}  {errors.group(1) + ' non-2xx' if errors else ''}")
 PY
 }
 
-echo "# load.sh: $(nproc) cores, wrk + upstream on core $LOAD_CORE, proxy on core $PROXY_CORE, $DURATION per run"
-printf '%-10s %-5s %4s %10s %9s %9s %10s\n' proxy kind conn "req/s" "p50 µs" "p99 µs" "CPU µs/req"
-for conns in 64 1; do
-  run nginx json "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/chat" "$conns" | tee -a "$WORK/rows"
-  run tokenpool json "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/chat" "$conns" | tee -a "$WORK/rows"
+echo "# load.sh: $(nproc) cores, wrk + upstream on core $LOAD_CORE, proxy on core $PROXY_CORE, $DURATION per run, $ROUNDS rounds"
+printf '%-10s %-5s %4s %10s %9s %9s %10s %8s %8s\n' proxy kind conn "req/s" "p50 µs" "p99 µs" "CPU µs/req" "user" "sys"
+for round in $(seq "$ROUNDS"); do
+  for conns in 64 1; do
+    run nginx json "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/chat" "$conns" | tee -a "$WORK/rows"
+    run tokenpool json "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/chat" "$conns" | tee -a "$WORK/rows"
+  done
+  run nginx sse "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/stream" 64 | tee -a "$WORK/rows"
+  run tokenpool sse "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/stream" 64 | tee -a "$WORK/rows"
 done
-run nginx sse "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/stream" 64 | tee -a "$WORK/rows"
-run tokenpool sse "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/stream" 64 | tee -a "$WORK/rows"
 
 python3 - "$WORK/rows" <<'PY'
-import sys
+import statistics, sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-by = {(r[0], r[1], r[2]): r for r in rows}
-print("\nratio tokenpool / nginx (req/s higher is better; p99 and CPU lower is better)")
+by = {}
+for r in rows:
+    by.setdefault((r[0], r[1], r[2]), []).append([float(x) for x in r[3:9]])
+med = {k: [statistics.median(col) for col in zip(*v)] for k, v in by.items()}
+print("\nmedians of the rounds")
+print(f"{'proxy':<10} {'kind':<5} {'conn':>4} {'req/s':>10} {'p50 µs':>9} {'p99 µs':>9} {'CPU µs/req':>10} {'user':>8} {'sys':>8}")
+for (name, kind, conns), m in sorted(med.items(), key=lambda kv: (kv[0][1], -int(kv[0][2]), kv[0][0])):
+    print(f"{name:<10} {kind:<5} {conns:>4} {m[0]:>10.0f} {m[1]:>9.0f} {m[2]:>9.0f} {m[3]:>10.1f} {m[4]:>8.1f} {m[5]:>8.1f}")
+print("\nratio tokenpool / nginx, medians (req/s higher is better; p99 and CPU lower is better)")
 for (kind, conns) in [("json", "64"), ("json", "1"), ("sse", "64")]:
-    n, t = by.get(("nginx", kind, conns)), by.get(("tokenpool", kind, conns))
+    n, t = med.get(("nginx", kind, conns)), med.get(("tokenpool", kind, conns))
     if n and t:
-        print(f"  {kind:<5} {conns:>3} conns: req/s x{float(t[3]) / float(n[3]):.2f}   p99 x{float(t[5]) / max(float(n[5]), 1):.2f}   CPU/req x{float(t[6]) / max(float(n[6]), 0.001):.2f}")
+        print(f"  {kind:<5} {conns:>3} conns: req/s x{t[0] / n[0]:.2f}   p99 x{t[2] / max(n[2], 1):.2f}   CPU/req x{t[3] / max(n[3], 0.001):.2f} (user x{t[4] / max(n[4], 0.001):.2f}, sys x{t[5] / max(n[5], 0.001):.2f})")
 PY
