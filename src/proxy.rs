@@ -193,11 +193,10 @@ async fn forward(
         }
     };
 
-    // The client's headers as they go upstream; each attempt adds its bearer.
-    let headers = generation.upstream.request_headers(&parts.headers);
     let pool = &generation.pool;
     let max_attempts = config.pool.max_attempts as usize;
-    let mut tried: Vec<&Arc<Token>> = Vec::with_capacity(max_attempts);
+    // Allocated only when a request fails over.
+    let mut tried: Vec<&Arc<Token>> = Vec::new();
     let mut last_answer: Option<Response<Bytes>> = None;
     while tried.len() < max_attempts {
         let Some(selected) = pool.select(&tried) else {
@@ -211,7 +210,7 @@ async fn forward(
                 .with_label_values(&[from.as_str(), to.as_str()])
                 .inc();
         }
-        match attempt(metrics, generation, token, &parts, &headers, &body).await? {
+        match attempt(metrics, generation, token, &parts, &body).await? {
             Attempt::Done(response) => return Ok(response),
             Attempt::Failover { reason, answer } => {
                 tracing::debug!(
@@ -255,7 +254,6 @@ async fn attempt(
     generation: &Generation,
     token: &Arc<Token>,
     parts: &Parts,
-    headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Attempt, ProxyError> {
     let refresher = &generation.refresher;
@@ -276,7 +274,7 @@ async fn attempt(
     };
     let mut retried_unauthorized = false;
     loop {
-        let sent = send(metrics, generation, token, parts, headers, body, &access).await;
+        let sent = send(metrics, generation, token, parts, body, &access).await;
         let (response, lease) = match sent {
             Ok(sent) => sent,
             Err(e) => {
@@ -385,7 +383,6 @@ async fn send(
     generation: &Generation,
     token: &Token,
     parts: &Parts,
-    headers: &HeaderMap,
     body: &Bytes,
     access: &AccessToken,
 ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
@@ -393,7 +390,9 @@ async fn send(
     let mut bearer = HeaderValue::from_maybe_shared(access.header_bytes().clone())
         .map_err(|_| ProxyError::UpstreamUnreachable)?;
     bearer.set_sensitive(true);
-    let mut headers = headers.clone();
+    // Built for each send (the first is most often the only one): cheaper
+    // than building once and cloning for each.
+    let mut headers = upstream.request_headers(&parts.headers);
     headers.insert(header::AUTHORIZATION, bearer);
     let started = Instant::now();
     let sent = upstream.send(

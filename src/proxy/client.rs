@@ -278,7 +278,11 @@ impl UpstreamClient {
                 Some(s) => (Conn::H2(s), true),
                 None => match self.shared.take_idle() {
                     Some(s) => (Conn::H1(s), true),
-                    None => (self.connect().await?, false),
+                    // Boxed: opening a connection (TCP, TLS, HTTP/2
+                    // handshakes) is a future of several kilobytes that the
+                    // request's own future would otherwise carry, and copy,
+                    // on every request.
+                    None => (Box::pin(self.connect()).await?, false),
                 },
             };
             match conn {
