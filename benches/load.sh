@@ -176,8 +176,9 @@ def dur(s):
     return v * {"us": 1, "ms": 1e3, "s": 1e6, "m": 60e6}[u]
 reqs = int(re.search(r"(\d+) requests in", out).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-p50 = dur(re.search(r"50%\s+(\S+)", out).group(1))
-p99 = dur(re.search(r"99%\s+(\S+)", out).group(1))
+# The "Latency Distribution" lines; "74.50%" in the stats line is not one.
+p50 = dur(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+p99 = dur(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 per_req = lambda ticks: int(ticks) / int(clk) * 1e6 / max(reqs, 1)
 user_us, sys_us = per_req(user), per_req(system)
