@@ -7,7 +7,8 @@
 //! and ends by storing the new gate.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -228,6 +229,50 @@ pub struct Token {
     access: ArcSwapOption<AccessToken>,
     flight: Mutex<Option<Flight>>,
     inner: Mutex<Inner>,
+    /// Whether a success would change nothing in `inner` (see
+    /// [`Inner::success_is_noop`]); kept by [`InnerGuard`] on every release
+    /// of the lock, so that the usual report — a success on a healthy
+    /// token — takes no lock.
+    clean: AtomicBool,
+}
+
+/// The lock on a token's [`Inner`]. Releasing it records whether a success
+/// would be a no-op.
+struct InnerGuard<'a> {
+    inner: MutexGuard<'a, Inner>,
+    clean: &'a AtomicBool,
+}
+
+impl Deref for InnerGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl DerefMut for InnerGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.inner
+    }
+}
+
+impl Drop for InnerGuard<'_> {
+    fn drop(&mut self) {
+        self.clean
+            .store(self.inner.success_is_noop(), Ordering::Release);
+    }
+}
+
+impl Inner {
+    /// Whether `report(Success)` would change nothing: an active token with
+    /// no failure, quota level, error or trial to clear.
+    fn success_is_noop(&self) -> bool {
+        self.state == TokenState::Active
+            && !self.trial
+            && self.consecutive_failures == 0
+            && self.quota_level == 0
+            && self.last_error.is_none()
+    }
 }
 
 impl fmt::Debug for Token {
@@ -302,6 +347,7 @@ impl Token {
             dirty: std::sync::atomic::AtomicBool::new(false),
             access: ArcSwapOption::empty(),
             flight: Mutex::new(None),
+            clean: AtomicBool::new(true),
             inner: Mutex::new(Inner {
                 state: TokenState::Active,
                 reason: None,
@@ -339,9 +385,12 @@ impl Token {
         *self.name == *config.name && self.tier == config.tier && self.configured == config.secret
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> InnerGuard<'_> {
         // A panic while holding the lock leaves plain data behind; keep serving.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        InnerGuard {
+            inner: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
+            clean: &self.clean,
+        }
     }
 
     /// The refresh token to send: the rotated one if there is one.
@@ -508,6 +557,10 @@ impl Token {
 
     /// Applies what happened on a request or refresh; returns the new state.
     pub fn report(&self, outcome: Outcome, settings: &PoolSettings) -> TokenState {
+        if matches!(outcome, Outcome::Success) && self.clean.load(Ordering::Acquire) {
+            // Nothing to clear: the common case takes no lock.
+            return TokenState::Active;
+        }
         let now = Instant::now();
         let mut inner = self.lock();
         let before = persisted(&inner);
