@@ -95,8 +95,9 @@ pub struct Config {
     pub state: StateConfig,
     /// Every token, file tokens first, then environment tokens.
     pub tokens: Vec<TokenConfig>,
-    /// Files named by `{ file = … }` secrets, so the watcher can follow them.
-    pub secret_files: Vec<PathBuf>,
+    /// Files the config reads besides itself (`{ file = … }` secrets and
+    /// `[upstream] ca_file`), so the watcher can follow them.
+    pub read_files: Vec<PathBuf>,
 }
 
 /// `[server]`.
@@ -957,14 +958,19 @@ impl Builder<'_> {
 
         // [[tokens]]
         let mut tokens = Vec::new();
-        let mut secret_files = Vec::new();
+        let mut read_files: Vec<PathBuf> = raw
+            .upstream
+            .ca_file
+            .iter()
+            .map(|f| self.base.join(f.get_ref()))
+            .collect();
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut secrets: HashSet<Secret> = HashSet::new();
         for entry in &raw.tokens {
             let t = entry.get_ref();
             let secret = self.secret(&t.token)?;
             if let Some(file) = t.token.get_ref().file(self.base) {
-                secret_files.push(file);
+                read_files.push(file);
             }
             let name = match &t.name {
                 Some(name) => {
@@ -1033,7 +1039,7 @@ impl Builder<'_> {
             pool,
             state,
             tokens,
-            secret_files,
+            read_files,
         })
     }
 }

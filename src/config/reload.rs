@@ -2,7 +2,8 @@
 //! file — so in-place writes, editors' write-then-rename, delete and
 //! re-create, and Kubernetes ConfigMap/Secret volumes (a `..data` symlink
 //! swapped to a new `..<timestamp>` folder) are all seen. Folders of
-//! `{ file = … }` secrets are watched the same way. A burst of events
+//! `{ file = … }` secrets and of `[upstream] ca_file` are watched the
+//! same way. A burst of events
 //! becomes one reload.
 //!
 //! What a reload does is [`crate::app::App::reload`]; this module only
@@ -30,9 +31,9 @@ struct Targets {
     names: HashSet<OsString>,
 }
 
-fn targets(config_path: &Path, secret_files: &[PathBuf]) -> Targets {
+fn targets(config_path: &Path, read_files: &[PathBuf]) -> Targets {
     let mut t = Targets::default();
-    for file in std::iter::once(config_path).chain(secret_files.iter().map(PathBuf::as_path)) {
+    for file in std::iter::once(config_path).chain(read_files.iter().map(PathBuf::as_path)) {
         let dir = match file.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -71,8 +72,8 @@ pub fn spawn_watcher(app: Arc<App>, mut shutdown: Shutdown) -> Option<tokio::tas
         }
     };
     let mut current = Targets::default();
-    let mut update = move |watcher: &mut notify::RecommendedWatcher, secret_files: &[PathBuf]| {
-        let wanted = targets(&config_path, secret_files);
+    let mut update = move |watcher: &mut notify::RecommendedWatcher, read_files: &[PathBuf]| {
+        let wanted = targets(&config_path, read_files);
         for dir in current.dirs.difference(&wanted.dirs) {
             let _ = watcher.unwatch(dir);
         }
@@ -85,7 +86,7 @@ pub fn spawn_watcher(app: Arc<App>, mut shutdown: Shutdown) -> Option<tokio::tas
         current = wanted;
         current.names.clone()
     };
-    let mut names = update(&mut watcher, &app.current().config.secret_files);
+    let mut names = update(&mut watcher, &app.current().config.read_files);
     Some(tokio::spawn(async move {
         loop {
             let first = tokio::select! {
@@ -112,7 +113,7 @@ pub fn spawn_watcher(app: Arc<App>, mut shutdown: Shutdown) -> Option<tokio::tas
             tracing::info!("config change seen; reloading");
             let reloading = Arc::clone(&app);
             if let Ok(Ok(_)) = tokio::task::spawn_blocking(move || reloading.reload()).await {
-                names = update(&mut watcher, &app.current().config.secret_files);
+                names = update(&mut watcher, &app.current().config.read_files);
             }
         }
     }))

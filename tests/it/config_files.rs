@@ -60,7 +60,7 @@ fn valid_fixtures_load() {
     assert_eq!(c.tokens[1].secret.expose(), "rt-bob-from-env");
     assert_eq!(c.tokens[1].tier, Tier::Shared);
     assert_eq!(c.server.api_keys.len(), 2);
-    assert_eq!(c.secret_files.len(), 1);
+    assert_eq!(c.read_files.len(), 1);
 }
 
 #[test]

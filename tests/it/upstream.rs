@@ -1,12 +1,14 @@
 //! The upstream connection pool: keep-alive reuse, connections the
 //! upstream closes, and https upstreams (HTTP/1.1 and HTTP/2 by ALPN)
-//! behind a private CA given by `[upstream] ca_file`.
+//! behind a private CA given by `[upstream] ca_file`, which is watched
+//! like the config itself.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokenpool::sim::Sim;
 
-use crate::harness::{Proxy, CLIENT_KEY};
+use crate::harness::{eventually, metric, Proxy, CLIENT_KEY};
 
 fn tls_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -166,4 +168,44 @@ async fn a_ca_file_without_certificates_is_a_config_error() {
         "{text}"
     );
     assert!(text.contains(":9:"), "the error points at the line: {text}");
+}
+
+#[tokio::test]
+async fn an_edited_ca_file_is_reloaded_and_a_broken_one_changes_nothing() {
+    let cert = std::fs::read(tls_fixture("server.pem")).unwrap();
+    let key = std::fs::read(tls_fixture("server.key")).unwrap();
+    let sim = Sim::start_tls(&cert, &key, &[b"http/1.1"]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("upstream-ca.pem");
+    std::fs::copy(tls_fixture("ca.pem"), &ca).unwrap();
+    let config = static_config(dir.path(), &sim.url(), "ca_file = \"upstream-ca.pem\"");
+    let p = Proxy::start(&config).await;
+    assert_eq!(post(&p, "/echo").await.0, 200);
+
+    // The watcher follows the CA file: a broken one is refused and the
+    // running generation keeps its pool and its trust.
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    eventually(
+        "the broken CA file is refused",
+        Duration::from_secs(10),
+        || async {
+            metric(
+                &p.metrics().await,
+                "tokenpool_config_reloads_total{result=\"failure\"}",
+            ) >= 1.0
+        },
+    )
+    .await;
+    assert_eq!(p.app.current().id, 1);
+    assert_eq!(post(&p, "/echo").await.0, 200);
+
+    std::fs::copy(tls_fixture("ca.pem"), &ca).unwrap();
+    eventually(
+        "the fixed CA file is loaded",
+        Duration::from_secs(10),
+        || async { p.app.current().id >= 2 },
+    )
+    .await;
+    assert_eq!(post(&p, "/echo").await.0, 200);
+    p.stop().await;
 }
