@@ -225,28 +225,11 @@ impl App {
                     Arc::clone(&self.metrics),
                     self.state.clone(),
                 )
-                .map_err(|e| ConfigError {
-                    file: config
-                        .path
-                        .as_ref()
-                        .map_or_else(|| "<env>".into(), |p| p.display().to_string()),
-                    position: None,
-                    message: format!("cannot build the refresh client: {e}"),
-                })?,
+                .map_err(|e| config.error(format!("cannot build the refresh client: {e}")))?,
             )
         };
-        let upstream = Upstream::new(
-            &config.upstream,
-            Some((&old.upstream, &old.config.upstream)),
-        )
-        .map_err(|e| ConfigError {
-            file: config
-                .path
-                .as_ref()
-                .map_or_else(|| "<env>".into(), |p| p.display().to_string()),
-            position: None,
-            message: format!("cannot build the upstream client: {e}"),
-        })?;
+        let upstream = Upstream::new(&config.upstream, Some(&old.upstream))
+            .map_err(|e| config.error(format!("cannot build the upstream client: {e}")))?;
         let pool = Arc::new(Pool::new(
             &config.pool,
             &config.tokens,

@@ -37,6 +37,15 @@ impl Tier {
     /// All tiers, in the default order.
     pub const ALL: [Tier; 3] = [Tier::Personal, Tier::Shared, Tier::Anonymous];
 
+    /// Its place in [`Tier::ALL`], for tables indexed by tier.
+    pub fn index(self) -> usize {
+        match self {
+            Tier::Personal => 0,
+            Tier::Shared => 1,
+            Tier::Anonymous => 2,
+        }
+    }
+
     /// The name used in the config, metrics and the admin API.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -248,7 +257,22 @@ const DEFAULT_UPSTREAM: &str = "https://app.warp.dev";
 const DEFAULT_FIREBASE_URL: &str = "https://app.warp.dev/proxy/token";
 const DEFAULT_QUOTA_PATTERN: &str = "(?i)no remaining quota|insufficient_quota|quota exceeded";
 
+/// How errors name a config: its path, or `<env>` in env-only mode.
+fn file_label(path: Option<&Path>) -> String {
+    path.map_or_else(|| "<env>".to_string(), |p| p.display().to_string())
+}
+
 impl Config {
+    /// An error about this configuration as a whole (no place in the file),
+    /// such as a client that cannot be built from it.
+    pub fn error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file_label(self.path.as_deref()),
+            position: None,
+            message: message.into(),
+        }
+    }
+
     /// Reads and validates a config file, adding environment tokens (§4.3).
     pub fn load(path: &Path, env: EnvLookup) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
@@ -282,7 +306,7 @@ impl Config {
     /// Parses and validates config text. `path` locates errors and anchors
     /// relative paths; `None` means env-only mode.
     pub fn parse(text: &str, path: Option<&Path>, env: EnvLookup) -> Result<Config, ConfigError> {
-        let file = path.map_or_else(|| "<env>".to_string(), |p| p.display().to_string());
+        let file = file_label(path);
         let located = |span: Option<Range<usize>>, message: String| ConfigError {
             file: file.clone(),
             position: span.map(|s| line_col(text, s.start)),

@@ -71,10 +71,6 @@ const OUTCOMES: [&str; 5] = [
     outcome::REJECTED,
 ];
 
-fn tier_index(tier: Tier) -> usize {
-    Tier::ALL.iter().position(|&t| t == tier).unwrap_or(0)
-}
-
 /// The registry and every metric family.
 pub struct Metrics {
     registry: Registry,
@@ -298,7 +294,7 @@ impl Metrics {
 
     /// Counts an upstream answer of `tier`'s token and its time to headers.
     pub fn upstream_answer(&self, tier: Tier, status: http::StatusCode, elapsed: Duration) {
-        let t = tier_index(tier);
+        let t = tier.index();
         self.hot.upstream_response[t].observe(elapsed.as_secs_f64());
         let code = usize::from(status.as_u16());
         if code < CACHED_CODES {

@@ -262,16 +262,12 @@ impl Pool {
     }
 
     /// Picks a token for a request, skipping those in `tried`.
-    pub fn select(&self, tried: &[&Arc<Token>]) -> Option<Selected<'_>> {
-        self.select_at(tried, Instant::now())
-    }
-
-    /// Picks a token for a request at `now`, skipping `tried`.
     ///
     /// Walks the tiers in order and takes the first tier with an available
     /// token, round-robin inside it. A token is available when its gate has
     /// passed and it has, or can get, an access token.
-    pub fn select_at(&self, tried: &[&Arc<Token>], now: Instant) -> Option<Selected<'_>> {
+    pub fn select(&self, tried: &[&Arc<Token>]) -> Option<Selected<'_>> {
+        let now = Instant::now();
         let now_ms = self.clock.millis(now);
         // While the refresh endpoint is backing off, a token without a valid
         // access token cannot get one.
@@ -353,31 +349,20 @@ impl StateCounts {
     pub fn of(snapshots: &[Snapshot]) -> StateCounts {
         let mut counts = StateCounts::default();
         for s in snapshots {
-            counts.0[tier_index(s.tier)][state_index(s.state)] += 1;
+            counts.0[s.tier.index()][s.state.index()] += 1;
         }
         counts
     }
 
     /// Tokens of `tier` in `state`.
     pub fn get(&self, tier: Tier, state: TokenState) -> usize {
-        self.0[tier_index(tier)][state_index(state)]
+        self.0[tier.index()][state.index()]
     }
 
     /// Tokens in `state`, all tiers together.
     pub fn in_state(&self, state: TokenState) -> usize {
         Tier::ALL.iter().map(|&t| self.get(t, state)).sum()
     }
-}
-
-fn tier_index(tier: Tier) -> usize {
-    Tier::ALL.iter().position(|&t| t == tier).unwrap_or(0)
-}
-
-fn state_index(state: TokenState) -> usize {
-    TokenState::ALL
-        .iter()
-        .position(|&s| s == state)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

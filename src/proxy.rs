@@ -387,9 +387,10 @@ async fn send(
     access: &AccessToken,
 ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
     let upstream = &generation.upstream;
-    let mut bearer = HeaderValue::from_maybe_shared(access.header_bytes().clone())
-        .map_err(|_| ProxyError::UpstreamUnreachable)?;
-    bearer.set_sensitive(true);
+    let bearer = access
+        .header()
+        .cloned()
+        .ok_or(ProxyError::UpstreamUnreachable)?;
     // Built for each send (the first is most often the only one): cheaper
     // than building once and cloning for each.
     let mut headers = upstream.request_headers(&parts.headers);

@@ -486,6 +486,20 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     r
 }
 
+/// The refresh endpoint's 429, Firebase-style, with `Retry-After` if given.
+fn too_many_attempts(retry_after: Option<u64>) -> SimResponse {
+    let mut r = respond(
+        StatusCode::TOO_MANY_REQUESTS,
+        "application/json",
+        r#"{"error":{"code":429,"message":"TOO_MANY_ATTEMPTS_TRY_LATER"}}"#,
+    );
+    if let Some(s) = retry_after {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    r
+}
+
 fn sse_event(n: usize) -> Bytes {
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("event-{n}"));
     Bytes::from(format!("data: {payload}\n\n"))
@@ -552,18 +566,7 @@ impl SimState {
             RefreshMode::Down => {
                 return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "unavailable")
             }
-            RefreshMode::RateLimited(retry_after) => {
-                let mut r = respond(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "application/json",
-                    r#"{"error":{"code":429,"message":"TOO_MANY_ATTEMPTS_TRY_LATER"}}"#,
-                );
-                if let Some(s) = retry_after {
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from(s));
-                }
-                return r;
-            }
+            RefreshMode::RateLimited(retry_after) => return too_many_attempts(retry_after),
             RefreshMode::Slow(d) => tokio::time::sleep(d).await,
             RefreshMode::Garbage => {
                 return respond(StatusCode::OK, "text/html", "<html>oops</html>")
@@ -609,18 +612,7 @@ impl SimState {
             RefreshBehaviour::ServerError => {
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "unavailable")
             }
-            RefreshBehaviour::RateLimited(retry_after) => {
-                let mut r = respond(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "application/json",
-                    r#"{"error":{"code":429,"message":"TOO_MANY_ATTEMPTS_TRY_LATER"}}"#,
-                );
-                if let Some(s) = retry_after {
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from(s));
-                }
-                r
-            }
+            RefreshBehaviour::RateLimited(retry_after) => too_many_attempts(retry_after),
             behaviour => {
                 if behaviour == RefreshBehaviour::Rotate {
                     account.rotations += 1;

@@ -511,3 +511,13 @@ proptest! {
         })?;
     }
 }
+
+#[test]
+fn indexes_follow_the_all_lists() {
+    for (i, tier) in Tier::ALL.iter().enumerate() {
+        assert_eq!(tier.index(), i);
+    }
+    for (i, state) in TokenState::ALL.iter().enumerate() {
+        assert_eq!(state.index(), i);
+    }
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use http::HeaderValue;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -47,6 +48,16 @@ impl TokenState {
         TokenState::Disabled,
         TokenState::Revoked,
     ];
+
+    /// Its place in [`TokenState::ALL`], for tables indexed by state.
+    pub fn index(self) -> usize {
+        match self {
+            TokenState::Active => 0,
+            TokenState::CoolingDown => 1,
+            TokenState::Disabled => 2,
+            TokenState::Revoked => 3,
+        }
+    }
 
     /// The name used in metrics and the admin API.
     pub fn as_str(self) -> &'static str {
@@ -128,8 +139,10 @@ pub enum Outcome {
 
 /// A short-lived bearer obtained by refreshing a token.
 pub struct AccessToken {
-    /// `Bearer <token>`, ready to be an `Authorization` header value.
-    header: Bytes,
+    /// `Bearer <token>` as an `Authorization` value, marked sensitive;
+    /// `None` if the token has bytes a header cannot carry. Built once per
+    /// refresh, not per request.
+    header: Option<HeaderValue>,
     /// When it stops being valid, on the pool's clock.
     pub expires_at: Instant,
     /// When it stops being valid, as wall-clock time (for metrics and the admin API).
@@ -142,21 +155,23 @@ impl AccessToken {
         let mut header = Vec::with_capacity(7 + bearer.len());
         header.extend_from_slice(b"Bearer ");
         header.extend_from_slice(bearer.as_bytes());
+        let header = HeaderValue::from_maybe_shared(Bytes::from(header))
+            .ok()
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
         AccessToken {
-            header: Bytes::from(header),
+            header,
             expires_at: Instant::now() + ttl,
             expires_at_wall: SystemTime::now() + ttl,
         }
     }
 
-    /// The `Authorization` value. A secret: never log it.
-    pub fn header_bytes(&self) -> &Bytes {
-        &self.header
-    }
-
-    /// The bearer alone (without `Bearer `). A secret: never log it.
-    pub fn bearer(&self) -> &[u8] {
-        &self.header[7..]
+    /// The `Authorization` value, if the token can be one. A secret: never
+    /// log it.
+    pub fn header(&self) -> Option<&HeaderValue> {
+        self.header.as_ref()
     }
 
     /// Whether it is still valid at `now`.

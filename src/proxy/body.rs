@@ -114,9 +114,14 @@ impl Streaming {
     /// for the final `None`.
     fn release_if_ended(&mut self) {
         if self.inner.is_end_stream() {
-            if let Some(lease) = self.lease.take() {
-                lease.release();
-            }
+            self.release();
+        }
+    }
+
+    /// The body was read whole: the connection goes back to the pool.
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
         }
     }
 
@@ -157,9 +162,7 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Err(StreamError::Upstream(e))))
                 }
                 Poll::Ready(None) => {
-                    if let Some(lease) = s.lease.take() {
-                        lease.release();
-                    }
+                    s.release();
                     Poll::Ready(None)
                 }
                 Poll::Pending => {

@@ -26,10 +26,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
+
+use crate::config::UpstreamConfig;
 
 /// Idle connections kept at most; more are closed when their response ends.
 const MAX_IDLE: usize = 256;
@@ -92,6 +94,9 @@ struct Idle {
 struct Shared {
     target: Target,
     connect_timeout: Duration,
+    /// The CAs trusted besides the web roots (to tell whether a reload may
+    /// keep this pool).
+    extra_roots: Vec<CertificateDer<'static>>,
     idle: Mutex<Vec<Idle>>,
     /// The HTTP/2 connection, once TLS negotiated `h2`.
     h2: Mutex<Option<http2::SendRequest<Body>>>,
@@ -105,8 +110,11 @@ pub struct UpstreamClient {
 
 impl std::fmt::Debug for UpstreamClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Host and port only: a URL's authority may carry user:password.
+        let t = &self.shared.target;
         f.debug_struct("UpstreamClient")
-            .field("authority", &self.shared.target.authority)
+            .field("host", &t.host)
+            .field("port", &t.port)
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +144,18 @@ impl Lease {
 enum Conn {
     H1(http1::SendRequest<Body>),
     H2(http2::SendRequest<Body>),
+}
+
+/// Runs a connection's I/O in a task of its own until it closes.
+fn drive<F>(conn: F)
+where
+    F: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -197,7 +217,7 @@ impl UpstreamClient {
     pub fn new(
         url: &Uri,
         connect_timeout: Duration,
-        extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+        extra_roots: &[CertificateDer<'static>],
     ) -> Result<UpstreamClient, String> {
         let scheme = url.scheme().cloned().unwrap_or(Scheme::HTTPS);
         let authority = url
@@ -252,6 +272,7 @@ impl UpstreamClient {
                     authority,
                 },
                 connect_timeout,
+                extra_roots: extra_roots.to_vec(),
                 idle: Mutex::new(Vec::new()),
                 h2: Mutex::new(None),
             }),
@@ -274,7 +295,7 @@ impl UpstreamClient {
     ) -> Result<(Response<Incoming>, Option<Lease>), ClientError> {
         let target = &self.shared.target;
         loop {
-            let (conn, reused) = match self.shared.h2() {
+            let (mut conn, reused) = match self.shared.h2() {
                 Some(s) => (Conn::H2(s), true),
                 None => match self.shared.take_idle() {
                     Some(s) => (Conn::H1(s), true),
@@ -285,60 +306,55 @@ impl UpstreamClient {
                     None => (Box::pin(self.connect()).await?, false),
                 },
             };
-            match conn {
-                Conn::H1(mut sender) => {
+            // HTTP/1.1 wants origin form and `Host`; HTTP/2 the absolute
+            // URI, from which hyper makes `:scheme` and `:authority`.
+            let uri = match conn {
+                Conn::H1(_) => {
                     headers.insert(header::HOST, target.host_header.clone());
-                    let mut request = Request::new(Full::new(body.clone()));
-                    *request.method_mut() = method.clone();
-                    *request.uri_mut() = Uri::from(path.clone());
-                    *request.headers_mut() = headers;
-                    match sender.try_send_request(request).await {
-                        Ok(response) => {
-                            let lease = Lease {
-                                sender: Some(sender),
-                                shared: Arc::clone(&self.shared),
-                            };
-                            return Ok((response, Some(lease)));
+                    Uri::from(path.clone())
+                }
+                Conn::H2(_) => {
+                    let mut parts = http::uri::Parts::default();
+                    parts.scheme = Some(target.scheme.clone());
+                    parts.authority = Some(target.authority.clone());
+                    parts.path_and_query = Some(path.clone());
+                    Uri::from_parts(parts).expect("scheme, authority and path are valid")
+                }
+            };
+            let mut request = Request::new(Full::new(body.clone()));
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = uri;
+            *request.headers_mut() = headers;
+            let sent = match &mut conn {
+                Conn::H1(sender) => sender.try_send_request(request).await,
+                Conn::H2(sender) => sender.try_send_request(request).await,
+            };
+            match sent {
+                Ok(response) => {
+                    let lease = match conn {
+                        Conn::H1(sender) => Some(Lease {
+                            sender: Some(sender),
+                            shared: Arc::clone(&self.shared),
+                        }),
+                        Conn::H2(_) => None,
+                    };
+                    return Ok((response, lease));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not a byte was written: safe to send again, on a new
+                    // connection.
+                    Some(back) if reused => {
+                        tracing::debug!(
+                            "idle upstream connection was closed; sending on a new one"
+                        );
+                        if matches!(conn, Conn::H2(_)) {
+                            lock(&self.shared.h2).take();
                         }
-                        Err(mut e) => match e.take_message() {
-                            // Not a byte was written: safe to send again,
-                            // on a new connection.
-                            Some(back) if reused => {
-                                tracing::debug!(
-                                    "idle upstream connection was closed; sending on a new one"
-                                );
-                                headers = back.into_parts().0.headers;
-                                headers.remove(header::HOST);
-                                continue;
-                            }
-                            _ => return Err(ClientError::Http(e.into_error())),
-                        },
+                        headers = back.into_parts().0.headers;
+                        headers.remove(header::HOST);
                     }
-                }
-                Conn::H2(mut sender) => {
-                    let mut request = Request::new(Full::new(body.clone()));
-                    *request.method_mut() = method.clone();
-                    *request.uri_mut() = Uri::from_parts({
-                        let mut p = http::uri::Parts::default();
-                        p.scheme = Some(target.scheme.clone());
-                        p.authority = Some(target.authority.clone());
-                        p.path_and_query = Some(path.clone());
-                        p
-                    })
-                    .expect("scheme, authority and path are valid");
-                    *request.headers_mut() = headers;
-                    match sender.try_send_request(request).await {
-                        Ok(response) => return Ok((response, None)),
-                        Err(mut e) => match e.take_message() {
-                            Some(back) if reused => {
-                                lock(&self.shared.h2).take();
-                                headers = back.into_parts().0.headers;
-                                continue;
-                            }
-                            _ => return Err(ClientError::Http(e.into_error())),
-                        },
-                    }
-                }
+                    _ => return Err(ClientError::Http(e.into_error())),
+                },
             }
         }
     }
@@ -370,11 +386,7 @@ impl UpstreamClient {
                 .handshake(TokioIo::new(tls))
                 .await
                 .map_err(ClientError::Http)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-                }
-            });
+            drive(conn);
             *lock(&shared.h2) = Some(sender.clone());
             return Ok(Conn::H2(sender));
         }
@@ -389,20 +401,18 @@ impl UpstreamClient {
             .handshake(TokioIo::new(io))
             .await
             .map_err(ClientError::Http)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
+        drive(conn);
         Ok(Conn::H1(sender))
     }
 
-    /// Whether this pool serves `url` with `connect_timeout` (so a reload
-    /// can keep it, warm connections included).
-    pub fn serves(&self, url: &Uri, connect_timeout: Duration) -> bool {
+    /// Whether this pool is the one `config` asks for (so a reload can
+    /// keep it, warm connections included): same scheme and host, connect
+    /// timeout and trusted CAs.
+    pub fn serves(&self, config: &UpstreamConfig) -> bool {
         let t = &self.shared.target;
-        url.scheme() == Some(&t.scheme)
-            && url.authority() == Some(&t.authority)
-            && self.shared.connect_timeout == connect_timeout
+        config.url.scheme() == Some(&t.scheme)
+            && config.url.authority() == Some(&t.authority)
+            && self.shared.connect_timeout == config.connect_timeout
+            && self.shared.extra_roots == config.ca_certs
     }
 }

@@ -54,19 +54,10 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// The target of `config`, reusing `previous`'s connection pool (and
-    /// its warm connections) when the URL's scheme and host, the connect
-    /// timeout and the trusted CAs did not change.
-    pub fn new(
-        config: &UpstreamConfig,
-        previous: Option<(&Upstream, &UpstreamConfig)>,
-    ) -> Result<Upstream, String> {
+    /// its warm connections) when it serves the same upstream.
+    pub fn new(config: &UpstreamConfig, previous: Option<&Upstream>) -> Result<Upstream, String> {
         let client = match previous {
-            Some((p, old))
-                if p.client.serves(&config.url, config.connect_timeout)
-                    && old.ca_certs == config.ca_certs =>
-            {
-                p.client.clone()
-            }
+            Some(p) if p.client.serves(config) => p.client.clone(),
             _ => UpstreamClient::new(&config.url, config.connect_timeout, &config.ca_certs)?,
         };
         let base_path = config.url.path().trim_end_matches('/').to_string();

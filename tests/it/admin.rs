@@ -36,15 +36,7 @@ async fn the_pool_document_has_every_field_and_no_secret() {
     let s = Setup::new(&[("a", "personal"), ("b", "shared")], "", "").await;
     let p = s.proxy().await;
     assert_eq!(p.ai_text().await.0, 200);
-    let text = p
-        .client
-        .get(p.admin_url("/admin/pool"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = p.admin_text("/admin/pool").await;
     for secret in [rt("a"), rt("b"), CLIENT_KEY.to_string(), "eyJ".to_string()] {
         assert!(!text.contains(&secret), "secret in /admin/pool: {text}");
     }

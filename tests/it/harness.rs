@@ -183,22 +183,28 @@ impl Proxy {
 
     /// GET /admin/pool.
     pub async fn pool(&self) -> serde_json::Value {
-        let text = self
-            .client
-            .get(self.admin_url("/admin/pool"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        serde_json::from_str(&text).unwrap()
+        serde_json::from_str(&self.admin_text("/admin/pool").await).unwrap()
+    }
+
+    /// Waits until the running generation is `at_least` (a reload landed).
+    pub async fn wait_generation(&self, at_least: u64) {
+        eventually(
+            &format!("generation {at_least}"),
+            Duration::from_secs(10),
+            || async { self.app.current().id >= at_least },
+        )
+        .await;
     }
 
     /// GET /metrics.
     pub async fn metrics(&self) -> String {
+        self.admin_text("/metrics").await
+    }
+
+    /// The body of GET `path` on the admin listener (no admin token).
+    pub async fn admin_text(&self, path: &str) -> String {
         self.client
-            .get(self.admin_url("/metrics"))
+            .get(self.admin_url(path))
             .send()
             .await
             .unwrap()

@@ -75,6 +75,11 @@ impl Running {
     }
 }
 
+/// Sends `req` with `bearer` (the client's key or the admin token).
+async fn send(req: reqwest::RequestBuilder, bearer: &str) -> reqwest::Response {
+    req.bearer_auth(bearer).send().await.unwrap()
+}
+
 /// Appends a response's headers and body to `seen`; returns its status.
 async fn take(r: reqwest::Response, seen: &mut String) -> u16 {
     let status = r.status().as_u16();
@@ -159,25 +164,24 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     // are the upstream's (HTML 403, 500) or the proxy's (502): the status
     // varies; what matters is what the client saw, scanned below.
     for _ in 0..12 {
-        let r = client
-            .post(format!("http://{proxy}/ai/multi-agent"))
-            .bearer_auth(CLIENT_KEY)
-            .body("x")
-            .send()
-            .await
-            .unwrap();
+        let r = send(
+            client
+                .post(format!("http://{proxy}/ai/multi-agent"))
+                .body("x"),
+            CLIENT_KEY,
+        )
+        .await;
         take(r, &mut seen_by_client).await;
     }
     // The refresh endpoint answers garbage for a while.
     s.sim.set_refresh_mode(RefreshMode::Garbage);
     s.sim.invalidate_issued_jwts();
     for _ in 0..2 {
-        let r = client
-            .post(format!("http://{proxy}/ai/multi-agent"))
-            .bearer_auth(CLIENT_KEY)
-            .send()
-            .await
-            .unwrap();
+        let r = send(
+            client.post(format!("http://{proxy}/ai/multi-agent")),
+            CLIENT_KEY,
+        )
+        .await;
         take(r, &mut seen_by_client).await;
     }
     s.sim.set_refresh_mode(RefreshMode::Normal);
@@ -188,49 +192,37 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
         good_config.replace("tier = \"anonymous\"", "tier = \"vip\""),
     )
     .unwrap();
-    let r = client
-        .post(format!("http://{admin}/admin/reload"))
-        .bearer_auth(admin_token)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client.post(format!("http://{admin}/admin/reload")),
+        admin_token,
+    )
+    .await;
     assert_eq!(take(r, &mut seen_by_client).await, 422);
     std::fs::write(&s.path, &good_config).unwrap();
     for bad in ["", "wrong-key"] {
-        let r = client
-            .post(format!("http://{proxy}/ai/multi-agent"))
-            .bearer_auth(bad)
-            .send()
-            .await
-            .unwrap();
+        let r = send(client.post(format!("http://{proxy}/ai/multi-agent")), bad).await;
         assert_eq!(take(r, &mut seen_by_client).await, 401);
     }
-    let r = client
-        .post(format!("http://{proxy}/x"))
-        .bearer_auth(CLIENT_KEY)
-        .body(vec![0u8; 20_000])
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client
+            .post(format!("http://{proxy}/x"))
+            .body(vec![0u8; 20_000]),
+        CLIENT_KEY,
+    )
+    .await;
     assert_eq!(take(r, &mut seen_by_client).await, 413);
     // The refresh endpoint fails for a while.
     s.sim.set_refresh_mode(RefreshMode::Down);
     s.sim.invalidate_issued_jwts();
-    let r = client
-        .post(format!("http://{proxy}/ai/multi-agent"))
-        .bearer_auth(CLIENT_KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        client.post(format!("http://{proxy}/ai/multi-agent")),
+        CLIENT_KEY,
+    )
+    .await;
     take(r, &mut seen_by_client).await;
     s.sim.set_refresh_mode(RefreshMode::Normal);
     for path in ["/admin/pool", "/metrics", "/readyz"] {
-        let r = client
-            .get(format!("http://{admin}{path}"))
-            .bearer_auth(admin_token)
-            .send()
-            .await
-            .unwrap();
+        let r = send(client.get(format!("http://{admin}{path}")), admin_token).await;
         // /readyz may be 503 here: every token is failing or resting.
         let status = take(r, &mut seen_by_client).await;
         assert!(
@@ -238,12 +230,7 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
             "{path}: {status}"
         );
     }
-    let r = client
-        .post(format!("http://{admin}/admin/reload"))
-        .bearer_auth("wrong")
-        .send()
-        .await
-        .unwrap();
+    let r = send(client.post(format!("http://{admin}/admin/reload")), "wrong").await;
     assert_eq!(take(r, &mut seen_by_client).await, 401);
 
     // A stream in flight when SIGTERM arrives completes.
@@ -252,12 +239,11 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     // Tokens whose faults are not their own (HTML 403, 500, reset) stay in
     // rotation; an operator takes them out so the stream lands on `good`.
     for (name, _) in tokens.iter().filter(|(n, _)| *n != "good") {
-        let r = client
-            .post(format!("http://{admin}/admin/tokens/{name}/disable"))
-            .bearer_auth(admin_token)
-            .send()
-            .await
-            .unwrap();
+        let r = send(
+            client.post(format!("http://{admin}/admin/tokens/{name}/disable")),
+            admin_token,
+        )
+        .await;
         assert_eq!(take(r, &mut seen_by_client).await, 200, "{name}");
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -266,12 +252,11 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
             std::time::Instant::now() < deadline,
             "no 200 for the stream"
         );
-        let r = client
-            .post(format!("http://{proxy}/ai/multi-agent"))
-            .bearer_auth(CLIENT_KEY)
-            .send()
-            .await
-            .unwrap();
+        let r = send(
+            client.post(format!("http://{proxy}/ai/multi-agent")),
+            CLIENT_KEY,
+        )
+        .await;
         if r.status() == 200 {
             break r;
         }

@@ -169,6 +169,33 @@ async fn oversized_bodies_get_413_declared_or_streamed() {
     assert_eq!(s.sim.total_ai_calls(), 0);
 }
 
+#[tokio::test]
+async fn a_body_in_several_chunks_goes_upstream_whole() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+    // Each chunk reaches the proxy as a frame of its own: the body is
+    // joined from three pieces.
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    let answer = raw_exchange(
+        p.addr,
+        &[
+            head.as_bytes(),
+            b"3e8\r\n",
+            &[b'x'; 1000],
+            b"\r\n",
+            b"3e8\r\n",
+            &[b'y'; 1000],
+            b"\r\n",
+            b"a\r\n0123456789\r\n0\r\n\r\n",
+        ],
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"body_bytes\":2010"), "{answer}");
+}
+
 /// Writes raw bytes to the proxy and reads its answer until it closes or
 /// goes quiet.
 pub async fn raw_exchange(addr: std::net::SocketAddr, parts: &[&[u8]]) -> String {

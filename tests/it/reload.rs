@@ -14,13 +14,6 @@ use crate::harness::{eventually, metric, rt, Proxy, Setup};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn wait_generation(p: &Proxy, at_least: u64) {
-    eventually(&format!("generation {at_least}"), WAIT, || async {
-        p.app.current().id >= at_least
-    })
-    .await;
-}
-
 fn names(p: &Proxy) -> Vec<String> {
     p.app
         .current()
@@ -37,7 +30,7 @@ async fn in_place_writes_are_seen() {
     let p = s.proxy().await;
     s.sim.add_account("b", &rt("b"));
     s.write(&s.config(&[("a", "personal"), ("b", "shared")], "", ""));
-    wait_generation(&p, 2).await;
+    p.wait_generation(2).await;
     assert_eq!(names(&p), ["a", "b"]);
 }
 
@@ -52,7 +45,7 @@ async fn write_then_rename_is_seen() {
     )
     .unwrap();
     std::fs::rename(&tmp, &s.path).unwrap();
-    wait_generation(&p, 2).await;
+    p.wait_generation(2).await;
     assert_eq!(names(&p), ["a", "c"]);
 }
 
@@ -74,7 +67,7 @@ async fn delete_then_recreate_is_seen_and_the_gap_changes_nothing() {
         "still serving on the old generation"
     );
     s.write(&s.config(&[("a", "personal"), ("d", "shared")], "", ""));
-    wait_generation(&p, 2).await;
+    p.wait_generation(2).await;
     assert_eq!(names(&p), ["a", "d"]);
     assert_eq!(
         metric(
@@ -118,7 +111,7 @@ async fn a_kubernetes_data_symlink_swap_is_seen() {
     assert_eq!(names(&p), ["alice"]);
     assert_eq!(p.ai_text().await.0, 200);
     k8s_publish(&vol, "..2026_11_26_02", &text("alice2"), "rt-alice-v2\n");
-    wait_generation(&p, 2).await;
+    p.wait_generation(2).await;
     assert_eq!(names(&p), ["alice2"]);
     assert_eq!(p.ai_text().await.0, 200);
     assert_eq!(s.sim.ai_calls("alice2"), 1, "the new secret is in use");
@@ -140,7 +133,7 @@ async fn an_edited_secret_file_is_seen_and_clears_revocation() {
     );
     assert_eq!(p.state("alice").0, TokenState::Revoked);
     std::fs::write(secret.join("alice"), "rt-alice-new\n").unwrap();
-    wait_generation(&p, 2).await;
+    p.wait_generation(2).await;
     assert_eq!(p.state("alice"), (TokenState::Active, None));
     assert_eq!(p.ai_text().await.0, 200);
 }
@@ -180,7 +173,7 @@ async fn an_invalid_edit_keeps_the_running_config_and_a_good_one_recovers() {
     );
     s.sim.add_account("b", &rt("b"));
     s.write(&s.config(&[("a", "personal"), ("b", "personal")], "", ""));
-    wait_generation(&p, 2).await;
+    p.wait_generation(2).await;
     assert_eq!(
         metric(
             &p.metrics().await,
@@ -214,7 +207,7 @@ async fn state_is_carried_across_a_reload_and_removed_tokens_series_go() {
         "cooldown = \"30s\"",
         "",
     ));
-    wait_generation(&p, 2).await;
+    p.wait_generation(2).await;
     assert_eq!(
         p.state("a"),
         (TokenState::CoolingDown, Some(Reason::QuotaExhausted)),
