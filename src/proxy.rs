@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod client;
+pub mod h1;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -35,7 +36,7 @@ use crate::metrics::{outcome, Metrics};
 use crate::pool::token::RefreshResult;
 use crate::pool::{AccessToken, Outcome, Reason, Token};
 use body::{collect_limited, read_request_body, InflightGuard, ProxyBody, RequestBodyError};
-use client::Lease;
+use client::UpstreamBody;
 
 /// Largest request header block accepted, HTTP/1 and HTTP/2 alike.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -275,7 +276,7 @@ async fn attempt(
     let mut retried_unauthorized = false;
     loop {
         let sent = send(metrics, generation, token, parts, body, &access).await;
-        let (response, lease) = match sent {
+        let response = match sent {
             Ok(sent) => sent,
             Err(e) => {
                 token.report(Outcome::Neutral, pool.settings());
@@ -285,7 +286,7 @@ async fn attempt(
         let status = response.status();
         match status.as_u16() {
             401 => {
-                let answer = buffer(response, lease, generation).await?;
+                let answer = buffer(response, generation).await?;
                 if !retried_unauthorized {
                     // The access token may have expired or been revoked
                     // early: refresh and retry once on the same token.
@@ -318,7 +319,7 @@ async fn attempt(
                 });
             }
             403 => {
-                let answer = buffer(response, lease, generation).await?;
+                let answer = buffer(response, generation).await?;
                 if is_html(&answer) {
                     // A network block page, not the token's fault: pass it on.
                     token.report(Outcome::Neutral, pool.settings());
@@ -337,7 +338,7 @@ async fn attempt(
                 });
             }
             429 => {
-                let answer = buffer(response, lease, generation).await?;
+                let answer = buffer(response, generation).await?;
                 let pattern = &generation.config.pool.quota_pattern;
                 let quota = pattern.is_match(&String::from_utf8_lossy(answer.body()))
                     || answer
@@ -369,7 +370,7 @@ async fn attempt(
                 token.report(outcome, pool.settings());
                 let (mut head, incoming) = response.into_parts();
                 upstream::strip_response_headers(&mut head.headers);
-                let body = ProxyBody::streaming(incoming, generation.upstream.idle_timeout, lease);
+                let body = ProxyBody::streaming(incoming, generation.upstream.idle_timeout);
                 return Ok(Attempt::Done(Response::from_parts(head, body)));
             }
         }
@@ -385,7 +386,7 @@ async fn send(
     parts: &Parts,
     body: &Bytes,
     access: &AccessToken,
-) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let upstream = &generation.upstream;
     let bearer = access
         .header()
@@ -403,9 +404,9 @@ async fn send(
         body.clone(),
     );
     match tokio::time::timeout(upstream.idle_timeout, sent).await {
-        Ok(Ok((response, lease))) => {
+        Ok(Ok(response)) => {
             metrics.upstream_answer(token.tier(), response.status(), started.elapsed());
-            Ok((response, lease))
+            Ok(response)
         }
         Ok(Err(e)) => {
             tracing::warn!(token = token.name(), error = %e.describe(), "upstream request failed");
@@ -420,14 +421,13 @@ async fn send(
 
 /// Reads a (small) upstream answer whole.
 async fn buffer(
-    response: Response<Incoming>,
-    lease: Option<Lease>,
+    response: Response<UpstreamBody>,
     generation: &Generation,
 ) -> Result<Response<Bytes>, ProxyError> {
     let (mut head, incoming) = response.into_parts();
     upstream::strip_response_headers(&mut head.headers);
     let idle = generation.upstream.idle_timeout;
-    let (bytes, cut) = collect_limited(incoming, MAX_ERROR_BODY, idle, lease)
+    let (bytes, cut) = collect_limited(incoming, MAX_ERROR_BODY, idle)
         .await
         .map_err(|e| match e {
             body::StreamError::Idle(_) => ProxyError::UpstreamTimeout,

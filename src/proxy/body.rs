@@ -15,7 +15,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus::IntGauge;
 use tokio::time::{Instant, Sleep};
 
-use super::client::Lease;
+use super::client::{ClientError, UpstreamBody};
 
 /// Errors while streaming the upstream body to the client.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +23,9 @@ pub enum StreamError {
     /// The upstream said nothing for longer than `idle_timeout`.
     #[error("upstream stream idle for longer than {0:?}")]
     Idle(Duration),
-    /// The upstream connection broke.
+    /// The upstream connection broke or sent a malformed body.
     #[error("upstream stream broke: {0}")]
-    Upstream(#[from] hyper::Error),
+    Upstream(#[from] ClientError),
 }
 
 /// Counts a request in `tokenpool_inflight_requests` while it lives.
@@ -53,13 +53,11 @@ impl Drop for InflightGuard {
 /// trip through the runtime's timer wheel.
 #[derive(Debug)]
 struct Streaming {
-    inner: Incoming,
+    /// Gives its connection back to the pool once read to its end.
+    inner: UpstreamBody,
     idle: Duration,
     /// Armed at the first `Pending` after a frame; disarmed by a frame.
     timer: Option<Pin<Box<Sleep>>>,
-    /// The upstream connection, returned to the pool once the body has
-    /// been read to its end (dropped with the body otherwise).
-    lease: Option<Lease>,
 }
 
 #[derive(Debug)]
@@ -85,16 +83,12 @@ impl ProxyBody {
     }
 
     /// The upstream's body, streamed, failing after `idle` of silence.
-    /// `lease` goes back to the pool when the body has been read whole.
-    pub fn streaming(inner: Incoming, idle: Duration, lease: Option<Lease>) -> ProxyBody {
-        let mut streaming = Streaming {
+    pub fn streaming(inner: UpstreamBody, idle: Duration) -> ProxyBody {
+        let streaming = Streaming {
             inner,
             idle,
             timer: None,
-            lease,
         };
-        // An answer without a body (204, 304, HEAD) is never polled.
-        streaming.release_if_ended();
         ProxyBody {
             kind: Kind::Streaming(Box::new(streaming)),
             guard: None,
@@ -109,22 +103,6 @@ impl ProxyBody {
 }
 
 impl Streaming {
-    /// Returns the connection once the body is known to be whole: hyper
-    /// stops polling a body that says it has ended, so this cannot wait
-    /// for the final `None`.
-    fn release_if_ended(&mut self) {
-        if self.inner.is_end_stream() {
-            self.release();
-        }
-    }
-
-    /// The body was read whole: the connection goes back to the pool.
-    fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release();
-        }
-    }
-
     /// A frame arrived: the silence it ended no longer counts. The timer is
     /// kept (to be reset, not reallocated) only if one was armed.
     fn armed_at_frame(&mut self) {
@@ -154,17 +132,10 @@ impl Body for ProxyBody {
             Kind::Streaming(s) => match Pin::new(&mut s.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     s.armed_at_frame();
-                    s.release_if_ended();
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    s.lease = None;
-                    Poll::Ready(Some(Err(StreamError::Upstream(e))))
-                }
-                Poll::Ready(None) => {
-                    s.release();
-                    Poll::Ready(None)
-                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(StreamError::Upstream(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => {
                     let idle = s.idle;
                     let timer = s
@@ -203,23 +174,16 @@ impl Body for ProxyBody {
 
 /// Reads up to `limit` bytes of a body, within `idle` of silence per
 /// frame. Returns the bytes and whether the body was cut at the limit.
-/// `lease` goes back to the pool if the body was read whole.
 pub async fn collect_limited(
-    mut body: Incoming,
+    mut body: UpstreamBody,
     limit: usize,
     idle: Duration,
-    lease: Option<Lease>,
 ) -> Result<(Bytes, bool), StreamError> {
     let mut out = bytes::BytesMut::new();
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => return Err(StreamError::Idle(idle)),
-            Ok(None) => {
-                if let Some(lease) = lease {
-                    lease.release();
-                }
-                return Ok((out.freeze(), false));
-            }
+            Ok(None) => return Ok((out.freeze(), false)),
             Ok(Some(frame)) => frame?,
         };
         if let Ok(data) = frame.into_data() {

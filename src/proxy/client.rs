@@ -1,47 +1,55 @@
 //! The upstream connection pool: keep-alive HTTP/1.1 connections (plain or
-//! over rustls), or one multiplexed HTTP/2 connection when TLS negotiates
-//! `h2` by ALPN.
+//! over rustls) spoken with our own codec ([`super::h1`]), or one
+//! multiplexed HTTP/2 connection (hyper's) when TLS negotiates `h2` by ALPN.
 //!
 //! There is one upstream per generation, so the pool is a plain stack of
 //! idle HTTP/1.1 connections rather than a map keyed by host. A request
-//! takes the most recently used connection that is ready (or opens one),
-//! and gets back with the response a [`Lease`] that returns the connection
-//! to the stack when the response body has been read to its end. A body
-//! dropped half-read drops its connection too: HTTP/1.1 cannot resume it.
+//! takes the most recently used connection that is still usable (or opens
+//! one). The connection travels inside the answer's [`UpstreamBody`] and
+//! goes back on the stack when the body has been read to its end; an
+//! answer whose body came whole with its head gives the connection back at
+//! once. A body dropped half-read drops its connection: HTTP/1.1 cannot
+//! resume it.
 //!
-//! A keep-alive connection the upstream closed while it sat idle can fail
-//! the next request before a byte of it was written; hyper hands such a
-//! request back, and it is sent again on a fresh connection. A request that
-//! may have reached the upstream is never sent twice.
+//! Before a connection is reused it is checked for a close or bytes the
+//! upstream sent while it sat idle (no system call unless the runtime saw
+//! the socket become readable). If the upstream closes it anyway as the
+//! request goes out, the request is sent again on a new connection when
+//! that is safe: when the write itself failed, or when no byte of an
+//! answer came back and the request is replayable (GET, HEAD, OPTIONS,
+//! TRACE, or carrying an `Idempotency-Key`), the rule Go's client follows.
+//! Otherwise the error is the client's answer.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use super::h1::{self, Decoder, H1Error, Io};
 use crate::config::UpstreamConfig;
 
-/// Idle connections kept at most; more are closed when their response ends.
+/// Idle connections kept at most; more are closed when their answer ends.
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused: the
 /// upstream has likely closed it already (nginx does after 75 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-type Body = Full<Bytes>;
-
-/// Why a request got no response. Messages name no URL and no header.
+/// Why a request got no answer, or its body broke. Messages name no URL
+/// and no header.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The TCP connection could not be opened.
@@ -53,9 +61,12 @@ pub enum ClientError {
     /// The TLS handshake failed.
     #[error("TLS handshake failed: {0}")]
     Tls(#[source] io::Error),
-    /// The HTTP exchange failed.
-    #[error("connection failed: {0}")]
-    Http(#[source] hyper::Error),
+    /// The HTTP/1.1 exchange failed.
+    #[error("HTTP/1.1 exchange failed: {0}")]
+    H1(#[source] H1Error),
+    /// The HTTP/2 exchange failed.
+    #[error("HTTP/2 exchange failed: {0}")]
+    H2(#[source] hyper::Error),
 }
 
 impl ClientError {
@@ -87,7 +98,7 @@ struct Target {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Body>,
+    conn: h1::Conn,
     since: Instant,
 }
 
@@ -99,7 +110,7 @@ struct Shared {
     extra_roots: Vec<CertificateDer<'static>>,
     idle: Mutex<Vec<Idle>>,
     /// The HTTP/2 connection, once TLS negotiated `h2`.
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    h2: Mutex<Option<http2::SendRequest<Full<Bytes>>>>,
 }
 
 /// A pool of connections to one upstream; clones share it.
@@ -119,43 +130,108 @@ impl std::fmt::Debug for UpstreamClient {
     }
 }
 
-/// The HTTP/1.1 connection a response is read from, until its body ends.
-pub struct Lease {
-    sender: Option<http1::SendRequest<Body>>,
+/// An answer's body. An HTTP/1.1 body holds its connection until it has
+/// been read to the end, then gives it back to the pool.
+pub struct UpstreamBody {
+    kind: BodyKind,
+}
+
+enum BodyKind {
+    /// Came whole with the head (or has none).
+    Whole(Option<Bytes>),
+    /// Still on its HTTP/1.1 connection.
+    H1(Box<H1Body>),
+    /// An HTTP/2 stream.
+    H2(Incoming),
+}
+
+struct H1Body {
+    conn: Option<h1::Conn>,
+    decoder: Decoder,
+    keep_alive: bool,
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for Lease {
+impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").finish_non_exhaustive()
+        f.debug_struct("UpstreamBody").finish_non_exhaustive()
     }
 }
 
-impl Lease {
-    /// The response body was read to its end: the connection can serve
-    /// the next request.
-    pub fn release(mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.shared.put(sender);
+impl H1Body {
+    /// The body has ended: the connection goes back if it can be reused.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if conn.reusable_after(self.keep_alive) {
+                self.shared.put(conn);
+            }
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = ClientError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+        match &mut self.get_mut().kind {
+            BodyKind::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            BodyKind::H2(inner) => Pin::new(inner).poll_frame(cx).map_err(ClientError::H2),
+            BodyKind::H1(body) => {
+                let Some(conn) = body.conn.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                match conn.poll_data(&mut body.decoder, cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(Some(data))) => {
+                        // Given back as soon as the end is known: the
+                        // server stops polling once `is_end_stream` holds.
+                        if body.decoder == Decoder::Done {
+                            body.finish();
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Poll::Ready(Ok(None)) => {
+                        body.finish();
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Err(e)) => {
+                        body.conn = None;
+                        Poll::Ready(Some(Err(ClientError::H1(e))))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Whole(data) => data.is_none(),
+            BodyKind::H2(inner) => inner.is_end_stream(),
+            BodyKind::H1(body) => body.decoder == Decoder::Done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Whole(Some(d)) => SizeHint::with_exact(d.len() as u64),
+            BodyKind::Whole(None) => SizeHint::with_exact(0),
+            BodyKind::H2(inner) => inner.size_hint(),
+            BodyKind::H1(body) => match body.decoder {
+                Decoder::Length(n) => SizeHint::with_exact(n),
+                Decoder::Done => SizeHint::with_exact(0),
+                _ => SizeHint::default(),
+            },
         }
     }
 }
 
 enum Conn {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
-}
-
-/// Runs a connection's I/O in a task of its own until it closes.
-fn drive<F>(conn: F)
-where
-    F: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
+    H1(h1::Conn),
+    H2(http2::SendRequest<Full<Bytes>>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,42 +239,41 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether a request may be sent again after its connection closed with
+/// no answer: it is safe to repeat (RFC 9110 §9.2.2, as Go's client
+/// decides it).
+fn replayable(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    ) || headers.contains_key("idempotency-key")
+        || headers.contains_key("x-idempotency-key")
+}
+
 impl Shared {
-    fn put(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put(&self, conn: h1::Conn) {
         let mut idle = lock(&self.idle);
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    /// The most recently used HTTP/1.1 connection that can take a request.
-    fn take_idle(&self) -> Option<http1::SendRequest<Body>> {
+    /// The most recently used HTTP/1.1 connection that can take a request;
+    /// the unusable ones found on the way are closed.
+    fn take_idle(&self) -> Option<h1::Conn> {
         let mut idle = lock(&self.idle);
-        let mut busy = Vec::new();
-        let mut found = None;
         while let Some(entry) = idle.pop() {
-            if entry.sender.is_closed() || entry.since.elapsed() > IDLE_TIMEOUT {
-                continue;
+            if entry.since.elapsed() <= IDLE_TIMEOUT && entry.conn.is_usable() {
+                return Some(entry.conn);
             }
-            if entry.sender.is_ready() {
-                found = Some(entry.sender);
-                break;
-            }
-            // Its response ended but hyper has not yet marked it ready
-            // (its task has not run since): keep it for the next request.
-            busy.push(entry);
         }
-        idle.extend(busy);
-        found
+        None
     }
 
-    fn h2(&self) -> Option<http2::SendRequest<Body>> {
+    fn h2(&self) -> Option<http2::SendRequest<Full<Bytes>>> {
         let mut h2 = lock(&self.h2);
         match h2.as_ref() {
             Some(s) if !s.is_closed() => Some(s.clone()),
@@ -284,21 +359,20 @@ impl UpstreamClient {
         lock(&self.shared.idle).len()
     }
 
-    /// Sends one request and waits for the response headers. The lease
-    /// (HTTP/1.1 only) must be released once the body has been read whole.
+    /// Sends one request and waits for the answer's head. The body, read
+    /// to its end, gives its connection back to the pool.
     pub async fn send(
         &self,
         method: Method,
         path: PathAndQuery,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         body: Bytes,
-    ) -> Result<(Response<Incoming>, Option<Lease>), ClientError> {
-        let target = &self.shared.target;
+    ) -> Result<Response<UpstreamBody>, ClientError> {
         loop {
-            let (mut conn, reused) = match self.shared.h2() {
+            let (conn, reused) = match self.shared.h2() {
                 Some(s) => (Conn::H2(s), true),
                 None => match self.shared.take_idle() {
-                    Some(s) => (Conn::H1(s), true),
+                    Some(c) => (Conn::H1(c), true),
                     // Boxed: opening a connection (TCP, TLS, HTTP/2
                     // handshakes) is a future of several kilobytes that the
                     // request's own future would otherwise carry, and copy,
@@ -306,57 +380,103 @@ impl UpstreamClient {
                     None => (Box::pin(self.connect()).await?, false),
                 },
             };
-            // HTTP/1.1 wants origin form and `Host`; HTTP/2 the absolute
-            // URI, from which hyper makes `:scheme` and `:authority`.
-            let uri = match conn {
-                Conn::H1(_) => {
-                    headers.insert(header::HOST, target.host_header.clone());
-                    Uri::from(path.clone())
-                }
-                Conn::H2(_) => {
-                    let mut parts = http::uri::Parts::default();
-                    parts.scheme = Some(target.scheme.clone());
-                    parts.authority = Some(target.authority.clone());
-                    parts.path_and_query = Some(path.clone());
-                    Uri::from_parts(parts).expect("scheme, authority and path are valid")
-                }
-            };
-            let mut request = Request::new(Full::new(body.clone()));
-            *request.method_mut() = method.clone();
-            *request.uri_mut() = uri;
-            *request.headers_mut() = headers;
-            let sent = match &mut conn {
-                Conn::H1(sender) => sender.try_send_request(request).await,
-                Conn::H2(sender) => sender.try_send_request(request).await,
-            };
-            match sent {
-                Ok(response) => {
-                    let lease = match conn {
-                        Conn::H1(sender) => Some(Lease {
-                            sender: Some(sender),
-                            shared: Arc::clone(&self.shared),
-                        }),
-                        Conn::H2(_) => None,
-                    };
-                    return Ok((response, lease));
-                }
-                Err(mut e) => match e.take_message() {
-                    // Not a byte was written: safe to send again, on a new
-                    // connection.
-                    Some(back) if reused => {
-                        tracing::debug!(
-                            "idle upstream connection was closed; sending on a new one"
-                        );
-                        if matches!(conn, Conn::H2(_)) {
+            match conn {
+                Conn::H1(conn) => match self.send_h1(conn, &method, &path, &headers, &body).await {
+                    Ok(response) => return Ok(response),
+                    Err((e, resend)) if reused && resend => {
+                        tracing::debug!(error = %e, "reused upstream connection was closed; sending on a new one");
+                    }
+                    Err((e, _)) => return Err(ClientError::H1(e)),
+                },
+                Conn::H2(sender) => {
+                    match self.send_h2(sender, &method, &path, &headers, &body).await {
+                        Ok(response) => return Ok(response),
+                        Err(mut e) => {
+                            // Not a byte was written: safe to send again.
+                            if !(reused && e.take_message().is_some()) {
+                                return Err(ClientError::H2(e.into_error()));
+                            }
+                            tracing::debug!("HTTP/2 connection was closed; opening a new one");
                             lock(&self.shared.h2).take();
                         }
-                        headers = back.into_parts().0.headers;
-                        headers.remove(header::HOST);
                     }
-                    _ => return Err(ClientError::Http(e.into_error())),
-                },
+                }
             }
         }
+    }
+
+    /// One exchange on an HTTP/1.1 connection. On failure, whether the
+    /// request may be sent again (if the connection was a reused one).
+    async fn send_h1(
+        &self,
+        mut conn: h1::Conn,
+        method: &Method,
+        path: &PathAndQuery,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<Response<UpstreamBody>, (H1Error, bool)> {
+        let host = &self.shared.target.host_header;
+        if let Err(e) = conn
+            .write_request(method, path.as_str(), host, headers, body)
+            .await
+        {
+            // The upstream cannot have read the whole request.
+            return Err((e.into(), true));
+        }
+        let head = match conn.read_head(method).await {
+            Ok(head) => head,
+            Err(e) => {
+                let nothing_back = !conn.received() && !matches!(e, H1Error::Malformed(_));
+                return Err((e, nothing_back && replayable(method, headers)));
+            }
+        };
+        let mut decoder = head.decoder;
+        let kind = match conn.take_whole(&mut decoder) {
+            Some(data) => {
+                if conn.reusable_after(head.keep_alive) {
+                    self.shared.put(conn);
+                }
+                BodyKind::Whole((!data.is_empty()).then_some(data))
+            }
+            None => BodyKind::H1(Box::new(H1Body {
+                conn: Some(conn),
+                decoder,
+                keep_alive: head.keep_alive,
+                shared: Arc::clone(&self.shared),
+            })),
+        };
+        let mut response = Response::new(UpstreamBody { kind });
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        Ok(response)
+    }
+
+    /// One exchange on the HTTP/2 connection.
+    async fn send_h2(
+        &self,
+        mut sender: http2::SendRequest<Full<Bytes>>,
+        method: &Method,
+        path: &PathAndQuery,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<Response<UpstreamBody>, hyper::client::conn::TrySendError<Request<Full<Bytes>>>>
+    {
+        let target = &self.shared.target;
+        // The absolute URI, from which hyper makes `:scheme` and `:authority`.
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(target.scheme.clone());
+        parts.authority = Some(target.authority.clone());
+        parts.path_and_query = Some(path.clone());
+        let uri = Uri::from_parts(parts).expect("scheme, authority and path are valid");
+        let mut request = Request::new(Full::new(body.clone()));
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers.clone();
+        let response = sender.try_send_request(request).await?;
+        Ok(response.map(|inner| UpstreamBody {
+            kind: BodyKind::H2(inner),
+        }))
     }
 
     /// Opens a connection (TCP, then TLS if https) within `connect_timeout`.
@@ -374,35 +494,27 @@ impl UpstreamClient {
         .map_err(ClientError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let Some((connector, name)) = &target.tls else {
-            return self.handshake_h1(tcp).await;
+            return Ok(Conn::H1(h1::Conn::new(Io::Plain(tcp))));
         };
         let tls = tokio::time::timeout_at(deadline, connector.connect(name.clone(), tcp))
             .await
             .map_err(|_| ClientError::ConnectTimeout(timeout))?
             .map_err(ClientError::Tls)?;
-        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(TokioIo::new(tls))
-                .await
-                .map_err(ClientError::Http)?;
-            drive(conn);
-            *lock(&shared.h2) = Some(sender.clone());
-            return Ok(Conn::H2(sender));
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Ok(Conn::H1(h1::Conn::new(Io::Tls(Box::new(tls)))));
         }
-        self.handshake_h1(tls).await
-    }
-
-    async fn handshake_h1<T>(&self, io: T) -> Result<Conn, ClientError>
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    {
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(tls))
             .await
-            .map_err(ClientError::Http)?;
-        drive(conn);
-        Ok(Conn::H1(sender))
+            .map_err(ClientError::H2)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP/2 upstream connection ended with an error");
+            }
+        });
+        *lock(&shared.h2) = Some(sender.clone());
+        Ok(Conn::H2(sender))
     }
 
     /// Whether this pool is the one `config` asks for (so a reload can

@@ -9,9 +9,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Response};
-use hyper::body::Incoming;
 
-pub use super::client::{ClientError, Lease, UpstreamClient};
+pub use super::client::{ClientError, UpstreamBody, UpstreamClient};
 use crate::config::UpstreamConfig;
 
 /// How many names [`HOP_BY_HOP`] has.
@@ -81,7 +80,7 @@ impl Upstream {
         path: Option<&PathAndQuery>,
         headers: HeaderMap,
         body: Bytes,
-    ) -> Result<(Response<Incoming>, Option<Lease>), ClientError> {
+    ) -> Result<Response<UpstreamBody>, ClientError> {
         self.client
             .send(method, self.path_for(path), headers, body)
             .await

@@ -1,10 +1,16 @@
 //! The upstream connection pool: keep-alive reuse, connections the
 //! upstream closes, and https upstreams (HTTP/1.1 and HTTP/2 by ALPN)
 //! behind a private CA given by `[upstream] ca_file`, which is watched
-//! like the config itself.
+//! like the config itself; and the HTTP/1.1 codec against an upstream
+//! scripted byte by byte (chunked, 1xx, 204, HEAD, HTTP/1.0, malformed and
+//! cut answers, connections closed under a request).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokenpool::sim::Sim;
 
@@ -250,5 +256,261 @@ async fn a_reload_keeps_warm_connections_unless_the_upstream_changed() {
     p.wait_generation(3).await;
     assert_eq!(post(&p, "/echo").await.0, 200);
     assert_eq!(sim.connections(), 2);
+    p.stop().await;
+}
+
+/// What the scripted upstream does with a request.
+enum Act {
+    /// Writes these bytes and keeps the connection.
+    Answer(&'static [u8]),
+    /// Writes these bytes, then closes the connection.
+    AnswerAndClose(&'static [u8]),
+    /// Closes the connection without a byte.
+    Drop,
+}
+
+/// An HTTP/1.1 upstream written byte by byte, for answers a real server
+/// library would never send. Each connection reads one request at a time
+/// and acts on it by its path (and the previous path on that connection).
+struct Scripted {
+    url: String,
+    connections: Arc<AtomicUsize>,
+    /// Path of every request that arrived whole.
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    async fn start(script: fn(&str, Option<&str>) -> Act) -> Scripted {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (count, log) = (Arc::clone(&connections), Arc::clone(&seen));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(Scripted::serve(stream, script, Arc::clone(&log)));
+            }
+        });
+        Scripted {
+            url,
+            connections,
+            seen,
+        }
+    }
+
+    async fn serve(
+        mut stream: tokio::net::TcpStream,
+        script: fn(&str, Option<&str>) -> Act,
+        seen: Arc<Mutex<Vec<String>>>,
+    ) {
+        let mut buf = Vec::new();
+        let mut previous: Option<String> = None;
+        loop {
+            // One request: the head, then its Content-Length of body.
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < head_end + length {
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..head_end + length);
+            let path = head.split(' ').nth(1).unwrap().to_string();
+            seen.lock().unwrap().push(path.clone());
+            match script(&path, previous.as_deref()) {
+                Act::Answer(bytes) => stream.write_all(bytes).await.unwrap(),
+                Act::AnswerAndClose(bytes) => {
+                    stream.write_all(bytes).await.unwrap();
+                    return;
+                }
+                Act::Drop => return,
+            }
+            previous = Some(path);
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn seen(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| *p == path)
+            .count()
+    }
+}
+
+const OK_SHORT: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+fn odd_answers(path: &str, previous: Option<&str>) -> Act {
+    if previous == Some("/arm") {
+        // The request after /arm on a connection finds it closed.
+        return Act::Drop;
+    }
+    match path {
+        "/chunked" => Act::Answer(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\
+              connection: keep-alive, x-hop\r\nx-hop: 1\r\n\r\n\
+              5;note=\"first\"\r\nhello\r\n7\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n",
+        ),
+        "/nocontent" => Act::Answer(b"HTTP/1.1 204 No Content\r\nx-kind: empty\r\n\r\n"),
+        "/head" => Act::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+        "/continue" => Act::Answer(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ),
+        "/http10" => {
+            Act::AnswerAndClose(b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end")
+        }
+        "/garbage" => Act::AnswerAndClose(b"SSH-2.0-OpenSSH_9.2\r\n\r\n"),
+        "/short" => Act::AnswerAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this"),
+        "/idle-close" => Act::AnswerAndClose(OK_SHORT),
+        _ => Act::Answer(OK_SHORT),
+    }
+}
+
+async fn request(p: &Proxy, method: reqwest::Method, path: &str) -> reqwest::Response {
+    p.client
+        .request(method, p.url(path))
+        .bearer_auth(CLIENT_KEY)
+        .body("{\"q\":1}")
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn odd_but_valid_answers_arrive_whole_and_connections_are_reused_when_safe() {
+    let up = Scripted::start(odd_answers).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proxy::start(&static_config(dir.path(), &up.url, "")).await;
+    use reqwest::Method;
+
+    // Chunked, with an extension and a trailer, twice on one connection.
+    for _ in 0..2 {
+        let r = request(&p, Method::POST, "/chunked").await;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().get("x-hop").is_none(), "named by Connection");
+        assert!(r.headers().get("connection").is_none());
+        assert_eq!(r.text().await.unwrap(), "hello, world");
+    }
+    // No body: 204, and HEAD whatever its Content-Length says.
+    let r = request(&p, Method::POST, "/nocontent").await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["x-kind"], "empty");
+    assert_eq!(r.text().await.unwrap(), "");
+    let r = request(&p, Method::HEAD, "/head").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "5");
+    // An interim 100 before the answer.
+    let r = request(&p, Method::POST, "/continue").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(up.connections(), 1, "all of these kept the connection");
+
+    // HTTP/1.0 without a length: the body runs to the close, and the
+    // connection is not reused.
+    let r = request(&p, Method::POST, "/http10").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "until the end");
+    let r = request(&p, Method::POST, "/chunked").await;
+    assert_eq!(r.text().await.unwrap(), "hello, world");
+    assert_eq!(up.connections(), 2);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn broken_answers_are_clean_errors_and_the_proxy_keeps_serving() {
+    let up = Scripted::start(odd_answers).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proxy::start(&static_config(dir.path(), &up.url, "")).await;
+    use reqwest::Method;
+
+    let r = request(&p, Method::POST, "/garbage").await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-tokenpool-error"], "upstream_unreachable");
+    // A body cut short: the head may already be on its way, so the client
+    // sees its connection break (before or after the head) instead of a
+    // quiet, shorter body.
+    let cut = p
+        .client
+        .post(p.url("/short"))
+        .bearer_auth(CLIENT_KEY)
+        .send()
+        .await;
+    if let Ok(r) = cut {
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.is_err(), "a cut body is not a whole one");
+    }
+    let r = request(&p, Method::POST, "/chunked").await;
+    assert_eq!(r.text().await.unwrap(), "hello, world");
+    assert_eq!(up.connections(), 3, "a broken connection is never reused");
+    let metrics = p.metrics().await;
+    assert!(!metrics.contains("sk-static-upstream-key"));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_is_replaced_and_only_safe_requests_repeat() {
+    let up = Scripted::start(odd_answers).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proxy::start(&static_config(dir.path(), &up.url, "")).await;
+    use reqwest::Method;
+
+    // Closed while idle: seen before reuse, so even a POST goes through on
+    // a new connection, sent once.
+    let r = request(&p, Method::POST, "/idle-close").await;
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let r = request(&p, Method::POST, "/after-idle-close").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.seen("/after-idle-close"), 1);
+    assert_eq!(up.connections(), 2);
+
+    // Closed as the request arrives, without a byte back. A GET is sent
+    // again on a new connection...
+    assert_eq!(request(&p, Method::POST, "/arm").await.status(), 200);
+    let r = request(&p, Method::GET, "/get").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.seen("/get"), 2, "sent, dropped, sent again");
+    assert_eq!(up.connections(), 3);
+    // ...so is a POST with an idempotency key...
+    assert_eq!(request(&p, Method::POST, "/arm").await.status(), 200);
+    let r = p
+        .client
+        .post(p.url("/keyed"))
+        .bearer_auth(CLIENT_KEY)
+        .header("idempotency-key", "order-17")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.seen("/keyed"), 2);
+    // ...but a plain POST may have been acted on: 502, and sent once.
+    assert_eq!(request(&p, Method::POST, "/arm").await.status(), 200);
+    let r = request(&p, Method::POST, "/once").await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-tokenpool-error"], "upstream_unreachable");
+    assert_eq!(up.seen("/once"), 1);
+    // And the proxy serves on.
+    assert_eq!(request(&p, Method::POST, "/fine").await.status(), 200);
     p.stop().await;
 }
