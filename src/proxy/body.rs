@@ -58,6 +58,11 @@ struct Streaming {
     idle: Duration,
     /// Armed at the first `Pending` after a frame; disarmed by a frame.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Whether frames went to the server since it last saw `Pending`, so
+    /// that it may hold them (and the head) unwritten.
+    unflushed: bool,
+    /// An upstream error held back for one turn (see `poll_frame`).
+    deferred: Option<ClientError>,
 }
 
 #[derive(Debug)]
@@ -88,6 +93,9 @@ impl ProxyBody {
             inner,
             idle,
             timer: None,
+            // The head itself waits in hyper's buffer until the first flush.
+            unflushed: true,
+            deferred: None,
         };
         ProxyBody {
             kind: Kind::Streaming(Box::new(streaming)),
@@ -129,14 +137,31 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let result = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Streaming(s) if s.deferred.is_some() => {
+                let e = s.deferred.take().expect("checked");
+                Poll::Ready(Some(Err(StreamError::Upstream(e))))
+            }
             Kind::Streaming(s) => match Pin::new(&mut s.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     s.armed_at_frame();
+                    s.unflushed = true;
                     Poll::Ready(Some(Ok(frame)))
+                }
+                // An error aborts the client's connection, and hyper drops
+                // what it has not written yet. If it may still hold the
+                // head and the last frames, answer `Pending` once (woken at
+                // once) so that it writes them first: the client then sees
+                // the upstream's status and what arrived, then the break.
+                Poll::Ready(Some(Err(e))) if s.unflushed => {
+                    s.unflushed = false;
+                    s.deferred = Some(e);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(StreamError::Upstream(e)))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => {
+                    s.unflushed = false;
                     let idle = s.idle;
                     let timer = s
                         .timer
