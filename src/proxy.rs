@@ -388,21 +388,10 @@ async fn send(
     access: &AccessToken,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let upstream = &generation.upstream;
-    let bearer = access
-        .header()
-        .cloned()
-        .ok_or(ProxyError::UpstreamUnreachable)?;
-    // Built for each send (the first is most often the only one): cheaper
-    // than building once and cloning for each.
-    let mut headers = upstream.request_headers(&parts.headers);
-    headers.insert(header::AUTHORIZATION, bearer);
+    let bearer = access.header().ok_or(ProxyError::UpstreamUnreachable)?;
+    let headers = upstream.outgoing(&parts.headers, bearer);
     let started = Instant::now();
-    let sent = upstream.send(
-        parts.method.clone(),
-        parts.uri.path_and_query(),
-        headers,
-        body.clone(),
-    );
+    let sent = upstream.send(&parts.method, parts.uri.path_and_query(), &headers, body);
     match tokio::time::timeout(upstream.idle_timeout, sent).await {
         Ok(Ok(response)) => {
             metrics.upstream_answer(token.tier(), response.status(), started.elapsed());

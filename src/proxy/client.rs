@@ -27,7 +27,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue};
+use http::header::HeaderValue;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response};
 use http_body_util::Full;
@@ -40,6 +40,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::h1::{self, Decoder, H1Error, Io};
+use super::upstream::Outgoing;
 use crate::config::UpstreamConfig;
 
 /// Idle connections kept at most; more are closed when their answer ends.
@@ -242,12 +243,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Whether a request may be sent again after its connection closed with
 /// no answer: it is safe to repeat (RFC 9110 §9.2.2, as Go's client
 /// decides it).
-fn replayable(method: &Method, headers: &HeaderMap) -> bool {
+fn replayable(method: &Method, headers: &Outgoing<'_>) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    ) || headers.contains_key("idempotency-key")
-        || headers.contains_key("x-idempotency-key")
+    ) || headers.has_idempotency_key()
 }
 
 impl Shared {
@@ -363,10 +363,10 @@ impl UpstreamClient {
     /// to its end, gives its connection back to the pool.
     pub async fn send(
         &self,
-        method: Method,
-        path: PathAndQuery,
-        headers: HeaderMap,
-        body: Bytes,
+        method: &Method,
+        path: &PathAndQuery,
+        headers: &Outgoing<'_>,
+        body: &Bytes,
     ) -> Result<Response<UpstreamBody>, ClientError> {
         loop {
             let (conn, reused) = match self.shared.h2() {
@@ -381,7 +381,7 @@ impl UpstreamClient {
                 },
             };
             match conn {
-                Conn::H1(conn) => match self.send_h1(conn, &method, &path, &headers, &body).await {
+                Conn::H1(conn) => match self.send_h1(conn, method, path, headers, body).await {
                     Ok(response) => return Ok(response),
                     Err((e, resend)) if reused && resend => {
                         tracing::debug!(error = %e, "reused upstream connection was closed; sending on a new one");
@@ -389,7 +389,7 @@ impl UpstreamClient {
                     Err((e, _)) => return Err(ClientError::H1(e)),
                 },
                 Conn::H2(sender) => {
-                    match self.send_h2(sender, &method, &path, &headers, &body).await {
+                    match self.send_h2(sender, method, path, headers, body).await {
                         Ok(response) => return Ok(response),
                         Err(mut e) => {
                             // Not a byte was written: safe to send again.
@@ -412,12 +412,12 @@ impl UpstreamClient {
         mut conn: h1::Conn,
         method: &Method,
         path: &PathAndQuery,
-        headers: &HeaderMap,
+        headers: &Outgoing<'_>,
         body: &Bytes,
     ) -> Result<Response<UpstreamBody>, (H1Error, bool)> {
         let host = &self.shared.target.host_header;
         if let Err(e) = conn
-            .write_request(method, path.as_str(), host, headers, body)
+            .write_request(method, path.as_str(), host, headers.iter(), body)
             .await
         {
             // The upstream cannot have read the whole request.
@@ -458,7 +458,7 @@ impl UpstreamClient {
         mut sender: http2::SendRequest<Full<Bytes>>,
         method: &Method,
         path: &PathAndQuery,
-        headers: &HeaderMap,
+        headers: &Outgoing<'_>,
         body: &Bytes,
     ) -> Result<Response<UpstreamBody>, hyper::client::conn::TrySendError<Request<Full<Bytes>>>>
     {
@@ -472,7 +472,7 @@ impl UpstreamClient {
         let mut request = Request::new(Full::new(body.clone()));
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
-        *request.headers_mut() = headers.clone();
+        *request.headers_mut() = headers.to_map();
         let response = sender.try_send_request(request).await?;
         Ok(response.map(|inner| UpstreamBody {
             kind: BodyKind::H2(inner),

@@ -174,7 +174,8 @@ pub struct Head {
     pub status: StatusCode,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
-    /// The headers, values sharing the read buffer.
+    /// The headers, values sharing the read buffer, less the ones that
+    /// only framed this answer on this connection (see `Framing::observe`).
     pub headers: HeaderMap,
     /// How the body is framed.
     pub decoder: Decoder,
@@ -244,7 +245,7 @@ impl Conn {
         method: &Method,
         path: &str,
         host: &HeaderValue,
-        headers: &HeaderMap,
+        headers: impl Iterator<Item = (&HeaderName, &HeaderValue)>,
         body: &Bytes,
     ) -> io::Result<()> {
         self.received = false;
@@ -363,7 +364,9 @@ impl Conn {
             let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
             let name = HeaderName::from_bytes(&head[n0..n1])
                 .map_err(|_| H1Error::malformed("invalid header name"))?;
-            framing.observe(&name, &head[v0..v1])?;
+            if framing.observe(&name, &head[v0..v1])? {
+                continue;
+            }
             let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
                 .map_err(|_| H1Error::malformed("invalid header value"))?;
             headers.append(name, value);
@@ -440,8 +443,12 @@ struct Framing {
 }
 
 impl Framing {
-    /// Takes note of one header.
-    fn observe(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), H1Error> {
+    /// Takes note of one header. True when the header only describes
+    /// this connection and is consumed here: `Transfer-Encoding`,
+    /// `Keep-Alive`, and a `Connection` naming nothing but `close` or
+    /// `keep-alive` (one naming other headers is kept for the proxy's
+    /// header rules, which remove those too).
+    fn observe(&mut self, name: &HeaderName, value: &[u8]) -> Result<bool, H1Error> {
         let tokens = || {
             value
                 .split(|&b| b == b',')
@@ -465,13 +472,21 @@ impl Framing {
             if let Some(last) = tokens().next_back() {
                 self.chunked = last.eq_ignore_ascii_case(b"chunked");
             }
+            return Ok(true);
         } else if name == header::CONNECTION {
+            let mut only_ours = true;
             for t in tokens() {
-                self.close |= t.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                let close = t.eq_ignore_ascii_case(b"close");
+                let keep_alive = t.eq_ignore_ascii_case(b"keep-alive");
+                self.close |= close;
+                self.keep_alive |= keep_alive;
+                only_ours &= close || keep_alive;
             }
+            return Ok(only_ours);
+        } else if name.as_str() == "keep-alive" {
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// How the body ends (RFC 9112 §6.3), and whether the connection may
@@ -867,7 +882,8 @@ mod tests {
         let (mut conn, mut up) = pair().await;
         up.write_all(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
-              HTTP/1.1 201 Created\r\nX-Thing: a b\r\nx-thing: c\r\ncontent-length: 2\r\n\r\nok",
+              HTTP/1.1 201 Created\r\nX-Thing: a b\r\nx-thing: c\r\ncontent-length: 2\r\n\
+              Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok",
         )
         .await
         .unwrap();
@@ -923,10 +939,10 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("application/json"));
         let host = HeaderValue::from_static("api.example:8080");
         let body = Bytes::from_static(b"{\"q\":1}");
-        conn.write_request(&Method::POST, "/v1/x?y=1", &host, &h, &body)
+        conn.write_request(&Method::POST, "/v1/x?y=1", &host, h.iter(), &body)
             .await
             .unwrap();
-        conn.write_request(&Method::GET, "/", &host, &h, &Bytes::new())
+        conn.write_request(&Method::GET, "/", &host, h.iter(), &Bytes::new())
             .await
             .unwrap();
         drop(conn);

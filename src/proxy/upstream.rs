@@ -76,14 +76,24 @@ impl Upstream {
     /// Sends a request for the client's `path` (joined to the URL's path).
     pub async fn send(
         &self,
-        method: Method,
+        method: &Method,
         path: Option<&PathAndQuery>,
-        headers: HeaderMap,
-        body: Bytes,
+        headers: &Outgoing<'_>,
+        body: &Bytes,
     ) -> Result<Response<UpstreamBody>, ClientError> {
         self.client
-            .send(method, self.path_for(path), headers, body)
+            .send(method, &self.path_for(path), headers, body)
             .await
+    }
+
+    /// The headers to send upstream for a client request's `headers`,
+    /// carrying `bearer`.
+    pub fn outgoing<'a>(&'a self, client: &'a HeaderMap, bearer: &'a HeaderValue) -> Outgoing<'a> {
+        Outgoing {
+            client,
+            extra: &self.headers,
+            bearer,
+        }
     }
 
     /// The upstream path and query for a client request's path and query.
@@ -99,27 +109,49 @@ impl Upstream {
         s.push_str(pq_str);
         PathAndQuery::try_from(s).unwrap_or_else(|_| PathAndQuery::from_static("/"))
     }
+}
 
-    /// The headers to send upstream, the bearer aside: the client's, less
-    /// hop-by-hop headers, its credentials and forwarding headers, plus
-    /// `[upstream] headers` (which replace the client's of the same name).
-    /// Room is left for the bearer and `Host`.
-    pub fn request_headers(&self, client: &HeaderMap) -> HeaderMap {
-        let mut out = HeaderMap::with_capacity(client.len() + self.headers.len() + 2);
-        let connection = client.get_all(header::CONNECTION);
+/// The headers of one upstream request, not built into a map: the
+/// HTTP/1.1 codec writes them straight out, HTTP/2 collects them.
+///
+/// They are the client's, less hop-by-hop headers (those its `Connection`
+/// names too), its credentials and forwarding headers; then `[upstream]
+/// headers` (which replace the client's of the same name); then the
+/// bearer.
+pub struct Outgoing<'a> {
+    client: &'a HeaderMap,
+    extra: &'a [(HeaderName, HeaderValue)],
+    bearer: &'a HeaderValue,
+}
+
+impl<'a> Outgoing<'a> {
+    /// Every header, in the order they are sent.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + '_ {
+        let connection = self.client.get_all(header::CONNECTION);
         let listed_by_connection = connection.iter().next().is_some();
-        for (name, value) in client {
-            if forwardable(name)
+        let extra = self.extra;
+        let client = self.client.iter().filter(move |(name, _)| {
+            forwardable(name)
                 && !(listed_by_connection && named_in(name, connection.iter()))
-                && !self.headers.iter().any(|(n, _)| n == name)
-            {
-                out.append(name.clone(), value.clone());
-            }
-        }
-        for (name, value) in &self.headers {
-            out.insert(name.clone(), value.clone());
+                && !extra.iter().any(|(n, _)| n == *name)
+        });
+        client
+            .chain(extra.iter().map(|(n, v)| (n, v)))
+            .chain(std::iter::once((&header::AUTHORIZATION, self.bearer)))
+    }
+
+    /// The headers as a map (for HTTP/2).
+    pub fn to_map(&self) -> HeaderMap {
+        let mut out = HeaderMap::with_capacity(self.client.len() + self.extra.len() + 1);
+        for (name, value) in self.iter() {
+            out.append(name.clone(), value.clone());
         }
         out
+    }
+
+    /// Whether the client marked the request safe to repeat.
+    pub fn has_idempotency_key(&self) -> bool {
+        self.client.contains_key("idempotency-key") || self.client.contains_key("x-idempotency-key")
     }
 }
 
@@ -243,8 +275,8 @@ mod tests {
         ] {
             h.append(k, HeaderValue::from_static(v));
         }
-        let mut out = u.request_headers(&h);
-        out.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer up"));
+        let bearer = HeaderValue::from_static("Bearer up");
+        let out = u.outgoing(&h, &bearer).to_map();
         let names: Vec<&str> = {
             let mut v: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
             v.sort();
