@@ -2,12 +2,14 @@
 //! thing the proxy does with it: send a request whose body is already in
 //! memory, read the answer's head, then stream its body.
 //!
-//! The request head is written straight from the header map into one
+//! The request head is written straight from the headers given into one
 //! buffer (the body too when it is small), so a request is one `write`.
 //! The answer head is parsed with `httparse`; its header values are slices
 //! of the read buffer, not copies. Body framing follows RFC 9112 §6.3: no
 //! body for HEAD, 1xx, 204 and 304; chunked when `Transfer-Encoding` ends
 //! in chunked; `Content-Length`; otherwise up to the end of the connection.
+//!
+//! Trailers of a chunked answer are read and dropped.
 //!
 //! A connection may carry the next request only when the answer was framed
 //! (by length or chunks), read to its end, kept alive (HTTP/1.1 without
