@@ -287,7 +287,7 @@ impl Conn {
     pub async fn read_head(&mut self, method: &Method) -> Result<Head, H1Error> {
         loop {
             if !self.buf.is_empty() {
-                match self.parse_head(method)? {
+                match parse_head(&mut self.buf, &mut self.spans, method)? {
                     Parsed::Final(head) => return Ok(head),
                     // Another head may already be in the buffer.
                     Parsed::Interim => continue,
@@ -311,76 +311,6 @@ impl Conn {
             }
             self.received = true;
         }
-    }
-
-    /// Parses a complete head out of the buffer, if there is one; interim
-    /// (1xx) answers are consumed and skipped.
-    fn parse_head(&mut self, method: &Method) -> Result<Parsed, H1Error> {
-        // Left uninitialised: zeroing room for MAX_HEADERS on every answer
-        // would cost more than the parse.
-        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut []);
-        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut parsed,
-            &self.buf,
-            &mut slots,
-        ) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(H1Error::malformed(format!(
-                    "more than {MAX_HEADERS} headers"
-                )))
-            }
-            Err(e) => return Err(H1Error::malformed(e.to_string())),
-        };
-        let code = parsed.code.unwrap_or(0);
-        let status =
-            StatusCode::from_u16(code).map_err(|_| H1Error::malformed(format!("status {code}")))?;
-        let version = if parsed.version == Some(0) {
-            Version::HTTP_10
-        } else {
-            Version::HTTP_11
-        };
-        // Where each name and value sits in the buffer, so that the values
-        // can be slices of it once it is frozen. (The head is at most
-        // MAX_HEAD_BYTES plus one read, so offsets fit in u32.)
-        let base = self.buf.as_ptr() as usize;
-        let spans = &mut self.spans;
-        spans.clear();
-        for h in parsed.headers.iter() {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            spans.push([name, name + h.name.len(), value, value + h.value.len()].map(|o| o as u32));
-        }
-        let head = self.buf.split_to(len).freeze();
-        if status.is_informational() {
-            if status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(H1Error::malformed("101 Switching Protocols unasked"));
-            }
-            return Ok(Parsed::Interim);
-        }
-        let mut headers = HeaderMap::with_capacity(self.spans.len());
-        let mut framing = Framing::default();
-        for &[n0, n1, v0, v1] in &self.spans {
-            let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
-            let name = HeaderName::from_bytes(&head[n0..n1])
-                .map_err(|_| H1Error::malformed("invalid header name"))?;
-            if framing.observe(&name, &head[v0..v1])? {
-                continue;
-            }
-            let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-                .map_err(|_| H1Error::malformed("invalid header value"))?;
-            headers.append(name, value);
-        }
-        let (decoder, keep_alive) = framing.decide(method, status, version);
-        Ok(Parsed::Final(Head {
-            status,
-            version,
-            headers,
-            decoder,
-            keep_alive,
-        }))
     }
 
     /// Takes a body that is already whole in the buffer, if it is.
@@ -428,6 +358,140 @@ impl Conn {
             }
         }
     }
+}
+
+/// Parses a complete head out of the buffer, if there is one; interim
+/// (1xx) answers are consumed and skipped.
+/// `spans` is scratch room, kept by the caller to reuse its allocation.
+fn parse_head(
+    buf: &mut BytesMut,
+    spans: &mut Vec<[u32; 4]>,
+    method: &Method,
+) -> Result<Parsed, H1Error> {
+    // Left uninitialised: zeroing room for MAX_HEADERS on every answer
+    // would cost more than the parse.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        &*buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::malformed(format!(
+                "more than {MAX_HEADERS} headers"
+            )))
+        }
+        Err(e) => return Err(H1Error::malformed(e.to_string())),
+    };
+    let code = parsed.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| H1Error::malformed(format!("status {code}")))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where each name and value sits in the buffer, so that the values
+    // can be slices of it once it is frozen. (The head is at most
+    // MAX_HEAD_BYTES plus one read, so offsets fit in u32.)
+    let base = buf.as_ptr() as usize;
+    spans.clear();
+    for h in parsed.headers.iter() {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        spans.push([name, name + h.name.len(), value, value + h.value.len()].map(|o| o as u32));
+    }
+    let head = buf.split_to(len).freeze();
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(H1Error::malformed("101 Switching Protocols unasked"));
+        }
+        return Ok(Parsed::Interim);
+    }
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut framing = Framing::default();
+    for &[n0, n1, v0, v1] in spans.iter() {
+        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
+        let name = HeaderName::from_bytes(&head[n0..n1])
+            .map_err(|_| H1Error::malformed("invalid header name"))?;
+        if framing.observe(&name, &head[v0..v1])? {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| H1Error::malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let (decoder, keep_alive) = framing.decide(method, status, version);
+    Ok(Parsed::Final(Head {
+        status,
+        version,
+        headers,
+        decoder,
+        keep_alive,
+    }))
+}
+
+/// An answer taken apart by [`take_apart`].
+#[derive(Debug)]
+pub struct Answer {
+    /// The final head.
+    pub head: Head,
+    /// The body bytes its framing gave.
+    pub body: Vec<u8>,
+    /// Whether the body ended (never, for one that runs to the close).
+    pub ended: bool,
+}
+
+/// Takes apart everything an upstream sent for one request of `method`, as
+/// a connection would: the head (interim answers skipped), then the body,
+/// its bytes handed to the decoder in pieces that end at each of `cuts`.
+/// `None` when the head is incomplete. For fuzzing: no input may panic,
+/// and where the pieces end may change nothing.
+pub fn take_apart(
+    method: &Method,
+    bytes: &[u8],
+    cuts: &[usize],
+) -> Result<Option<Answer>, H1Error> {
+    let mut buf = BytesMut::from(bytes);
+    let mut spans = Vec::new();
+    let head = loop {
+        match parse_head(&mut buf, &mut spans, method)? {
+            Parsed::Final(head) => break head,
+            Parsed::Interim => continue,
+            Parsed::Partial => return Ok(None),
+        }
+    };
+    let rest = buf.split();
+    let mut decoder = head.decoder;
+    let mut fed = BytesMut::new();
+    let mut body = Vec::new();
+    let mut start = 0;
+    for end in cuts.iter().copied().chain([rest.len()]) {
+        let end = end.clamp(start, rest.len());
+        fed.extend_from_slice(&rest[start..end]);
+        start = end;
+        loop {
+            match decode(&mut decoder, &mut fed)? {
+                Decoded::Data(data) => body.extend_from_slice(&data),
+                Decoded::End => {
+                    return Ok(Some(Answer {
+                        head,
+                        body,
+                        ended: true,
+                    }))
+                }
+                Decoded::More => break,
+            }
+        }
+    }
+    Ok(Some(Answer {
+        head,
+        body,
+        ended: false,
+    }))
 }
 
 /// What an answer's headers say about its framing and its connection,
@@ -695,6 +759,42 @@ mod tests {
         }
         let long = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE + 1));
         assert!(feed(chunked(), long.as_bytes(), 1000).is_err());
+    }
+
+    #[test]
+    fn where_the_pieces_end_changes_nothing() {
+        let answer =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                       4;x=y\r\nwiki\r\n5\r\npedia\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        let whole = take_apart(&Method::GET, answer, &[]).unwrap().unwrap();
+        assert_eq!(whole.head.status, StatusCode::OK);
+        assert_eq!(whole.body, b"wikipedia");
+        assert!(whole.ended);
+        for cut in 0..answer.len() {
+            for second in [cut + 1, cut + 7] {
+                let split = take_apart(&Method::GET, answer, &[cut, second])
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    (split.body.as_slice(), split.ended),
+                    (&b"wikipedia"[..], true),
+                    "{cut}"
+                );
+            }
+        }
+        assert!(take_apart(&Method::GET, b"HTTP/1.1 200 OK\r\n", &[])
+            .unwrap()
+            .is_none());
+        let cut_short = take_apart(
+            &Method::GET,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nabc",
+            &[1],
+        );
+        let cut_short = cut_short.unwrap().unwrap();
+        assert_eq!(
+            (cut_short.body.as_slice(), cut_short.ended),
+            (&b"abc"[..], false)
+        );
     }
 
     #[test]
