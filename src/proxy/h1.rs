@@ -39,6 +39,8 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 64 * 1024;
 /// A body this small goes in the same write as the head.
 const INLINE_BODY: usize = 16 * 1024;
+/// Room for writing requests that a connection keeps between requests.
+const KEEP_OUT: usize = 32 * 1024;
 /// Read buffer growth.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -278,6 +280,10 @@ impl Conn {
         } else {
             self.io.write_all(&self.out).await?;
             self.io.write_all(body).await?;
+        }
+        if self.out.capacity() > KEEP_OUT {
+            // An idle connection does not keep a large request's room.
+            self.out = Vec::new();
         }
         self.io.flush().await
     }
@@ -1056,6 +1062,39 @@ mod tests {
              content-length: 7\r\n\r\n{\"q\":1}\
              GET / HTTP/1.1\r\nhost: api.example:8080\r\ncontent-type: application/json\r\n\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_large_request_leaves_no_large_buffer_behind() {
+        let (mut conn, mut up) = pair().await;
+        let drain = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            up.read_to_end(&mut sink).await.map(|_| sink.len())
+        });
+        let host = HeaderValue::from_static("up");
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-big",
+            HeaderValue::from_str(&"v".repeat(40 * 1024)).unwrap(),
+        );
+        let body = Bytes::from(vec![b'b'; INLINE_BODY]);
+        conn.write_request(&Method::POST, "/", &host, h.iter(), &body)
+            .await
+            .unwrap();
+        assert_eq!(conn.out.capacity(), 0, "the room was given back");
+        let small = HeaderMap::new();
+        conn.write_request(
+            &Method::POST,
+            "/",
+            &host,
+            small.iter(),
+            &Bytes::from_static(b"{}"),
+        )
+        .await
+        .unwrap();
+        assert!(conn.out.capacity() > 0 && conn.out.capacity() <= KEEP_OUT);
+        drop(conn);
+        assert!(drain.await.unwrap().unwrap() > 40 * 1024 + INLINE_BODY);
     }
 
     #[tokio::test]
