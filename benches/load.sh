@@ -14,17 +14,34 @@
 #
 #   bash benches/load.sh            # 10 s per run, 3 rounds
 #   DURATION=30s ROUNDS=5 bash benches/load.sh
+#
+# CALLGRIND=1 runs each proxy under valgrind's callgrind instead and
+# prints the instructions each executes per request (the JSON POST, 8
+# connections, DURATION each; start-up included): the figure that repeats
+# on a noisy VM. It needs valgrind (Debian: apt-get install valgrind).
+#
+#   CALLGRIND=1 DURATION=10s bash benches/load.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
+CALLGRIND=${CALLGRIND:-0}
 LOAD_CORE=${LOAD_CORE:-0}
 PROXY_CORE=${PROXY_CORE:-1}
 
 for tool in nginx wrk taskset curl python3; do
   command -v "$tool" >/dev/null || { echo "load.sh: $tool is not installed (Debian: apt-get install nginx wrk util-linux curl)" >&2; exit 1; }
 done
+if [ "$CALLGRIND" = 1 ]; then
+  command -v valgrind >/dev/null || { echo "load.sh: valgrind is not installed (Debian: apt-get install valgrind)" >&2; exit 1; }
+  # Under valgrind each proxy is one process, and starts far slower.
+  NGINX_SINGLE=(-g "master_process off;")
+  STARTUP_TRIES=600
+else
+  NGINX_SINGLE=()
+  STARTUP_TRIES=100
+fi
 cargo build --release --quiet
 BIN=target/release/tokenpool
 
@@ -41,7 +58,7 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 wait_http() {
-  for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
+  for _ in $(seq "$STARTUP_TRIES"); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
   echo "load.sh: $1 never answered" >&2; exit 1
 }
 
@@ -129,18 +146,30 @@ EOF
 
 taskset -c "$LOAD_CORE" nginx -c "$WORK/up/nginx.conf" -p "$WORK/up" &
 PIDS+=($!)
-taskset -c "$PROXY_CORE" nginx -c "$WORK/px/nginx.conf" -p "$WORK/px" &
+NGINX_UNDER=()
+TP_UNDER=()
+if [ "$CALLGRIND" = 1 ]; then
+  NGINX_UNDER=(valgrind --quiet --tool=callgrind --callgrind-out-file="$WORK/nginx.cg")
+  TP_UNDER=(valgrind --quiet --tool=callgrind --callgrind-out-file="$WORK/tokenpool.cg")
+fi
+taskset -c "$PROXY_CORE" ${NGINX_UNDER[@]+"${NGINX_UNDER[@]}"} \
+  nginx ${NGINX_SINGLE[@]+"${NGINX_SINGLE[@]}"} -c "$WORK/px/nginx.conf" -p "$WORK/px" &
 PIDS+=($!)
 NGINX_PROXY_PID=$!
-RUST_LOG=warn taskset -c "$PROXY_CORE" "$BIN" serve -c "$WORK/tokenpool.toml" 2>"$WORK/tokenpool.log" &
+RUST_LOG=warn taskset -c "$PROXY_CORE" ${TP_UNDER[@]+"${TP_UNDER[@]}"} \
+  "$BIN" serve -c "$WORK/tokenpool.toml" 2>"$WORK/tokenpool.log" &
 PIDS+=($!)
 TP_PID=$!
 wait_http "http://127.0.0.1:$UP_PORT/v1/chat"
 wait_http "http://127.0.0.1:$NGINX_PORT/v1/chat"
 wait_http "http://127.0.0.1:$TP_ADMIN/healthz"
-# The nginx master forks its worker: measure the worker's CPU.
-sleep 0.3
-NGINX_WORKER_PID=$(pgrep -P "$NGINX_PROXY_PID" | head -1)
+if [ "$CALLGRIND" = 1 ]; then
+  NGINX_WORKER_PID=$NGINX_PROXY_PID
+else
+  # The nginx master forks its worker: measure the worker's CPU.
+  sleep 0.3
+  NGINX_WORKER_PID=$(pgrep -P "$NGINX_PROXY_PID" | head -1)
+fi
 
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 CLK_TCK=$(getconf CLK_TCK)
@@ -185,6 +214,28 @@ user_us, sys_us = per_req(user), per_req(system)
 print(f"{name:<10} {kind:<5} {conns:>4} {rps:>10.0f} {p50:>9.0f} {p99:>9.0f} {user_us + sys_us:>10.1f} {user_us:>8.1f} {sys_us:>8.1f}  {errors.group(1) + ' non-2xx' if errors else ''}")
 PY
 }
+
+if [ "$CALLGRIND" = 1 ]; then
+  # count NAME PID URL FILE SIGNAL -> one row: requests, instructions, per request
+  count() {
+    local name=$1 pid=$2 url=$3 file=$4 signal=$5 lua="$WORK/cg.lua" out requests total
+    printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' \
+      "'{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'" >"$lua"
+    out=$(taskset -c "$LOAD_CORE" wrk -t1 -c8 -d"$DURATION" -s "$lua" "$url")
+    requests=$(grep -oE '[0-9]+ requests in' <<<"$out" | grep -oE '^[0-9]+')
+    # callgrind writes its counts when the program exits.
+    kill "-$signal" "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    # (awk reads to the end: a reader that stops early fails the pipe.)
+    total=$(callgrind_annotate "$file" | awk '/PROGRAM TOTALS/ && !seen { seen = 1; gsub(",", "", $1); print $1 }')
+    printf '%-10s %10s %16s %10s\n' "$name" "$requests" "$total" "$((total / requests))"
+  }
+  echo "# load.sh under callgrind: JSON POST, 8 connections, $DURATION per proxy, start-up included"
+  printf '%-10s %10s %16s %10s\n' proxy requests instructions "per req"
+  count nginx "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/chat" "$WORK/nginx.cg" QUIT
+  count tokenpool "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/chat" "$WORK/tokenpool.cg" TERM
+  exit 0
+fi
 
 echo "# load.sh: $(nproc) cores, wrk + upstream on core $LOAD_CORE, proxy on core $PROXY_CORE, $DURATION per run, $ROUNDS rounds"
 printf '%-10s %-5s %4s %10s %9s %9s %10s %8s %8s\n' proxy kind conn "req/s" "p50 µs" "p99 µs" "CPU µs/req" "user" "sys"
