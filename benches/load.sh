@@ -174,18 +174,16 @@ fi
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 CLK_TCK=$(getconf CLK_TCK)
 
+# The two requests: a small JSON POST, like a chat completion request, and
+# a GET of the 20-event SSE answer.
+printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' \
+  "'{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'" >"$WORK/json.lua"
+printf 'wrk.method = "GET"\nwrk.headers["Accept"] = "text/event-stream"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' >"$WORK/sse.lua"
+
 # run NAME KIND PID URL CONNECTIONS -> prints one table row
 run() {
   local name=$1 kind=$2 pid=$3 url=$4 conns=$5
   local lua="$WORK/$kind.lua"
-  if [ "$kind" = json ]; then
-    # A small JSON POST, like a chat completion request.
-    printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' \
-      "'{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'" >"$lua"
-  else
-    # A GET of the 20-event SSE answer.
-    printf 'wrk.method = "GET"\nwrk.headers["Accept"] = "text/event-stream"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' >"$lua"
-  fi
   # Warm up keep-alive pools, then measure.
   taskset -c "$LOAD_CORE" wrk -t1 -c"$conns" -d2s -s "$lua" "$url" >/dev/null 2>&1 || true
   local u1 s1 u2 s2 out
@@ -218,9 +216,7 @@ PY
 if [ "$CALLGRIND" = 1 ]; then
   # count NAME PID URL FILE SIGNAL -> one row: requests, instructions, per request
   count() {
-    local name=$1 pid=$2 url=$3 file=$4 signal=$5 lua="$WORK/cg.lua" out requests total
-    printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer load-client-key"\n' \
-      "'{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}]}'" >"$lua"
+    local name=$1 pid=$2 url=$3 file=$4 signal=$5 lua="$WORK/json.lua" out requests total
     out=$(taskset -c "$LOAD_CORE" wrk -t1 -c8 -d"$DURATION" -s "$lua" "$url")
     requests=$(grep -oE '[0-9]+ requests in' <<<"$out" | grep -oE '^[0-9]+')
     # callgrind writes its counts when the program exits.

@@ -274,6 +274,8 @@ impl Shared {
     }
 
     fn h2(&self) -> Option<http2::SendRequest<Full<Bytes>>> {
+        // Only TLS can negotiate h2: no lock on the plain request path.
+        self.target.tls.as_ref()?;
         let mut h2 = lock(&self.h2);
         match h2.as_ref() {
             Some(s) if !s.is_closed() => Some(s.clone()),

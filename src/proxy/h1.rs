@@ -231,6 +231,13 @@ impl Conn {
         self.io.tcp().poll_peek(&mut cx, &mut probe).is_pending()
     }
 
+    /// Keeps room in the read buffer for the next read.
+    fn make_room(&mut self) {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+    }
+
     /// Whether any byte of the answer to the last request arrived.
     pub fn received(&self) -> bool {
         self.received
@@ -305,9 +312,7 @@ impl Conn {
                     )));
                 }
             }
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
-            }
+            self.make_room();
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(H1Error::Closed(if self.received {
                     "in the middle of the answer's head"
@@ -343,9 +348,7 @@ impl Conn {
                 Decoded::End => return Poll::Ready(Ok(None)),
                 Decoded::More => {}
             }
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
-            }
+            self.make_room();
             let read = {
                 let fill = std::pin::pin!(self.io.read_buf(&mut self.buf));
                 fill.poll(cx)

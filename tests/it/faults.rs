@@ -46,13 +46,7 @@ async fn a_reset_in_the_middle_of_a_stream_breaks_only_that_stream() {
         .await
         .expect("the head is written before the connection is aborted");
     assert_eq!(r.status(), 200);
-    let broke = loop {
-        match r.chunk().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => break false,
-            Err(_) => break true,
-        }
-    };
+    let (_, broke) = crate::harness::read_to_break(&mut r).await;
     assert!(broke, "the client sees the break, not a clean end");
     assert_eq!(
         s.sim.ai_calls("b"),

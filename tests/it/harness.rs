@@ -267,3 +267,16 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Reads a response body to its end or its break: the bytes that arrived,
+/// and whether the body broke instead of ending cleanly.
+pub async fn read_to_break(r: &mut reqwest::Response) -> (Vec<u8>, bool) {
+    let mut received = Vec::new();
+    loop {
+        match r.chunk().await {
+            Ok(Some(data)) => received.extend_from_slice(&data),
+            Ok(None) => return (received, false),
+            Err(_) => return (received, true),
+        }
+    }
+}

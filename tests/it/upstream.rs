@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokenpool::sim::Sim;
 
-use crate::harness::{eventually, metric, Proxy, CLIENT_KEY};
+use crate::harness::{eventually, metric, read_to_break, Proxy, CLIENT_KEY};
 
 fn tls_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -312,10 +312,8 @@ impl Scripted {
                 if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     break i + 4;
                 }
-                let mut chunk = [0u8; 4096];
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                if !read_more(&mut stream, &mut buf).await {
+                    return;
                 }
             };
             let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
@@ -324,10 +322,8 @@ impl Scripted {
                 .find_map(|l| l.strip_prefix("content-length: "))
                 .map_or(0, |v| v.trim().parse().unwrap());
             while buf.len() < head_end + length {
-                let mut chunk = [0u8; 4096];
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                if !read_more(&mut stream, &mut buf).await {
+                    return;
                 }
             }
             buf.drain(..head_end + length);
@@ -359,6 +355,18 @@ impl Scripted {
     }
 }
 
+/// Reads what the peer sent next onto `buf`; false once it is gone.
+async fn read_more(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
+    match stream.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
 const OK_SHORT: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 fn odd_answers(path: &str, previous: Option<&str>) -> Act {
@@ -387,6 +395,15 @@ fn odd_answers(path: &str, previous: Option<&str>) -> Act {
     }
 }
 
+/// A proxy in front of the upstream scripted by `odd_answers` (and the
+/// folder its config lives in, kept as long as the proxy runs).
+async fn scripted_proxy() -> (Scripted, Proxy, tempfile::TempDir) {
+    let up = Scripted::start(odd_answers).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proxy::start(&static_config(dir.path(), &up.url, "")).await;
+    (up, p, dir)
+}
+
 async fn request(p: &Proxy, method: reqwest::Method, path: &str) -> reqwest::Response {
     p.client
         .request(method, p.url(path))
@@ -399,9 +416,7 @@ async fn request(p: &Proxy, method: reqwest::Method, path: &str) -> reqwest::Res
 
 #[tokio::test]
 async fn odd_but_valid_answers_arrive_whole_and_connections_are_reused_when_safe() {
-    let up = Scripted::start(odd_answers).await;
-    let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(&static_config(dir.path(), &up.url, "")).await;
+    let (up, p, _dir) = scripted_proxy().await;
     use reqwest::Method;
 
     // Chunked, with an extension and a trailer, twice on one connection.
@@ -439,9 +454,7 @@ async fn odd_but_valid_answers_arrive_whole_and_connections_are_reused_when_safe
 
 #[tokio::test]
 async fn broken_answers_are_clean_errors_and_the_proxy_keeps_serving() {
-    let up = Scripted::start(odd_answers).await;
-    let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(&static_config(dir.path(), &up.url, "")).await;
+    let (up, p, _dir) = scripted_proxy().await;
     use reqwest::Method;
 
     let r = request(&p, Method::POST, "/garbage").await;
@@ -451,14 +464,7 @@ async fn broken_answers_are_clean_errors_and_the_proxy_keeps_serving() {
     // sees the connection break instead of a quiet, shorter body.
     let mut r = request(&p, Method::POST, "/short").await;
     assert_eq!(r.status(), 200);
-    let mut received = Vec::new();
-    let broke = loop {
-        match r.chunk().await {
-            Ok(Some(data)) => received.extend_from_slice(&data),
-            Ok(None) => break false,
-            Err(_) => break true,
-        }
-    };
+    let (received, broke) = read_to_break(&mut r).await;
     assert!(broke, "a cut body is not a whole one");
     assert_eq!(received, b"only this");
     let r = request(&p, Method::POST, "/chunked").await;
@@ -471,9 +477,7 @@ async fn broken_answers_are_clean_errors_and_the_proxy_keeps_serving() {
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_is_replaced_and_only_safe_requests_repeat() {
-    let up = Scripted::start(odd_answers).await;
-    let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(&static_config(dir.path(), &up.url, "")).await;
+    let (up, p, _dir) = scripted_proxy().await;
     use reqwest::Method;
 
     // Closed while idle: seen before reuse, so even a POST goes through on
