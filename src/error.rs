@@ -23,6 +23,12 @@ pub enum ProxyError {
         /// The configured limit.
         limit: usize,
     },
+    /// The request head is longer than the proxy accepts.
+    #[error("request headers larger than {limit} bytes")]
+    HeadersTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// The client's request could not be read.
     #[error("malformed request: {detail}")]
     BadRequest {
@@ -55,6 +61,7 @@ impl ProxyError {
         match self {
             ProxyError::Unauthorized => "unauthorized",
             ProxyError::RequestTooLarge { .. } => "request_too_large",
+            ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::BadRequest { .. } => "bad_request",
             ProxyError::NoTokenAvailable { .. } => "no_token_available",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
@@ -69,6 +76,7 @@ impl ProxyError {
         match self {
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::NoTokenAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
@@ -127,6 +135,11 @@ mod tests {
                 "request_too_large",
             ),
             (ProxyError::BadRequest { detail: "x" }, 400, "bad_request"),
+            (
+                ProxyError::HeadersTooLarge { limit: 10 },
+                431,
+                "headers_too_large",
+            ),
             (
                 ProxyError::NoTokenAvailable {
                     retry_after: Duration::from_millis(1500),

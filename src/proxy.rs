@@ -11,10 +11,10 @@
 
 pub mod body;
 pub mod client;
+pub mod downstream;
 pub mod h1;
 pub mod upstream;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,11 +23,10 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::app::{key_matches, App, Generation, Shutdown};
@@ -35,7 +34,7 @@ use crate::error::ProxyError;
 use crate::metrics::{outcome, Metrics};
 use crate::pool::token::RefreshResult;
 use crate::pool::{AccessToken, Outcome, Reason, Token};
-use body::{collect_limited, read_request_body, InflightGuard, ProxyBody, RequestBodyError};
+use body::{collect_limited, InflightGuard, ProxyBody, RequestBody, RequestBodyError};
 use client::UpstreamBody;
 
 /// Largest request header block accepted, HTTP/1 and HTTP/2 alike.
@@ -49,8 +48,9 @@ const MAX_ERROR_BODY: usize = 1024 * 1024;
 /// disabled by hand): long enough not to hammer, short enough to notice a fix.
 const RETRY_AFTER_WHEN_NONE_RETURN: Duration = Duration::from_secs(60);
 
-/// Builds the connection builder with the limits above; clients must send
-/// their request headers within `header_read_timeout`.
+/// Builds hyper's connection builder with the limits above, for the admin
+/// listener (the proxy listener serves HTTP/1.x itself, see [`downstream`]);
+/// clients must send their request headers within `header_read_timeout`.
 pub fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -69,8 +69,9 @@ pub fn connection_builder(header_read_timeout: Duration) -> auto::Builder<TokioE
 /// Accepts connections on `listener` until `shutdown`, then lets open
 /// requests (streams included) finish for up to `grace`.
 pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown, grace: Duration) {
-    let builder = connection_builder(app.current().config.server.header_read_timeout);
-    let graceful = GracefulShutdown::new();
+    let shared = Arc::new(downstream::Shared::new(Arc::clone(&app)));
+    // Every connection holds a receiver: `closed` tells when all are gone.
+    let (drain, draining) = watch::channel(false);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -84,38 +85,38 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown,
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let app = Arc::clone(&app);
-                let service = service_fn(move |req| {
-                    let app = Arc::clone(&app);
-                    async move { Ok::<_, Infallible>(handle(&app, req).await) }
-                });
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "client connection ended with an error");
-                    }
-                });
+                tokio::spawn(downstream::serve_connection(
+                    stream,
+                    Arc::clone(&shared),
+                    draining.clone(),
+                ));
             }
             _ = shutdown.wait() => break,
         }
     }
     drop(listener);
+    drop(draining);
+    drain.send_replace(true);
     tracing::info!(grace = ?grace, "proxy stopped accepting; letting requests finish");
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all client connections closed"),
+        _ = drain.closed() => tracing::info!("all client connections closed"),
         _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing the remaining connections"),
     }
 }
 
-/// Serves one client request.
+/// Serves one client request that came over HTTP/2.
 pub async fn handle(app: &App, req: Request<Incoming>) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    respond(app, parts, RequestBody::Incoming(body)).await
+}
+
+/// Serves one client request: `parts` is its head, `body` where its body
+/// is read from.
+pub async fn respond(app: &App, parts: Parts, body: RequestBody<'_>) -> Response<ProxyBody> {
     let guard = InflightGuard::new(&app.metrics.inflight);
     let started = Instant::now();
     let generation = app.current();
-    let (response, outcome) = match forward(&app.metrics, &generation, req).await {
+    let (response, outcome) = match forward(&app.metrics, &generation, parts, body).await {
         Ok(response) => {
             let o = match response.status().as_u16() {
                 0..=399 => outcome::SUCCESS,
@@ -164,18 +165,18 @@ enum Attempt {
 async fn forward(
     metrics: &Metrics,
     generation: &Generation,
-    req: Request<Incoming>,
+    parts: Parts,
+    body: RequestBody<'_>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let config = &generation.config;
     if !config.server.api_keys.is_empty() {
-        let ok = presented_key(req.headers())
+        let ok = presented_key(&parts.headers)
             .is_some_and(|key| key_matches(&config.server.api_keys, key));
         if !ok {
             return Err(ProxyError::Unauthorized);
         }
     }
     let limit = config.server.max_request_body_bytes;
-    let (parts, body) = req.into_parts();
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -184,7 +185,7 @@ async fn forward(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::RequestTooLarge { limit });
     }
-    let body = match read_request_body(body, limit).await {
+    let body = match body.read(limit).await {
         Ok(body) => body,
         Err(RequestBodyError::TooLarge) => return Err(ProxyError::RequestTooLarge { limit }),
         Err(RequestBodyError::Unreadable) => {

@@ -231,6 +231,24 @@ pub enum RequestBodyError {
     Unreadable,
 }
 
+/// Where a client's request body comes from.
+pub enum RequestBody<'a> {
+    /// An HTTP/2 stream, through hyper.
+    Incoming(Incoming),
+    /// The rest of an HTTP/1.x request on its connection.
+    H1(&'a mut super::downstream::Client),
+}
+
+impl RequestBody<'_> {
+    /// Reads the body whole, up to `limit` bytes.
+    pub async fn read(self, limit: usize) -> Result<Bytes, RequestBodyError> {
+        match self {
+            RequestBody::Incoming(body) => read_request_body(body, limit).await,
+            RequestBody::H1(client) => client.read_body(limit).await,
+        }
+    }
+}
+
 /// Reads a client's request body whole, up to `limit` bytes. A body that
 /// arrives in one piece (the usual small JSON request) is kept as it came,
 /// without a copy.

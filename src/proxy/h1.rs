@@ -17,7 +17,7 @@
 //! followed it.
 
 use std::future::Future;
-use std::io::{self, Write as _};
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -171,6 +171,11 @@ pub enum Chunk {
     TrailerLf { line: usize, total: usize },
 }
 
+impl Chunk {
+    /// Where a chunked body starts: before the first chunk size.
+    pub const START: Chunk = Chunk::Size { size: 0, digits: 0 };
+}
+
 /// An answer's head.
 #[derive(Debug)]
 pub struct Head {
@@ -277,8 +282,9 @@ impl Conn {
         let bodiless = body.is_empty()
             && (method == Method::GET || method == Method::HEAD || method == Method::CONNECT);
         if !bodiless {
-            // Writing to a Vec cannot fail.
-            let _ = write!(out, "content-length: {}\r\n", body.len());
+            out.extend_from_slice(b"content-length: ");
+            push_number(out, body.len() as u64, 10);
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
         if body.len() <= INLINE_BODY {
@@ -367,6 +373,22 @@ impl Conn {
             }
         }
     }
+}
+
+/// Appends `n` in base `radix` (10 or 16, lower case): the formatting
+/// machinery of `write!` costs several times more, on every message.
+pub(super) fn push_number(out: &mut Vec<u8>, mut n: u64, radix: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[(n % radix) as usize];
+        n /= radix;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Parses a complete head out of the buffer, if there is one; interim
@@ -506,7 +528,7 @@ pub fn take_apart(
 /// What an answer's headers say about its framing and its connection,
 /// gathered while the headers are read (no lookups afterwards).
 #[derive(Debug, Default)]
-struct Framing {
+pub(super) struct Framing {
     /// `Transfer-Encoding` was present; `chunked` whether its last coding is.
     transfer_encoding: bool,
     chunked: bool,
@@ -523,7 +545,7 @@ impl Framing {
     /// `Keep-Alive`, and a `Connection` naming nothing but `close` or
     /// `keep-alive` (one naming other headers is kept for the proxy's
     /// header rules, which remove those too).
-    fn observe(&mut self, name: &HeaderName, value: &[u8]) -> Result<bool, H1Error> {
+    pub(super) fn observe(&mut self, name: &HeaderName, value: &[u8]) -> Result<bool, H1Error> {
         let tokens = || {
             value
                 .split(|&b| b == b',')
@@ -583,10 +605,7 @@ impl Framing {
                 // With a Content-Length as well the message is suspect
                 // (RFC 9112 §6.3): the chunks win, and the connection closes.
                 let alone = self.length.is_none();
-                return (
-                    Decoder::Chunked(Chunk::Size { size: 0, digits: 0 }),
-                    alive && alone,
-                );
+                return (Decoder::Chunked(Chunk::START), alive && alone);
             }
             return (Decoder::Eof, false);
         }
@@ -598,9 +617,36 @@ impl Framing {
     }
 }
 
+impl Framing {
+    /// How a client's request body ends (RFC 9112 §6.3), and whether the
+    /// connection may carry another request after it. A request without
+    /// `Content-Length` or `Transfer-Encoding` has no body; a
+    /// `Transfer-Encoding` that does not end in chunked cannot be framed.
+    pub(super) fn decide_request(&self, version: Version) -> Result<(Decoder, bool), &'static str> {
+        let alive = if version == Version::HTTP_10 {
+            self.keep_alive
+        } else {
+            !self.close
+        };
+        if self.transfer_encoding {
+            if !self.chunked {
+                return Err("a Transfer-Encoding that does not end in chunked");
+            }
+            // Both framings at once is how requests are smuggled: the
+            // chunks win, and the connection closes after the answer.
+            let alone = self.length.is_none();
+            return Ok((Decoder::Chunked(Chunk::START), alive && alone));
+        }
+        match self.length {
+            None | Some(0) => Ok((Decoder::Done, alive)),
+            Some(n) => Ok((Decoder::Length(n), alive)),
+        }
+    }
+}
+
 /// What one step of decoding gave.
 #[derive(Debug, PartialEq, Eq)]
-enum Decoded {
+pub(super) enum Decoded {
     Data(Bytes),
     End,
     /// The buffer holds no more of the body.
@@ -614,7 +660,7 @@ fn take(buf: &mut BytesMut, left: &mut u64) -> Bytes {
 }
 
 /// Decodes what the buffer holds of the body.
-fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
+pub(super) fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
     loop {
         match decoder {
             Decoder::Done => return Ok(Decoded::End),
@@ -687,7 +733,7 @@ fn chunk_step(state: Chunk, byte: u8) -> Result<Decoder, H1Error> {
             _ => return bad("expected CRLF after chunk data"),
         },
         Chunk::DataLf => match byte {
-            b'\n' => Chunk::Size { size: 0, digits: 0 },
+            b'\n' => Chunk::START,
             _ => return bad("expected CRLF after chunk data"),
         },
         Chunk::Trailer { line, total } => match byte {
@@ -711,8 +757,26 @@ fn chunk_step(state: Chunk, byte: u8) -> Result<Decoder, H1Error> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn numbers_are_written_in_their_base() {
+        for (n, radix, text) in [
+            (0, 10, "0"),
+            (7, 10, "7"),
+            (1234567890, 10, "1234567890"),
+            (u64::MAX, 10, "18446744073709551615"),
+            (0, 16, "0"),
+            (255, 16, "ff"),
+            (0x10000, 16, "10000"),
+            (u64::MAX, 16, "ffffffffffffffff"),
+        ] {
+            let mut out = b"x".to_vec();
+            push_number(&mut out, n, radix);
+            assert_eq!(out, format!("x{text}").into_bytes());
+        }
+    }
+
     fn chunked() -> Decoder {
-        Decoder::Chunked(Chunk::Size { size: 0, digits: 0 })
+        Decoder::Chunked(Chunk::START)
     }
 
     /// Decodes `input` fed `step` bytes at a time; the body and whether it

@@ -3,6 +3,7 @@
 
 mod admin;
 mod config_files;
+mod downstream;
 mod faults;
 mod hardening;
 mod harness;

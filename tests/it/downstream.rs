@@ -1,0 +1,397 @@
+//! The client-facing HTTP/1.x codec, byte by byte: pipelined requests,
+//! `Expect: 100-continue`, refused requests with their body unread,
+//! HTTP/1.0 and HEAD framing, request smuggling shapes, the idle timeout
+//! and draining on shutdown.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{Setup, CLIENT_KEY};
+
+/// One answer as the client read it.
+#[derive(Debug)]
+struct Answer {
+    /// Status line and headers, names as sent.
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        self.head[9..12].parse().unwrap()
+    }
+
+    /// The value of header `name` (sent in lower case by the proxy).
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head
+            .lines()
+            .skip(1)
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}{}", self.head, String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// A client connection that writes raw bytes and reads answers one by one.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        Raw {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads more bytes; false at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+            .await
+            .expect("the proxy answers within 10 s")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// Reads `n` bytes of the buffer, filling it as needed.
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill().await, "the stream ended inside a body");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Reads up to and including the next CRLF.
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..i + 2).collect();
+                return String::from_utf8(line).unwrap();
+            }
+            assert!(self.fill().await, "the stream ended inside a line");
+        }
+    }
+
+    /// Reads the next answer; `bodiless` for the answer to a HEAD.
+    async fn answer(&mut self, bodiless: bool) -> Answer {
+        let mut head = String::new();
+        loop {
+            let line = self.line().await;
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut answer = Answer {
+            head,
+            body: Vec::new(),
+        };
+        if bodiless || answer.status() == 204 || answer.status() == 304 {
+            return answer;
+        }
+        if let Some(n) = answer.header("content-length") {
+            answer.body = self.take(n.parse().unwrap()).await;
+        } else if answer.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let size = usize::from_str_radix(self.line().await.trim_end(), 16).unwrap();
+                answer.body.extend(self.take(size).await);
+                assert_eq!(self.take(2).await, b"\r\n");
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            while self.fill().await {}
+            answer.body = std::mem::take(&mut self.buf);
+        }
+        answer
+    }
+
+    /// Whether the proxy closed the connection (after any bytes left).
+    async fn closed(&mut self) -> bool {
+        !self.fill().await
+    }
+}
+
+fn post(path: &str, extra: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+    let mut c = Raw::connect(p.addr).await;
+    // Three requests in one write: a length body, none, and chunks.
+    let all = format!(
+        "{}GET /echo?2 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\r\n\
+         POST /echo?3 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+         transfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n6\r\nefghij\r\n0\r\n\r\n",
+        post("/echo?1", "", "hello")
+    );
+    c.send(all.as_bytes()).await;
+    for (method, bytes) in [("POST", 5), ("GET", 0), ("POST", 10)] {
+        let a = c.answer(false).await;
+        assert_eq!(a.status(), 200, "{a:?}");
+        let v = a.json();
+        assert_eq!(
+            (v["method"].as_str(), v["body_bytes"].as_u64()),
+            (Some(method), Some(bytes))
+        );
+        assert!(a.header("date").is_some(), "every answer is dated: {a:?}");
+        assert_eq!(a.header("connection"), None, "{a:?}");
+    }
+    // And the connection still serves.
+    c.send(post("/echo", "connection: close\r\n", "x").as_bytes())
+        .await;
+    let a = c.answer(false).await;
+    assert_eq!((a.status(), a.header("connection")), (200, Some("close")));
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_only_when_the_body_is_wanted() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+    let mut c = Raw::connect(p.addr).await;
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\nexpect: 100-continue\r\ncontent-length: 4\r\n\r\n"
+    );
+    c.send(head.as_bytes()).await;
+    let interim = c.answer(true).await;
+    assert_eq!(interim.status(), 100, "{interim:?}");
+    c.send(b"body").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    assert_eq!(a.json()["body_bytes"], 4);
+    let seen = s.sim.seen();
+    let (_, headers) = seen.iter().rfind(|(path, _)| path == "/echo").unwrap();
+    assert!(
+        !headers.contains_key("expect"),
+        "the proxy answered it: {headers:?}"
+    );
+
+    // With a wrong key the body is never asked for: a 401, then the close.
+    let mut c = Raw::connect(p.addr).await;
+    c.send(b"POST /echo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\nexpect: 100-continue\r\ncontent-length: 4\r\n\r\n")
+        .await;
+    let a = c.answer(false).await;
+    assert_eq!((a.status(), a.header("connection")), (401, Some("close")));
+    assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn a_refused_request_with_its_body_unread_still_gets_its_answer() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+    // A wrong key and 2 MB of body on the way: the proxy answers at once
+    // and closes, but reads the body away first, so the answer is not
+    // lost to a reset.
+    let mut c = Raw::connect(p.addr).await;
+    let body = vec![b'x'; 2 * 1024 * 1024];
+    c.send(format!("POST /echo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes())
+        .await;
+    let (mut read, mut write) = c.stream.into_split();
+    let writer = tokio::spawn(async move {
+        // Fails once the proxy stops reading: that is expected.
+        let _ = write.write_all(&body[..256 * 1024]).await;
+        write
+    });
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut got))
+        .await
+        .expect("the proxy closes within 10 s");
+    let text = String::from_utf8_lossy(&got);
+    // Closing with the body unread would reset the connection, and a
+    // reset may throw away the answer before the client reads it.
+    assert!(
+        end.is_ok(),
+        "a clean end, not a reset: {end:?} after {text}"
+    );
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.contains("x-tokenpool-error: unauthorized"), "{text}");
+    let _ = writer.await;
+
+    // A refused request whose small body is all here keeps its connection.
+    let mut c = Raw::connect(p.addr).await;
+    c.send(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc")
+        .await;
+    let a = c.answer(false).await;
+    assert_eq!((a.status(), a.header("connection")), (401, None));
+    c.send(post("/echo", "", "abc").as_bytes()).await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    assert_eq!(s.sim.total_ai_calls(), 0);
+}
+
+#[tokio::test]
+async fn http_1_0_and_head_answers_are_framed_for_their_request() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+
+    // HTTP/1.0 without keep-alive: a streamed answer runs to the close,
+    // unchunked.
+    let mut c = Raw::connect(p.addr).await;
+    c.send(
+        format!("GET /ai/multi-agent HTTP/1.0\r\nauthorization: Bearer {CLIENT_KEY}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let a = c.answer(false).await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    assert_eq!(a.header("transfer-encoding"), None, "{a:?}");
+    assert_eq!(a.header("connection"), Some("close"), "{a:?}");
+    let text = String::from_utf8_lossy(&a.body);
+    assert!(text.matches("data: ").count() >= 2, "{text}");
+    assert!(!text.contains("\r\n0\r\n"), "no chunk framing: {text}");
+
+    // HTTP/1.0 with keep-alive: said back when the answer's length is
+    // known (the proxy's own 401 here; the simulator chunks its answers),
+    // and the connection serves on.
+    let mut c = Raw::connect(p.addr).await;
+    for _ in 0..2 {
+        c.send(
+            b"GET /echo HTTP/1.0\r\nconnection: keep-alive\r\nauthorization: Bearer wrong\r\n\r\n",
+        )
+        .await;
+        let a = c.answer(false).await;
+        assert_eq!(
+            (a.status(), a.header("connection")),
+            (401, Some("keep-alive")),
+            "{a:?}"
+        );
+        assert_eq!(a.json()["error"]["code"], "unauthorized");
+    }
+    c.send(format!("GET /echo HTTP/1.0\r\nconnection: keep-alive\r\nauthorization: Bearer {CLIENT_KEY}\r\n\r\n").as_bytes())
+        .await;
+    let a = c.answer(false).await;
+    assert_eq!(
+        (a.status(), a.header("connection")),
+        (200, Some("close")),
+        "{a:?}"
+    );
+    assert_eq!(a.json()["method"], "GET");
+
+    // HEAD: the headers a GET would get, no body; the next answer follows
+    // straight after.
+    let mut c = Raw::connect(p.addr).await;
+    c.send(
+        format!("HEAD /echo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let a = c.answer(true).await;
+    assert_eq!(a.status(), 200, "{a:?}");
+    c.send(post("/echo", "", "abc").as_bytes()).await;
+    let a = c.answer(false).await;
+    assert_eq!(a.json()["body_bytes"], 3, "{a:?}");
+}
+
+#[tokio::test]
+async fn smuggling_shapes_are_refused_or_end_their_connection() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+    let auth = format!("authorization: Bearer {CLIENT_KEY}\r\n");
+
+    // A transfer coding the proxy cannot frame: 400, then the close.
+    let mut c = Raw::connect(p.addr).await;
+    c.send(
+        format!("POST /echo HTTP/1.1\r\nhost: x\r\n{auth}transfer-encoding: gzip\r\n\r\nabc")
+            .as_bytes(),
+    )
+    .await;
+    let a = c.answer(false).await;
+    assert_eq!(
+        (a.status(), a.header("connection")),
+        (400, Some("close")),
+        "{a:?}"
+    );
+    assert_eq!(a.header("x-tokenpool-error"), Some("bad_request"));
+    assert!(c.closed().await);
+
+    // Chunks and a length: read by its chunks, and the connection ends,
+    // so what the length would have framed never becomes a request.
+    let mut c = Raw::connect(p.addr).await;
+    c.send(format!("POST /echo HTTP/1.1\r\nhost: x\r\n{auth}content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n{auth}\r\n").as_bytes())
+        .await;
+    let a = c.answer(false).await;
+    assert_eq!(
+        (a.status(), a.header("connection")),
+        (200, Some("close")),
+        "{a:?}"
+    );
+    assert_eq!(a.json()["body_bytes"], 3);
+    assert!(c.closed().await);
+    assert!(
+        !s.sim.seen().iter().any(|(path, _)| path == "/smuggled"),
+        "nothing after a doubly framed request is served"
+    );
+
+    // Content-Lengths that disagree: 400.
+    let mut c = Raw::connect(p.addr).await;
+    c.send(format!("POST /echo HTTP/1.1\r\nhost: x\r\n{auth}content-length: 3\r\ncontent-length: 30\r\n\r\nabc").as_bytes())
+        .await;
+    assert_eq!(c.answer(false).await.status(), 400);
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_the_header_timeout_and_at_shutdown() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    s.write(&s.config(&[("a", "personal")], "", "").replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nheader_read_timeout = \"1s\"",
+    ));
+    let p = s.proxy().await;
+    let mut c = Raw::connect(p.addr).await;
+    c.send(post("/echo", "", "abc").as_bytes()).await;
+    assert_eq!(c.answer(false).await.status(), 200);
+    // Nothing more is sent: the proxy closes the connection by itself
+    // (Raw gives up after 10 s).
+    assert!(c.closed().await);
+
+    // At shutdown an idle connection closes at once, well inside the
+    // 10 s grace, and a request in flight gets its answer first.
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    let p = s.proxy().await;
+    let mut idle = Raw::connect(p.addr).await;
+    idle.send(post("/echo", "", "abc").as_bytes()).await;
+    assert_eq!(idle.answer(false).await.status(), 200);
+    let mut busy = Raw::connect(p.addr).await;
+    busy.send(
+        format!(
+            "GET /ai/multi-agent HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    let stopping = tokio::spawn(p.stop());
+    assert!(idle.closed().await, "an idle connection closes at shutdown");
+    let a = busy.answer(false).await;
+    assert_eq!(a.status(), 200);
+    assert!(String::from_utf8_lossy(&a.body).contains("data: "));
+    assert!(
+        busy.closed().await,
+        "a draining connection closes after its answer"
+    );
+    tokio::time::timeout(Duration::from_secs(8), stopping)
+        .await
+        .expect("shutdown does not wait out the grace period")
+        .unwrap();
+}
