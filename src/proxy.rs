@@ -35,7 +35,7 @@ use crate::metrics::{outcome, Metrics};
 use crate::pool::token::RefreshResult;
 use crate::pool::{AccessToken, Outcome, Reason, Token};
 use body::{collect_limited, InflightGuard, ProxyBody, RequestBody, RequestBodyError};
-use client::UpstreamBody;
+use client::{ClientError, UpstreamBody};
 
 /// Largest request header block accepted, HTTP/1 and HTTP/2 alike.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -392,19 +392,23 @@ async fn send(
     let bearer = access.header().ok_or(ProxyError::UpstreamUnreachable)?;
     let headers = upstream.outgoing(&parts.headers, bearer);
     let started = Instant::now();
-    let sent = upstream.send(&parts.method, parts.uri.path_and_query(), &headers, body);
-    match tokio::time::timeout(upstream.idle_timeout, sent).await {
-        Ok(Ok(response)) => {
+    let deadline = started + upstream.idle_timeout;
+    let path = parts.uri.path_and_query();
+    match upstream
+        .send(&parts.method, path, &headers, body, deadline)
+        .await
+    {
+        Ok(response) => {
             metrics.upstream_answer(token.tier(), response.status(), started.elapsed());
             Ok(response)
         }
-        Ok(Err(e)) => {
-            tracing::warn!(token = token.name(), error = %e.describe(), "upstream request failed");
-            Err(ProxyError::UpstreamUnreachable)
-        }
-        Err(_) => {
+        Err(ClientError::TimedOut) => {
             tracing::warn!(token = token.name(), timeout = ?upstream.idle_timeout, "upstream did not answer in time");
             Err(ProxyError::UpstreamTimeout)
+        }
+        Err(e) => {
+            tracing::warn!(token = token.name(), error = %e.describe(), "upstream request failed");
+            Err(ProxyError::UpstreamUnreachable)
         }
     }
 }

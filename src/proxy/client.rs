@@ -68,6 +68,9 @@ pub enum ClientError {
     /// The HTTP/2 exchange failed.
     #[error("HTTP/2 exchange failed: {0}")]
     H2(#[source] hyper::Error),
+    /// No answer's head by the deadline.
+    #[error("no answer in time")]
+    TimedOut,
 }
 
 impl ClientError {
@@ -288,6 +291,14 @@ impl Shared {
     }
 }
 
+/// Why an HTTP/1.1 exchange gave no answer.
+enum Exchange {
+    /// It failed; true when the request may be sent again.
+    Failed(H1Error, bool),
+    /// The deadline passed.
+    TimedOut,
+}
+
 impl UpstreamClient {
     /// A pool for the upstream at `url` (validated: http or https, with a
     /// host). `extra_roots` are trusted besides the built-in web roots.
@@ -361,14 +372,16 @@ impl UpstreamClient {
         lock(&self.shared.idle).len()
     }
 
-    /// Sends one request and waits for the answer's head. The body, read
-    /// to its end, gives its connection back to the pool.
+    /// Sends one request and waits for the answer's head, until
+    /// `deadline`. The body, read to its end, gives its connection back to
+    /// the pool.
     pub async fn send(
         &self,
         method: &Method,
         path: &PathAndQuery,
         headers: &Outgoing<'_>,
         body: &Bytes,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, ClientError> {
         loop {
             let (conn, reused) = match self.shared.h2() {
@@ -379,19 +392,35 @@ impl UpstreamClient {
                     // handshakes) is a future of several kilobytes that the
                     // request's own future would otherwise carry, and copy,
                     // on every request.
-                    None => (Box::pin(self.connect()).await?, false),
+                    None => {
+                        let connect = Box::pin(self.connect());
+                        let conn = tokio::time::timeout_at(deadline, connect)
+                            .await
+                            .map_err(|_| ClientError::TimedOut)??;
+                        (conn, false)
+                    }
                 },
             };
             match conn {
-                Conn::H1(conn) => match self.send_h1(conn, method, path, headers, body).await {
-                    Ok(response) => return Ok(response),
-                    Err((e, resend)) if reused && resend => {
-                        tracing::debug!(error = %e, "reused upstream connection was closed; sending on a new one");
+                Conn::H1(conn) => {
+                    match self
+                        .send_h1(conn, method, path, headers, body, deadline)
+                        .await
+                    {
+                        Ok(response) => return Ok(response),
+                        Err(Exchange::TimedOut) => return Err(ClientError::TimedOut),
+                        Err(Exchange::Failed(e, resend)) if reused && resend => {
+                            tracing::debug!(error = %e, "reused upstream connection was closed; sending on a new one");
+                        }
+                        Err(Exchange::Failed(e, _)) => return Err(ClientError::H1(e)),
                     }
-                    Err((e, _)) => return Err(ClientError::H1(e)),
-                },
+                }
                 Conn::H2(sender) => {
-                    match self.send_h2(sender, method, path, headers, body).await {
+                    let sent = self.send_h2(sender, method, path, headers, body);
+                    let sent = tokio::time::timeout_at(deadline, sent)
+                        .await
+                        .map_err(|_| ClientError::TimedOut)?;
+                    match sent {
                         Ok(response) => return Ok(response),
                         Err(mut e) => {
                             // Not a byte was written: safe to send again.
@@ -407,8 +436,9 @@ impl UpstreamClient {
         }
     }
 
-    /// One exchange on an HTTP/1.1 connection. On failure, whether the
-    /// request may be sent again (if the connection was a reused one).
+    /// One exchange on an HTTP/1.1 connection, until `deadline`. On
+    /// failure, whether the request may be sent again (if the connection
+    /// was a reused one).
     async fn send_h1(
         &self,
         mut conn: h1::Conn,
@@ -416,22 +446,30 @@ impl UpstreamClient {
         path: &PathAndQuery,
         headers: &Outgoing<'_>,
         body: &Bytes,
-    ) -> Result<Response<UpstreamBody>, (H1Error, bool)> {
+        deadline: Instant,
+    ) -> Result<Response<UpstreamBody>, Exchange> {
         let host = &self.shared.target.host_header;
-        if let Err(e) = conn
-            .write_request(method, path.as_str(), host, headers.iter(), body)
-            .await
-        {
-            // The upstream cannot have read the whole request.
-            return Err((e.into(), true));
-        }
-        let head = match conn.read_head(method).await {
-            Ok(head) => head,
-            Err(e) => {
-                let nothing_back = !conn.received() && !matches!(e, H1Error::Malformed(_));
-                return Err((e, nothing_back && replayable(method, headers)));
+        let mut timer = conn.take_timer(deadline);
+        let exchange = async {
+            if let Err(e) = conn
+                .write_request(method, path.as_str(), host, headers.iter(), body)
+                .await
+            {
+                // The upstream cannot have read the whole request.
+                return Err(Exchange::Failed(e.into(), true));
             }
+            conn.read_head(method).await.map_err(|e| {
+                let nothing_back = !conn.received() && !matches!(e, H1Error::Malformed(_));
+                Exchange::Failed(e, nothing_back && replayable(method, headers))
+            })
         };
+        let head = tokio::select! {
+            biased;
+            head = exchange => head,
+            () = h1::deadline_passed(&mut timer, deadline) => Err(Exchange::TimedOut),
+        };
+        conn.put_timer(timer);
+        let head = head?;
         let mut decoder = head.decoder;
         let kind = match conn.take_whole(&mut decoder) {
             Some(data) => {

@@ -51,7 +51,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use super::body::{ProxyBody, RequestBody, RequestBodyError};
-use super::h1::{decode, push_number, Decoded, Decoder, Framing};
+use super::h1::{deadline_passed, decode, push_number, Decoded, Decoder, Framing};
 use super::{MAX_CONCURRENT_STREAMS, MAX_HEADER_BYTES};
 use crate::app::App;
 use crate::error::ProxyError;
@@ -166,8 +166,8 @@ pub struct Client {
     /// The client waits for `100 Continue` before it sends the body.
     expect_continue: bool,
     /// The header timer, made on the first wait that needs one and moved
-    /// forward only when it fires early (see `wait_head`), so a request
-    /// does not cost a trip through the timer wheel.
+    /// forward only when it fires early (see [`deadline_passed`]), so a
+    /// request does not cost a trip through the timer wheel.
     timer: Option<Pin<Box<Sleep>>>,
 }
 
@@ -307,8 +307,6 @@ impl Client {
                 return Ok(Next::Closed);
             }
             self.make_room();
-            // The timer fires at the deadline of an earlier wait, or this
-            // one's: only the latter ends the connection.
             let timer = self
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -323,11 +321,7 @@ impl Client {
                         return Ok(Next::Closed);
                     }
                 },
-                () = timer.as_mut() => {
-                    if timer.deadline() < deadline {
-                        timer.as_mut().reset(deadline);
-                        continue;
-                    }
+                () = deadline_passed(timer, deadline) => {
                     if !idle {
                         tracing::debug!(?timeout, "client did not send its request head in time");
                     }

@@ -28,6 +28,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::client::TlsStream;
 
 /// Longest answer head (status line and headers) accepted.
@@ -133,6 +134,9 @@ pub struct Conn {
     /// Whether any byte of the current answer has arrived (a request on a
     /// reused connection that got none may be sent again elsewhere).
     received: bool,
+    /// The timer of the exchanges' deadlines, kept between requests (see
+    /// [`deadline_passed`]).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// How the body of an answer ends.
@@ -219,7 +223,21 @@ impl Conn {
             out: Vec::new(),
             spans: Vec::new(),
             received: false,
+            timer: None,
         }
+    }
+
+    /// Takes the connection's timer out for an exchange due by `deadline`
+    /// (made on first use); [`Conn::put_timer`] gives it back.
+    pub fn take_timer(&mut self, deadline: Instant) -> Pin<Box<Sleep>> {
+        self.timer
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)))
+    }
+
+    /// Gives back the timer [`Conn::take_timer`] took.
+    pub fn put_timer(&mut self, timer: Pin<Box<Sleep>>) {
+        self.timer = Some(timer);
     }
 
     /// Whether an idle connection can take a request: nothing is waiting
@@ -372,6 +390,25 @@ impl Conn {
                 Poll::Ready(Ok(_)) => {}
             }
         }
+    }
+}
+
+/// Completes once `deadline` has passed, with a timer that may be set for
+/// an earlier deadline (of an earlier request on the same connection): it
+/// is moved forward only when it fires early. A timer moved on every
+/// request costs a trip through the runtime's timer wheel each time; this
+/// one moves at most once per timeout period. (A timer set later than
+/// `deadline`, after a reload shortened the timeout, is moved back.)
+pub async fn deadline_passed(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    loop {
+        timer.as_mut().await;
+        if timer.deadline() >= deadline {
+            return;
+        }
+        timer.as_mut().reset(deadline);
     }
 }
 
@@ -756,6 +793,34 @@ fn chunk_step(state: Chunk, byte: u8) -> Result<Decoder, H1Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_timer_ends_each_wait_at_its_own_deadline() {
+        let start = Instant::now();
+        let at = |n| start + std::time::Duration::from_secs(n);
+        let mut timer = Box::pin(tokio::time::sleep_until(at(10)));
+        // A wait cut short (the answer came first) at `until`.
+        async fn cut(timer: &mut Pin<Box<Sleep>>, deadline: Instant, until: Instant) {
+            let wait = deadline_passed(timer, deadline);
+            assert!(tokio::time::timeout_at(until, wait).await.is_err());
+        }
+        deadline_passed(&mut timer, at(10)).await;
+        assert_eq!(Instant::now(), at(10));
+        // The timer fired for the last wait: this one still lasts to its own.
+        deadline_passed(&mut timer, at(25)).await;
+        assert_eq!(Instant::now(), at(25));
+        // A wait cut short leaves the timer at 100; a shorter timeout
+        // (after a reload) still ends the next wait at its deadline.
+        cut(&mut timer, at(100), at(30)).await;
+        deadline_passed(&mut timer, at(40)).await;
+        assert_eq!(Instant::now(), at(40));
+        // Several waits cut short, the timer left at 50: the next wait does
+        // not end when it fires, but at its own deadline.
+        cut(&mut timer, at(50), at(45)).await;
+        cut(&mut timer, at(60), at(48)).await;
+        deadline_passed(&mut timer, at(70)).await;
+        assert_eq!(Instant::now(), at(70));
+    }
 
     #[test]
     fn numbers_are_written_in_their_base() {

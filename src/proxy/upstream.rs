@@ -80,9 +80,10 @@ impl Upstream {
         path: Option<&PathAndQuery>,
         headers: &Outgoing<'_>,
         body: &Bytes,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, ClientError> {
         self.client
-            .send(method, &self.path_for(path), headers, body)
+            .send(method, &self.path_for(path), headers, body, deadline)
             .await
     }
 
