@@ -47,6 +47,10 @@ pub enum ProxyError {
     /// The upstream did not answer in time.
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// The client closed its connection before its answer. Nobody reads
+    /// this answer; it exists for the outcome and the log.
+    #[error("the client closed the connection")]
+    ClientClosed,
     /// The admin route does not exist.
     #[error("not found")]
     NotFound,
@@ -66,6 +70,7 @@ impl ProxyError {
             ProxyError::NoTokenAvailable { .. } => "no_token_available",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::ClientClosed => "client_closed_request",
             ProxyError::NotFound => "not_found",
             ProxyError::MethodNotAllowed => "method_not_allowed",
         }
@@ -81,6 +86,8 @@ impl ProxyError {
             ProxyError::NoTokenAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            // nginx's code for it.
+            ProxyError::ClientClosed => StatusCode::from_u16(499).expect("a valid code"),
             ProxyError::NotFound => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -149,6 +156,7 @@ mod tests {
             ),
             (ProxyError::UpstreamUnreachable, 502, "upstream_unreachable"),
             (ProxyError::UpstreamTimeout, 504, "upstream_timeout"),
+            (ProxyError::ClientClosed, 499, "client_closed_request"),
         ];
         for (err, status, code) in cases {
             let r: Response<Bytes> = err.to_response();

@@ -15,6 +15,7 @@ pub mod downstream;
 pub mod h1;
 pub mod upstream;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,16 +108,24 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown,
 /// Serves one client request that came over HTTP/2.
 pub async fn handle(app: &App, req: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
-    respond(app, parts, RequestBody::Incoming(body)).await
+    // hyper drops this future when the client resets the stream.
+    let left = std::future::pending();
+    respond(app, parts, RequestBody::Incoming(body), left).await
 }
 
 /// Serves one client request: `parts` is its head, `body` where its body
-/// is read from.
-pub async fn respond(app: &App, parts: Parts, body: RequestBody<'_>) -> Response<ProxyBody> {
+/// is read from. Once the body is read, the work stops when `left`
+/// completes (the client is gone).
+pub async fn respond(
+    app: &App,
+    parts: Parts,
+    body: RequestBody<'_>,
+    left: impl Future<Output = ()>,
+) -> Response<ProxyBody> {
     let guard = InflightGuard::new(&app.metrics.inflight);
     let started = Instant::now();
     let generation = app.current();
-    let (response, outcome) = match forward(&app.metrics, &generation, parts, body).await {
+    let (response, outcome) = match forward(&app.metrics, &generation, parts, body, left).await {
         Ok(response) => {
             let o = match response.status().as_u16() {
                 0..=399 => outcome::SUCCESS,
@@ -167,6 +176,7 @@ async fn forward(
     generation: &Generation,
     parts: Parts,
     body: RequestBody<'_>,
+    left: impl Future<Output = ()>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let config = &generation.config;
     if !config.server.api_keys.is_empty() {
@@ -195,6 +205,24 @@ async fn forward(
         }
     };
 
+    tokio::select! {
+        biased;
+        answer = failover(metrics, generation, &parts, &body) => answer,
+        () = left => {
+            tracing::debug!("the client left before its answer");
+            Err(ProxyError::ClientClosed)
+        }
+    }
+}
+
+/// Tries tokens for a request until one answers or attempts run out.
+async fn failover(
+    metrics: &Metrics,
+    generation: &Generation,
+    parts: &Parts,
+    body: &Bytes,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let config = &generation.config;
     let pool = &generation.pool;
     let max_attempts = config.pool.max_attempts as usize;
     // Allocated only when a request fails over.
@@ -212,7 +240,7 @@ async fn forward(
                 .with_label_values(&[from.as_str(), to.as_str()])
                 .inc();
         }
-        match attempt(metrics, generation, token, &parts, &body).await? {
+        match attempt(metrics, generation, token, parts, body).await? {
             Attempt::Done(response) => return Ok(response),
             Attempt::Failover { reason, answer } => {
                 tracing::debug!(

@@ -93,7 +93,7 @@ impl ProxyBody {
             inner,
             idle,
             timer: None,
-            // The head itself waits in hyper's buffer until the first flush.
+            // The head itself waits in the server's buffer until it writes.
             unflushed: true,
             deferred: None,
         };
@@ -147,11 +147,13 @@ impl Body for ProxyBody {
                     s.unflushed = true;
                     Poll::Ready(Some(Ok(frame)))
                 }
-                // An error aborts the client's connection, and hyper drops
-                // what it has not written yet. If it may still hold the
-                // head and the last frames, answer `Pending` once (woken at
-                // once) so that it writes them first: the client then sees
-                // the upstream's status and what arrived, then the break.
+                // An error aborts the client's connection, and hyper (the
+                // HTTP/2 server) drops what it has not written yet. If it
+                // may still hold the head and the last frames, answer
+                // `Pending` once (woken at once) so that it writes them
+                // first: the client then sees the upstream's status and
+                // what arrived, then the break. (The HTTP/1.x codec writes
+                // what it holds on `Pending` anyway.)
                 Poll::Ready(Some(Err(e))) if s.unflushed => {
                     s.unflushed = false;
                     s.deferred = Some(e);
@@ -236,7 +238,7 @@ pub enum RequestBody<'a> {
     /// An HTTP/2 stream, through hyper.
     Incoming(Incoming),
     /// The rest of an HTTP/1.x request on its connection.
-    H1(&'a mut super::downstream::Client),
+    H1(super::downstream::BodyReader<'a>),
 }
 
 impl RequestBody<'_> {
@@ -244,7 +246,7 @@ impl RequestBody<'_> {
     pub async fn read(self, limit: usize) -> Result<Bytes, RequestBodyError> {
         match self {
             RequestBody::Incoming(body) => read_request_body(body, limit).await,
-            RequestBody::H1(client) => client.read_body(limit).await,
+            RequestBody::H1(reader) => reader.read(limit).await,
         }
     }
 }

@@ -29,10 +29,11 @@
 
 use std::cell::RefCell;
 use std::convert::Infallible;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -165,6 +166,9 @@ pub struct Client {
     body: Decoder,
     /// The client waits for `100 Continue` before it sends the body.
     expect_continue: bool,
+    /// Whether bytes followed the body of the request being served (a
+    /// pipelined request): then the client is not watched for leaving.
+    pipelined: AtomicBool,
     /// The header timer, made on the first wait that needs one and moved
     /// forward only when it fires early (see [`deadline_passed`]), so a
     /// request does not cost a trip through the timer wheel.
@@ -184,6 +188,7 @@ pub async fn serve_connection(
         spans: Vec::new(),
         body: Decoder::Done,
         expect_continue: false,
+        pipelined: AtomicBool::new(false),
         timer: None,
     };
     let mut first = true;
@@ -211,7 +216,8 @@ pub async fn serve_connection(
         first = false;
         let is_head = head.parts.method == Method::HEAD;
         let http10 = head.parts.version == Version::HTTP_10;
-        let answer = super::respond(&shared.app, head.parts, RequestBody::H1(&mut client)).await;
+        let (body, left) = client.serving();
+        let answer = super::respond(&shared.app, head.parts, RequestBody::H1(body), left).await;
         // A body the proxy did not need (a refused request) can still be
         // skipped when it is all here; otherwise the connection ends.
         let body_read = client.skip_buffered_body();
@@ -271,13 +277,6 @@ async fn serve_h2(client: Client, shared: Arc<Shared>, mut drain: watch::Receive
 }
 
 impl Client {
-    /// Keeps room in the read buffer for the next read.
-    fn make_room(&mut self) {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_CHUNK);
-        }
-    }
-
     /// Waits for the next request head, for at most `timeout` from now.
     async fn wait_head(
         &mut self,
@@ -306,7 +305,7 @@ impl Client {
             } else if *drain.borrow() {
                 return Ok(Next::Closed);
             }
-            self.make_room();
+            make_room(&mut self.buf);
             let timer = self
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -350,47 +349,24 @@ impl Client {
         Ok(Some(parsed.head))
     }
 
-    /// Reads the current request's body whole, up to `limit` bytes. A body
-    /// already in the buffer is a slice of it, not a copy.
-    pub async fn read_body(&mut self, limit: usize) -> Result<Bytes, RequestBodyError> {
-        match self.body {
-            Decoder::Done => return Ok(Bytes::new()),
-            Decoder::Length(n) if n > limit as u64 => return Err(RequestBodyError::TooLarge),
-            Decoder::Length(n) if self.buf.len() as u64 >= n => {
-                self.body = Decoder::Done;
-                return Ok(self.buf.split_to(n as usize).freeze());
-            }
-            _ => {}
-        }
-        if std::mem::take(&mut self.expect_continue) {
-            self.io
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .map_err(|_| RequestBodyError::Unreadable)?;
-        }
-        let mut body = BytesMut::new();
-        if let Decoder::Length(n) = self.body {
-            body.reserve(n as usize);
-        }
-        loop {
-            match decode(&mut self.body, &mut self.buf) {
-                Ok(Decoded::Data(data)) => {
-                    if body.len() + data.len() > limit {
-                        return Err(RequestBodyError::TooLarge);
-                    }
-                    body.extend_from_slice(&data);
-                }
-                Ok(Decoded::End) => return Ok(body.freeze()),
-                Ok(Decoded::More) => {
-                    self.make_room();
-                    match self.io.read_buf(&mut self.buf).await {
-                        Ok(0) | Err(_) => return Err(RequestBodyError::Unreadable),
-                        Ok(_) => {}
-                    }
-                }
-                Err(_) => return Err(RequestBodyError::Unreadable),
-            }
-        }
+    /// What serving a request needs of its connection: the reader of its
+    /// body, and a future that completes if the client leaves before its
+    /// answer (see [`client_left`]).
+    fn serving(&mut self) -> (BodyReader<'_>, impl Future<Output = ()> + '_) {
+        self.pipelined.store(false, Ordering::Relaxed);
+        let reader = BodyReader {
+            io: &self.io,
+            buf: &mut self.buf,
+            body: &mut self.body,
+            expect_continue: &mut self.expect_continue,
+            pipelined: &self.pipelined,
+        };
+        let left = async {
+            // Polled only once the body is read.
+            let watch = !self.pipelined.load(Ordering::Relaxed);
+            client_left(&self.io, watch).await
+        };
+        (reader, left)
     }
 
     /// Drops what is left of the request's body if the buffer holds all of
@@ -413,13 +389,6 @@ impl Client {
         if self.buf.capacity() > KEEP_ROOM && self.buf.len() <= READ_CHUNK {
             self.buf = BytesMut::from(&self.buf[..]);
         }
-    }
-
-    /// Writes what `out` holds.
-    async fn write_out(&mut self) -> io::Result<()> {
-        self.io.write_all(&self.out).await?;
-        self.out.clear();
-        Ok(())
     }
 
     /// Writes an answer to a request (`is_head` for HEAD, `http10` for an
@@ -463,7 +432,8 @@ impl Client {
         // describes the body a GET would have had.
         let keep_length = framed == Framed::Bodiless && status != StatusCode::NO_CONTENT;
 
-        let out = &mut self.out;
+        let Client { io, out, buf, .. } = self;
+        let io = &*io;
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(status.as_str().as_bytes());
@@ -504,7 +474,7 @@ impl Client {
         out.extend_from_slice(b"\r\n");
         drop(headers);
         if framed == Framed::Bodiless {
-            self.write_out().await?;
+            flush(io, out).await?;
             return Ok(keep_alive);
         }
 
@@ -512,16 +482,28 @@ impl Client {
             Framed::Length(n) => n,
             _ => u64::MAX,
         };
+        // Made once: while the body makes the proxy wait, a client that
+        // leaves ends the answer (and the upstream request) at once.
+        let mut left_early = std::pin::pin!(client_left(io, buf.is_empty()));
         loop {
             // With bytes waiting, look at the body without waiting for it:
             // what is ready goes out with them, else they go out now.
-            let frame = if self.out.is_empty() {
-                body.frame().await
+            let frame = if out.is_empty() {
+                tokio::select! {
+                    biased;
+                    frame = body.frame() => frame,
+                    () = left_early.as_mut() => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "the client closed the connection",
+                        ))
+                    }
+                }
             } else {
                 match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
-                        self.write_out().await?;
+                        flush(io, out).await?;
                         continue;
                     }
                 }
@@ -530,7 +512,7 @@ impl Client {
                 None => break,
                 Some(Err(e)) => {
                     // The client gets what came, then the break.
-                    self.write_out().await?;
+                    flush(io, out).await?;
                     return Err(io::Error::other(e.into()));
                 }
                 Some(Ok(frame)) => match frame.into_data() {
@@ -541,41 +523,41 @@ impl Client {
             };
             let len = data.len() as u64;
             if framed == Framed::Chunked {
-                push_number(&mut self.out, len, 16);
-                self.out.extend_from_slice(b"\r\n");
+                push_number(out, len, 16);
+                out.extend_from_slice(b"\r\n");
             }
             if len > left {
-                self.out.extend_from_slice(&data[..left as usize]);
-                self.write_out().await?;
+                out.extend_from_slice(&data[..left as usize]);
+                flush(io, out).await?;
                 return Err(io::Error::other(
                     "the answer is longer than its Content-Length",
                 ));
             }
             left -= len;
             if data.len() < COPY_BELOW {
-                self.out.extend_from_slice(&data);
+                out.extend_from_slice(&data);
             } else {
-                self.write_out().await?;
-                self.io.write_all(&data).await?;
+                flush(io, out).await?;
+                send_all(io, &data).await?;
             }
             if framed == Framed::Chunked {
-                self.out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(b"\r\n");
             }
-            if self.out.len() >= WRITE_AT {
-                self.write_out().await?;
+            if out.len() >= WRITE_AT {
+                flush(io, out).await?;
             }
         }
         match framed {
-            Framed::Chunked => self.out.extend_from_slice(b"0\r\n\r\n"),
+            Framed::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
             Framed::Length(_) if left > 0 => {
-                self.write_out().await?;
+                flush(io, out).await?;
                 return Err(io::Error::other(
                     "the answer is shorter than its Content-Length",
                 ));
             }
             _ => {}
         }
-        self.write_out().await?;
+        flush(io, out).await?;
         Ok(keep_alive)
     }
 
@@ -589,7 +571,7 @@ impl Client {
         let _ = tokio::time::timeout(LINGER_TIME, async {
             while dropped < LINGER_BYTES {
                 self.buf.clear();
-                self.make_room();
+                make_room(&mut self.buf);
                 match self.io.read_buf(&mut self.buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => dropped += n,
@@ -597,6 +579,137 @@ impl Client {
             }
         })
         .await;
+    }
+}
+
+/// The body of the request being served, read from its connection.
+pub struct BodyReader<'a> {
+    /// Shared: [`client_left`] watches the same socket meanwhile.
+    io: &'a TcpStream,
+    buf: &'a mut BytesMut,
+    body: &'a mut Decoder,
+    expect_continue: &'a mut bool,
+    /// Set when the body is read and bytes follow it.
+    pipelined: &'a AtomicBool,
+}
+
+impl BodyReader<'_> {
+    /// Reads the body whole, up to `limit` bytes. A body already in the
+    /// buffer is a slice of it, not a copy.
+    pub async fn read(self, limit: usize) -> Result<Bytes, RequestBodyError> {
+        let BodyReader {
+            io,
+            buf,
+            body,
+            expect_continue,
+            pipelined,
+        } = self;
+        let read = read_body(io, buf, body, expect_continue, limit).await;
+        pipelined.store(!buf.is_empty(), Ordering::Relaxed);
+        read
+    }
+}
+
+/// Reads a request's body whole from `buf` and `io`, up to `limit` bytes.
+async fn read_body(
+    io: &TcpStream,
+    buf: &mut BytesMut,
+    decoder: &mut Decoder,
+    expect_continue: &mut bool,
+    limit: usize,
+) -> Result<Bytes, RequestBodyError> {
+    match *decoder {
+        Decoder::Done => return Ok(Bytes::new()),
+        Decoder::Length(n) if n > limit as u64 => return Err(RequestBodyError::TooLarge),
+        Decoder::Length(n) if buf.len() as u64 >= n => {
+            *decoder = Decoder::Done;
+            return Ok(buf.split_to(n as usize).freeze());
+        }
+        _ => {}
+    }
+    if std::mem::take(expect_continue) {
+        send_all(io, b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(|_| RequestBodyError::Unreadable)?;
+    }
+    let mut body = BytesMut::new();
+    if let Decoder::Length(n) = *decoder {
+        body.reserve(n as usize);
+    }
+    loop {
+        match decode(decoder, buf) {
+            Ok(Decoded::Data(data)) => {
+                if body.len() + data.len() > limit {
+                    return Err(RequestBodyError::TooLarge);
+                }
+                body.extend_from_slice(&data);
+            }
+            Ok(Decoded::End) => return Ok(body.freeze()),
+            Ok(Decoded::More) => {
+                make_room(buf);
+                match io.try_read_buf(buf) {
+                    Ok(0) => return Err(RequestBodyError::Unreadable),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        io.readable()
+                            .await
+                            .map_err(|_| RequestBodyError::Unreadable)?;
+                    }
+                    Err(_) => return Err(RequestBodyError::Unreadable),
+                }
+            }
+            Err(_) => return Err(RequestBodyError::Unreadable),
+        }
+    }
+}
+
+/// Completes when the client closes the connection (or it fails) while a
+/// request is served, so that the proxy stops working for no one (as
+/// hyper did: a half-closed connection counts as gone). Never completes
+/// when the client sends more bytes (a pipelined request, which waits its
+/// turn) or when `watch` is false.
+async fn client_left(io: &TcpStream, watch: bool) {
+    if watch {
+        let mut byte = [0u8; 1];
+        // `poll_peek` keeps one waker in the socket's reader slot (nobody
+        // else reads the socket meanwhile); `peek` would queue a waiter
+        // under a lock and take it out again, on every request.
+        let left = poll_fn(|cx| {
+            let mut probe = ReadBuf::new(&mut byte);
+            io.poll_peek(cx, &mut probe)
+                .map(|peeked| !matches!(peeked, Ok(1..)))
+        })
+        .await;
+        if left {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Writes all of `bytes` through a shared socket.
+async fn send_all(io: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match io.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes what `out` holds and empties it.
+async fn flush(io: &TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
+    send_all(io, out).await?;
+    out.clear();
+    Ok(())
+}
+
+/// Keeps room in a read buffer for the next read.
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
     }
 }
 
@@ -848,6 +961,7 @@ mod tests {
             spans: Vec::new(),
             body: Decoder::Done,
             expect_continue: false,
+            pipelined: AtomicBool::new(false),
             timer: None,
         };
         (client, peer.unwrap())
@@ -992,21 +1106,27 @@ mod tests {
         assert_eq!(head.parts.uri, "/a/b?c=d");
         assert_eq!(head.parts.version, Version::HTTP_11);
         assert_eq!(head.parts.headers["x-key"], "Some Value");
-        assert_eq!(client.read_body(10).await.unwrap(), "abc");
+        assert_eq!(client.serving().0.read(10).await.unwrap(), "abc");
         assert_eq!(&client.buf[..], b"GET", "the next request's start stays");
         // A body over the limit is refused before it is read.
         let mut client = client_with(b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n").await;
         client.parse_head().unwrap().unwrap();
-        assert_eq!(client.read_body(10).await, Err(RequestBodyError::TooLarge));
+        assert_eq!(
+            client.serving().0.read(10).await,
+            Err(RequestBodyError::TooLarge)
+        );
         // Chunks are joined; the limit holds across them.
         let raw = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nt: 1\r\n\r\n";
         let mut client = client_with(raw).await;
         client.parse_head().unwrap().unwrap();
-        assert_eq!(client.read_body(5).await.unwrap(), "abcde");
+        assert_eq!(client.serving().0.read(5).await.unwrap(), "abcde");
         assert!(client.buf.is_empty());
         let mut client = client_with(raw).await;
         client.parse_head().unwrap().unwrap();
-        assert_eq!(client.read_body(4).await, Err(RequestBodyError::TooLarge));
+        assert_eq!(
+            client.serving().0.read(4).await,
+            Err(RequestBodyError::TooLarge)
+        );
     }
 
     /// A body of `pieces` whose length is unknown, like a chunked

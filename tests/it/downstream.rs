@@ -1,7 +1,7 @@
 //! The client-facing HTTP/1.x codec, byte by byte: pipelined requests,
 //! `Expect: 100-continue`, refused requests with their body unread,
 //! HTTP/1.0 and HEAD framing, request smuggling shapes, the idle timeout
-//! and draining on shutdown.
+//! draining on shutdown, and clients that leave before their answer.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{Setup, CLIENT_KEY};
+use tokenpool::sim::AiBehaviour;
+
+use crate::harness::{eventually, metric, Setup, CLIENT_KEY};
 
 /// One answer as the client read it.
 #[derive(Debug)]
@@ -394,4 +396,59 @@ async fn idle_connections_close_after_the_header_timeout_and_at_shutdown() {
         .await
         .expect("shutdown does not wait out the grace period")
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_stops_the_work_for_it() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    // Long enough that only the client leaving can end these requests.
+    s.write(
+        &s.config(&[("a", "personal")], "", "")
+            .replace("idle_timeout = \"5s\"", "idle_timeout = \"60s\""),
+    );
+    let p = s.proxy().await;
+    let ai = format!(
+        "POST /ai/multi-agent HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    let inflight = || async { metric(&p.metrics().await, "tokenpool_inflight_requests") };
+
+    // Waiting for an upstream that never answers, then gone.
+    s.sim.set_ai("a", AiBehaviour::HangBeforeHeaders);
+    let mut c = Raw::connect(p.addr).await;
+    c.send(ai.as_bytes()).await;
+    eventually(
+        "the upstream has the request",
+        Duration::from_secs(5),
+        || async { s.sim.ai_calls("a") == 1 },
+    )
+    .await;
+    assert_eq!(inflight().await, 1.0);
+    drop(c);
+    eventually(
+        "the request is given up",
+        Duration::from_secs(5),
+        || async { inflight().await == 0.0 },
+    )
+    .await;
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(&m, "tokenpool_requests_total{outcome=\"client_error\"}"),
+        1.0,
+        "{m}"
+    );
+
+    // In a stream the upstream has gone quiet in, then gone.
+    s.sim.set_ai("a", AiBehaviour::Silent);
+    let mut c = Raw::connect(p.addr).await;
+    c.send(ai.as_bytes()).await;
+    let head = c.line().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(inflight().await, 1.0);
+    drop(c);
+    eventually("the stream is given up", Duration::from_secs(5), || async {
+        inflight().await == 0.0
+    })
+    .await;
+    s.sim.set_ai("a", AiBehaviour::Ok);
+    assert_eq!(p.ai_text().await.0, 200, "the proxy serves on");
 }
