@@ -16,16 +16,24 @@
 #   DURATION=30s ROUNDS=5 bash benches/load.sh
 #
 # CALLGRIND=1 runs each proxy under valgrind's callgrind instead and
-# prints the instructions each executes per request (the JSON POST, 8
-# connections, DURATION each; start-up included): the figure that repeats
-# on a noisy VM. It needs valgrind (Debian: apt-get install valgrind).
+# prints the instructions each executes per request (the JSON POST, or
+# the SSE stream with KIND=sse; 8 connections, DURATION each; start-up
+# included): the figure that repeats on a noisy VM. It needs valgrind
+# (Debian: apt-get install valgrind).
 #
 #   CALLGRIND=1 DURATION=10s bash benches/load.sh
+#   CALLGRIND=1 KIND=sse DURATION=10s bash benches/load.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
+KIND=${KIND:-json}
+case "$KIND" in
+  json) CG_PATH=/v1/chat ;;
+  sse) CG_PATH=/v1/stream ;;
+  *) echo "load.sh: KIND is json or sse, not $KIND" >&2; exit 1 ;;
+esac
 CALLGRIND=${CALLGRIND:-0}
 LOAD_CORE=${LOAD_CORE:-0}
 PROXY_CORE=${PROXY_CORE:-1}
@@ -216,7 +224,7 @@ PY
 if [ "$CALLGRIND" = 1 ]; then
   # count NAME PID URL FILE SIGNAL -> one row: requests, instructions, per request
   count() {
-    local name=$1 pid=$2 url=$3 file=$4 signal=$5 lua="$WORK/json.lua" out requests total
+    local name=$1 pid=$2 url=$3 file=$4 signal=$5 lua="$WORK/$KIND.lua" out requests total
     out=$(taskset -c "$LOAD_CORE" wrk -t1 -c8 -d"$DURATION" -s "$lua" "$url")
     requests=$(grep -oE '[0-9]+ requests in' <<<"$out" | grep -oE '^[0-9]+')
     # callgrind writes its counts when the program exits.
@@ -226,10 +234,10 @@ if [ "$CALLGRIND" = 1 ]; then
     total=$(callgrind_annotate "$file" | awk '/PROGRAM TOTALS/ && !seen { seen = 1; gsub(",", "", $1); print $1 }')
     printf '%-10s %10s %16s %10s\n' "$name" "$requests" "$total" "$((total / requests))"
   }
-  echo "# load.sh under callgrind: JSON POST, 8 connections, $DURATION per proxy, start-up included"
+  echo "# load.sh under callgrind: $KIND, 8 connections, $DURATION per proxy, start-up included"
   printf '%-10s %10s %16s %10s\n' proxy requests instructions "per req"
-  count nginx "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/chat" "$WORK/nginx.cg" QUIT
-  count tokenpool "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/chat" "$WORK/tokenpool.cg" TERM
+  count nginx "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT$CG_PATH" "$WORK/nginx.cg" QUIT
+  count tokenpool "$TP_PID" "http://127.0.0.1:$TP_PORT$CG_PATH" "$WORK/tokenpool.cg" TERM
   exit 0
 fi
 
