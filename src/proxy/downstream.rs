@@ -1041,6 +1041,11 @@ mod tests {
                 "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
                 ok("POST", chunked, true, false, &[]),
             ),
+            // HTTP/1.0 has no chunks: read, then the connection ends.
+            (
+                "POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+                ok("POST", chunked, false, false, &[]),
+            ),
             // Both framings: the chunks win and the connection ends.
             (
                 "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",

@@ -11,6 +11,9 @@
 //!
 //! Trailers of a chunked answer are read and dropped.
 //!
+//! The framing rules and the chunked decoder also read client requests
+//! ([`super::downstream`]).
+//!
 //! A connection may carry the next request only when the answer was framed
 //! (by length or chunks), read to its end, kept alive (HTTP/1.1 without
 //! `Connection: close`, HTTP/1.0 with `Connection: keep-alive`) and nothing
@@ -623,6 +626,33 @@ impl Framing {
         Ok(false)
     }
 
+    /// How a client's request body ends (RFC 9112 §6.3), and whether the
+    /// connection may carry another request after it. A request without
+    /// `Content-Length` or `Transfer-Encoding` has no body; a
+    /// `Transfer-Encoding` that does not end in chunked cannot be framed.
+    pub(super) fn decide_request(&self, version: Version) -> Result<(Decoder, bool), &'static str> {
+        let alive = if version == Version::HTTP_10 {
+            self.keep_alive
+        } else {
+            !self.close
+        };
+        if self.transfer_encoding {
+            if !self.chunked {
+                return Err("a Transfer-Encoding that does not end in chunked");
+            }
+            // Both framings at once is how requests are smuggled: the
+            // chunks win, and the connection closes after the answer. So it
+            // does after chunks from an HTTP/1.0 client, which has none
+            // (RFC 9112 §6.1).
+            let sound = self.length.is_none() && version != Version::HTTP_10;
+            return Ok((Decoder::Chunked(Chunk::START), alive && sound));
+        }
+        match self.length {
+            None | Some(0) => Ok((Decoder::Done, alive)),
+            Some(n) => Ok((Decoder::Length(n), alive)),
+        }
+    }
+
     /// How the body ends (RFC 9112 §6.3), and whether the connection may
     /// serve another request after it.
     fn decide(&self, method: &Method, status: StatusCode, version: Version) -> (Decoder, bool) {
@@ -650,33 +680,6 @@ impl Framing {
             Some(0) => (Decoder::Done, alive),
             Some(n) => (Decoder::Length(n), alive),
             None => (Decoder::Eof, false),
-        }
-    }
-}
-
-impl Framing {
-    /// How a client's request body ends (RFC 9112 §6.3), and whether the
-    /// connection may carry another request after it. A request without
-    /// `Content-Length` or `Transfer-Encoding` has no body; a
-    /// `Transfer-Encoding` that does not end in chunked cannot be framed.
-    pub(super) fn decide_request(&self, version: Version) -> Result<(Decoder, bool), &'static str> {
-        let alive = if version == Version::HTTP_10 {
-            self.keep_alive
-        } else {
-            !self.close
-        };
-        if self.transfer_encoding {
-            if !self.chunked {
-                return Err("a Transfer-Encoding that does not end in chunked");
-            }
-            // Both framings at once is how requests are smuggled: the
-            // chunks win, and the connection closes after the answer.
-            let alone = self.length.is_none();
-            return Ok((Decoder::Chunked(Chunk::START), alive && alone));
-        }
-        match self.length {
-            None | Some(0) => Ok((Decoder::Done, alive)),
-            Some(n) => Ok((Decoder::Length(n), alive)),
         }
     }
 }
