@@ -202,8 +202,8 @@ fn named_in<'a>(name: &HeaderName, mut values: impl Iterator<Item = &'a HeaderVa
 /// Removes hop-by-hop headers from an upstream answer before it goes to
 /// the client.
 ///
-/// Every name is looked at once (see [`hop_by_hop`]); only the names found
-/// are removed (each removal hashes). Most answers carry at most
+/// Every name is looked at once, by one match on its text; only the names
+/// found are removed (each removal hashes). Most answers carry at most
 /// `Connection: keep-alive`, so this is one removal.
 pub fn strip_response_headers(headers: &mut HeaderMap) {
     let mut found = [false; HOPS + 1];
