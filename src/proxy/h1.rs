@@ -36,8 +36,9 @@ use tokio_rustls::client::TlsStream;
 
 /// Longest answer head (status line and headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Most headers an answer may have.
-const MAX_HEADERS: usize = 128;
+/// Most headers a message may have (answers here, requests in
+/// [`super::downstream`]).
+pub const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line (extensions included), and trailer section.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 64 * 1024;
@@ -46,7 +47,7 @@ const INLINE_BODY: usize = 16 * 1024;
 /// Room for writing requests that a connection keeps between requests.
 const KEEP_OUT: usize = 32 * 1024;
 /// Read buffer growth.
-const READ_CHUNK: usize = 8 * 1024;
+pub(super) const READ_CHUNK: usize = 8 * 1024;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -257,13 +258,6 @@ impl Conn {
         self.io.tcp().poll_peek(&mut cx, &mut probe).is_pending()
     }
 
-    /// Keeps room in the read buffer for the next read.
-    fn make_room(&mut self) {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_CHUNK);
-        }
-    }
-
     /// Whether any byte of the answer to the last request arrived.
     pub fn received(&self) -> bool {
         self.received
@@ -339,7 +333,7 @@ impl Conn {
                     )));
                 }
             }
-            self.make_room();
+            make_room(&mut self.buf);
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(H1Error::Closed(if self.received {
                     "in the middle of the answer's head"
@@ -375,7 +369,7 @@ impl Conn {
                 Decoded::End => return Poll::Ready(Ok(None)),
                 Decoded::More => {}
             }
-            self.make_room();
+            make_room(&mut self.buf);
             let read = {
                 let fill = std::pin::pin!(self.io.read_buf(&mut self.buf));
                 fill.poll(cx)
@@ -465,16 +459,8 @@ fn parse_head(
     } else {
         Version::HTTP_11
     };
-    // Where each name and value sits in the buffer, so that the values
-    // can be slices of it once it is frozen. (The head is at most
-    // MAX_HEAD_BYTES plus one read, so offsets fit in u32.)
-    let base = buf.as_ptr() as usize;
     spans.clear();
-    for h in parsed.headers.iter() {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        spans.push([name, name + h.name.len(), value, value + h.value.len()].map(|o| o as u32));
-    }
+    header_spans(buf, parsed.headers, spans);
     let head = buf.split_to(len).freeze();
     if status.is_informational() {
         if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -482,19 +468,12 @@ fn parse_head(
         }
         return Ok(Parsed::Interim);
     }
-    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut framing = Framing::default();
-    for &[n0, n1, v0, v1] in spans.iter() {
-        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
-        let name = HeaderName::from_bytes(&head[n0..n1])
-            .map_err(|_| H1Error::malformed("invalid header name"))?;
-        if framing.observe(&name, &head[v0..v1])? {
-            continue;
-        }
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-            .map_err(|_| H1Error::malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let headers = header_map(&head, spans, &mut framing, |_, _| false).map_err(|e| match e {
+        HeaderError::Name => H1Error::malformed("invalid header name"),
+        HeaderError::Value => H1Error::malformed("invalid header value"),
+        HeaderError::Framing(what) => H1Error::malformed(what),
+    })?;
     let (decoder, keep_alive) = framing.decide(method, status, version);
     Ok(Parsed::Final(Head {
         status,
@@ -537,6 +516,17 @@ pub fn take_apart(
     };
     let rest = buf.split();
     let mut decoder = head.decoder;
+    let (body, ended) = feed(&mut decoder, &rest, cuts)?;
+    Ok(Some(Answer { head, body, ended }))
+}
+
+/// Hands `rest` to `decoder` in pieces that end at each of `cuts`, as reads
+/// would: the body bytes it gave, and whether the body ended. For fuzzing.
+pub(super) fn feed(
+    decoder: &mut Decoder,
+    rest: &[u8],
+    cuts: &[usize],
+) -> Result<(Vec<u8>, bool), H1Error> {
     let mut fed = BytesMut::new();
     let mut body = Vec::new();
     let mut start = 0;
@@ -545,24 +535,80 @@ pub fn take_apart(
         fed.extend_from_slice(&rest[start..end]);
         start = end;
         loop {
-            match decode(&mut decoder, &mut fed)? {
+            match decode(decoder, &mut fed)? {
                 Decoded::Data(data) => body.extend_from_slice(&data),
-                Decoded::End => {
-                    return Ok(Some(Answer {
-                        head,
-                        body,
-                        ended: true,
-                    }))
-                }
+                Decoded::End => return Ok((body, true)),
                 Decoded::More => break,
             }
         }
     }
-    Ok(Some(Answer {
-        head,
-        body,
-        ended: false,
-    }))
+    Ok((body, false))
+}
+
+/// Keeps room in a read buffer for the next read.
+pub(super) fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// Where `part`, a slice of `buf`, sits in it. (A head is at most 64 KiB
+/// plus one read, so offsets fit in u32.)
+pub(super) fn span(buf: &[u8], part: &[u8]) -> [u32; 2] {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    [start as u32, (start + part.len()) as u32]
+}
+
+/// Appends where each header's name and value sit in `buf`, so that the
+/// values can be slices of it once it is frozen.
+pub(super) fn header_spans(
+    buf: &[u8],
+    headers: &[httparse::Header<'_>],
+    spans: &mut Vec<[u32; 4]>,
+) {
+    for h in headers {
+        let [n0, n1] = span(buf, h.name.as_bytes());
+        let [v0, v1] = span(buf, h.value);
+        spans.push([n0, n1, v0, v1]);
+    }
+}
+
+/// Why a head's headers could not be taken.
+#[derive(Debug)]
+pub(super) enum HeaderError {
+    Name,
+    Value,
+    /// What `Framing::observe` refused, in fixed words.
+    Framing(&'static str),
+}
+
+/// The header map of a frozen `head` whose headers sit at `spans`. Each
+/// header goes first to `take` (true: taken, left out of the map), then
+/// to `framing` (which leaves out those it consumes); values are slices of
+/// `head`, not copies.
+pub(super) fn header_map(
+    head: &Bytes,
+    spans: &[[u32; 4]],
+    framing: &mut Framing,
+    mut take: impl FnMut(&HeaderName, &[u8]) -> bool,
+) -> Result<HeaderMap, HeaderError> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &[n0, n1, v0, v1] in spans {
+        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
+        let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| HeaderError::Name)?;
+        let value = &head[v0..v1];
+        if take(&name, value)
+            || framing
+                .observe(&name, value)
+                .map_err(HeaderError::Framing)?
+        {
+            continue;
+        }
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| HeaderError::Value)?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 /// What an answer's headers say about its framing and its connection,
@@ -585,7 +631,11 @@ impl Framing {
     /// `Keep-Alive`, and a `Connection` naming nothing but `close` or
     /// `keep-alive` (one naming other headers is kept for the proxy's
     /// header rules, which remove those too).
-    pub(super) fn observe(&mut self, name: &HeaderName, value: &[u8]) -> Result<bool, H1Error> {
+    pub(super) fn observe(
+        &mut self,
+        name: &HeaderName,
+        value: &[u8],
+    ) -> Result<bool, &'static str> {
         let tokens = || {
             value
                 .split(|&b| b == b',')
@@ -598,9 +648,9 @@ impl Framing {
                     .ok()
                     .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or_else(|| H1Error::malformed("invalid content-length"))?;
+                    .ok_or("invalid content-length")?;
                 if self.length.is_some_and(|l| l != n) {
-                    return Err(H1Error::malformed("conflicting content-length values"));
+                    return Err("conflicting content-length values");
                 }
                 self.length = Some(n);
             }
@@ -961,7 +1011,9 @@ mod tests {
     ) -> Result<(Decoder, bool), H1Error> {
         let mut framing = Framing::default();
         for (k, v) in pairs {
-            framing.observe(&HeaderName::from_bytes(k.as_bytes()).unwrap(), v.as_bytes())?;
+            framing
+                .observe(&HeaderName::from_bytes(k.as_bytes()).unwrap(), v.as_bytes())
+                .map_err(H1Error::malformed)?;
         }
         Ok(framing.decide(method, status, version))
     }

@@ -101,10 +101,11 @@ async fn disable_and_enable_by_hand() {
 #[tokio::test]
 async fn admin_routes_need_the_admin_token_when_one_is_set() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
-    s.write(&s.config(&[("a", "personal")], "", "").replace(
+    s.write_replacing(
+        &[("a", "personal")],
         "[admin]\nlisten = \"127.0.0.1:0\"",
         "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"admin-token-93e1\"",
-    ));
+    );
     let p = s.proxy().await;
     for auth in [
         None,

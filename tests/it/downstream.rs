@@ -129,11 +129,18 @@ impl Raw {
     }
 }
 
-fn post(path: &str, extra: &str, body: &str) -> String {
+/// An HTTP/1.1 request with the client's key: `line` is the method and
+/// target, `headers` whole lines (framing included), `body` as it goes.
+fn keyed(line: &str, headers: &str, body: &str) -> String {
     format!(
-        "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-length: {}\r\n{extra}\r\n{body}",
-        body.len()
+        "{line} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n{headers}\r\n{body}"
     )
+}
+
+/// A POST of `body` framed by its length, with `extra` header lines.
+fn post(path: &str, extra: &str, body: &str) -> String {
+    let headers = format!("content-length: {}\r\n{extra}", body.len());
+    keyed(&format!("POST {path}"), &headers, body)
 }
 
 #[tokio::test]
@@ -142,12 +149,16 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     let p = s.proxy().await;
     let mut c = Raw::connect(p.addr).await;
     // Three requests in one write: a length body, none, and chunks.
-    let all = format!(
-        "{}GET /echo?2 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\r\n\
-         POST /echo?3 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
-         transfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n6\r\nefghij\r\n0\r\n\r\n",
-        post("/echo?1", "", "hello")
-    );
+    let all = [
+        post("/echo?1", "", "hello"),
+        keyed("GET /echo?2", "", ""),
+        keyed(
+            "POST /echo?3",
+            "transfer-encoding: chunked\r\n",
+            "4\r\nabcd\r\n6\r\nefghij\r\n0\r\n\r\n",
+        ),
+    ]
+    .concat();
     c.send(all.as_bytes()).await;
     for (method, bytes) in [("POST", 5), ("GET", 0), ("POST", 10)] {
         let a = c.answer(false).await;
@@ -173,8 +184,10 @@ async fn expect_100_continue_is_answered_only_when_the_body_is_wanted() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
     let p = s.proxy().await;
     let mut c = Raw::connect(p.addr).await;
-    let head = format!(
-        "POST /echo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\nexpect: 100-continue\r\ncontent-length: 4\r\n\r\n"
+    let head = keyed(
+        "POST /echo",
+        "expect: 100-continue\r\ncontent-length: 4\r\n",
+        "",
     );
     c.send(head.as_bytes()).await;
     let interim = c.answer(true).await;
@@ -294,11 +307,7 @@ async fn http_1_0_and_head_answers_are_framed_for_their_request() {
     // HEAD: the headers a GET would get, no body; the next answer follows
     // straight after.
     let mut c = Raw::connect(p.addr).await;
-    c.send(
-        format!("HEAD /echo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\r\n")
-            .as_bytes(),
-    )
-    .await;
+    c.send(keyed("HEAD /echo", "", "").as_bytes()).await;
     let a = c.answer(true).await;
     assert_eq!(a.status(), 200, "{a:?}");
     c.send(post("/echo", "", "abc").as_bytes()).await;
@@ -310,15 +319,10 @@ async fn http_1_0_and_head_answers_are_framed_for_their_request() {
 async fn smuggling_shapes_are_refused_or_end_their_connection() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
     let p = s.proxy().await;
-    let auth = format!("authorization: Bearer {CLIENT_KEY}\r\n");
-
     // A transfer coding the proxy cannot frame: 400, then the close.
     let mut c = Raw::connect(p.addr).await;
-    c.send(
-        format!("POST /echo HTTP/1.1\r\nhost: x\r\n{auth}transfer-encoding: gzip\r\n\r\nabc")
-            .as_bytes(),
-    )
-    .await;
+    c.send(keyed("POST /echo", "transfer-encoding: gzip\r\n", "abc").as_bytes())
+        .await;
     let a = c.answer(false).await;
     assert_eq!(
         (a.status(), a.header("connection")),
@@ -331,8 +335,13 @@ async fn smuggling_shapes_are_refused_or_end_their_connection() {
     // Chunks and a length: read by its chunks, and the connection ends,
     // so what the length would have framed never becomes a request.
     let mut c = Raw::connect(p.addr).await;
-    c.send(format!("POST /echo HTTP/1.1\r\nhost: x\r\n{auth}content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n{auth}\r\n").as_bytes())
-        .await;
+    let smuggled = keyed("GET /smuggled", "", "");
+    let doubly = keyed(
+        "POST /echo",
+        "content-length: 4\r\ntransfer-encoding: chunked\r\n",
+        &format!("3\r\nabc\r\n0\r\n\r\n{smuggled}"),
+    );
+    c.send(doubly.as_bytes()).await;
     let a = c.answer(false).await;
     assert_eq!(
         (a.status(), a.header("connection")),
@@ -348,18 +357,15 @@ async fn smuggling_shapes_are_refused_or_end_their_connection() {
 
     // Content-Lengths that disagree: 400.
     let mut c = Raw::connect(p.addr).await;
-    c.send(format!("POST /echo HTTP/1.1\r\nhost: x\r\n{auth}content-length: 3\r\ncontent-length: 30\r\n\r\nabc").as_bytes())
-        .await;
+    let lengths = "content-length: 3\r\ncontent-length: 30\r\n";
+    c.send(keyed("POST /echo", lengths, "abc").as_bytes()).await;
     assert_eq!(c.answer(false).await.status(), 400);
 }
 
 #[tokio::test]
 async fn idle_connections_close_after_the_header_timeout_and_at_shutdown() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
-    s.write(&s.config(&[("a", "personal")], "", "").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"10s\"\nheader_read_timeout = \"1s\"",
-    ));
+    s.write_server_line(&[("a", "personal")], "header_read_timeout = \"1s\"");
     let p = s.proxy().await;
     let mut c = Raw::connect(p.addr).await;
     c.send(post("/echo", "", "abc").as_bytes()).await;
@@ -376,15 +382,15 @@ async fn idle_connections_close_after_the_header_timeout_and_at_shutdown() {
     idle.send(post("/echo", "", "abc").as_bytes()).await;
     assert_eq!(idle.answer(false).await.status(), 200);
     let mut busy = Raw::connect(p.addr).await;
-    busy.send(
-        format!(
-            "GET /ai/multi-agent HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await;
+    busy.send(keyed("GET /ai/multi-agent", "", "").as_bytes())
+        .await;
     let stopping = tokio::spawn(p.stop());
-    assert!(idle.closed().await, "an idle connection closes at shutdown");
+    // Well before the 10 s header timeout would close it anyway.
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.closed()).await;
+    assert!(
+        closed.expect("an idle connection closes at shutdown, not at its timeout"),
+        "an idle connection closes at shutdown"
+    );
     let a = busy.answer(false).await;
     assert_eq!(a.status(), 200);
     assert!(String::from_utf8_lossy(&a.body).contains("data: "));
@@ -402,14 +408,13 @@ async fn idle_connections_close_after_the_header_timeout_and_at_shutdown() {
 async fn a_client_that_leaves_stops_the_work_for_it() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
     // Long enough that only the client leaving can end these requests.
-    s.write(
-        &s.config(&[("a", "personal")], "", "")
-            .replace("idle_timeout = \"5s\"", "idle_timeout = \"60s\""),
+    s.write_replacing(
+        &[("a", "personal")],
+        "idle_timeout = \"5s\"",
+        "idle_timeout = \"60s\"",
     );
     let p = s.proxy().await;
-    let ai = format!(
-        "POST /ai/multi-agent HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-length: 2\r\n\r\n{{}}"
-    );
+    let ai = post("/ai/multi-agent", "", "{}");
     let inflight = || async { metric(&p.metrics().await, "tokenpool_inflight_requests") };
 
     // Waiting for an upstream that never answers, then gone.

@@ -78,10 +78,7 @@ async fn huge_headers_are_refused() {
 #[tokio::test]
 async fn slow_loris_clients_are_cut_off_and_others_are_served() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
-    s.write(&s.config(&[("a", "personal")], "", "").replace(
-        "shutdown_grace = \"10s\"",
-        "shutdown_grace = \"10s\"\nheader_read_timeout = \"1s\"",
-    ));
+    s.write_server_line(&[("a", "personal")], "header_read_timeout = \"1s\"");
     let p = s.proxy().await;
     let mut slow = Vec::new();
     for _ in 0..50 {

@@ -86,6 +86,20 @@ timeout = "2s"
         std::fs::write(&self.path, text).unwrap();
     }
 
+    /// Writes the config for `tokens` with `from` replaced by `to`; `from`
+    /// must be there, so that a change to the config text cannot quietly
+    /// drop the setting a test relies on.
+    pub fn write_replacing(&self, tokens: &[(&str, &str)], from: &str, to: &str) {
+        let text = self.config(tokens, "", "");
+        assert!(text.contains(from), "the config has no {from:?}");
+        self.write(&text.replace(from, to));
+    }
+
+    /// Writes the config for `tokens` with `line` added to `[server]`.
+    pub fn write_server_line(&self, tokens: &[(&str, &str)], line: &str) {
+        self.write_replacing(tokens, "[server]\n", &format!("[server]\n{line}\n"));
+    }
+
     /// Starts a proxy on this setup's config file.
     pub async fn proxy(&self) -> Proxy {
         Proxy::start(&self.path).await

@@ -427,11 +427,11 @@ async fn unreachable_upstream_is_502_and_silence_is_504() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let text = s.config(&[("a", "personal")], "", "").replace(
+    s.write_replacing(
+        &[("a", "personal")],
         &format!("url = \"{}\"", s.sim.url()),
         &format!("url = \"http://{closed}\""),
     );
-    s.write(&text);
     let p = s.proxy().await;
     let (status, headers, body) = p.ai_text().await;
     assert_eq!(status, 502, "{body}");
@@ -443,9 +443,10 @@ async fn unreachable_upstream_is_502_and_silence_is_504() {
     );
 
     let s = Setup::new(&[("a", "personal")], "", "").await;
-    s.write(
-        &s.config(&[("a", "personal")], "", "")
-            .replace("idle_timeout = \"5s\"", "idle_timeout = \"500ms\""),
+    s.write_replacing(
+        &[("a", "personal")],
+        "idle_timeout = \"5s\"",
+        "idle_timeout = \"500ms\"",
     );
     s.sim.set_ai("a", AiBehaviour::HangBeforeHeaders);
     let p = s.proxy().await;
@@ -558,9 +559,10 @@ async fn the_first_event_arrives_before_the_upstream_sends_the_last() {
 #[tokio::test]
 async fn a_stream_silent_past_idle_timeout_is_cut() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
-    s.write(
-        &s.config(&[("a", "personal")], "", "")
-            .replace("idle_timeout = \"5s\"", "idle_timeout = \"300ms\""),
+    s.write_replacing(
+        &[("a", "personal")],
+        "idle_timeout = \"5s\"",
+        "idle_timeout = \"300ms\"",
     );
     s.sim.set_ai("a", AiBehaviour::Silent);
     let p = s.proxy().await;
@@ -602,4 +604,14 @@ async fn http2_cleartext_clients_are_served() {
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().ends_with("[DONE]\n\n"));
+    // The body limit holds on HTTP/2 streams too.
+    let r = client
+        .post(p.url("/echo"))
+        .bearer_auth(CLIENT_KEY)
+        .body(vec![b'x'; 4097])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["x-tokenpool-error"], "request_too_large");
 }

@@ -96,9 +96,10 @@ async fn a_rotated_refresh_token_survives_a_restart() {
 #[tokio::test]
 async fn an_outage_longer_than_the_access_token_recovers_within_seconds() {
     let s = Setup::new(&[("a", "personal"), ("b", "shared")], "", "").await;
-    s.write(
-        &s.config(&[("a", "personal"), ("b", "shared")], "", "")
-            .replace("timeout = \"2s\"", "timeout = \"2s\"\nmargin = \"0s\""),
+    s.write_replacing(
+        &[("a", "personal"), ("b", "shared")],
+        "timeout = \"2s\"",
+        "timeout = \"2s\"\nmargin = \"0s\"",
     );
     s.sim.set_jwt_ttl(Duration::from_secs(2));
     let p = s.proxy().await;
@@ -139,9 +140,10 @@ async fn an_outage_longer_than_the_access_token_recovers_within_seconds() {
 async fn valid_access_tokens_keep_serving_while_refresh_fails() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
     // margin above the JWT life: the background refresher retries every second.
-    s.write(
-        &s.config(&[("a", "personal")], "", "")
-            .replace("timeout = \"2s\"", "timeout = \"2s\"\nmargin = \"2h\""),
+    s.write_replacing(
+        &[("a", "personal")],
+        "timeout = \"2s\"",
+        "timeout = \"2s\"\nmargin = \"2h\"",
     );
     let p = s.proxy().await;
     assert_eq!(p.ai_text().await.0, 200);
