@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigError, Provider, Secret};
+use crate::config::{check_reload, Bound, Config, ConfigError, Provider, Secret};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::upstream::Upstream;
@@ -89,6 +89,9 @@ pub struct App {
     /// Serialises reloads (file watcher, SIGHUP, admin).
     reload_lock: Mutex<()>,
     next_id: AtomicU64,
+    /// Where the listeners are bound, once [`run`] has them: reloads are
+    /// checked against these, not against the new file's addresses.
+    bound: std::sync::OnceLock<Bound>,
 }
 
 impl std::fmt::Debug for App {
@@ -144,6 +147,7 @@ impl App {
             env,
             reload_lock: Mutex::new(()),
             next_id: AtomicU64::new(2),
+            bound: std::sync::OnceLock::new(),
         }))
     }
 
@@ -213,8 +217,25 @@ impl App {
             needs_restart.push("[state] path".to_string());
             config.state.path = old.config.state.path.clone();
         }
+        let bound = self.bound.get().copied().unwrap_or(Bound {
+            proxy: old.config.server.listen,
+            admin: old.config.admin.listen,
+        });
+        let risks = check_reload(&old.config, bound, &config).inspect_err(|e| {
+            tracing::error!(
+                error = %e,
+                generation = old.id,
+                "config reload refused; the running configuration stays"
+            );
+        })?;
         for what in &needs_restart {
             tracing::warn!(setting = %what, "this setting cannot change while running; restart to apply it");
+        }
+        for risk in &risks {
+            tracing::warn!(change = %risk, "config reload applied with a risky change");
+        }
+        for warning in config.warnings() {
+            tracing::warn!(warning = %warning, "config warning");
         }
         let refresher = if config.refresh == old.config.refresh {
             Arc::clone(&old.refresher)
@@ -360,6 +381,10 @@ pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: Shutdown) {
     let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
     let (proxy_addr, admin_addr) = listeners.addrs().unwrap_or((unknown, unknown));
     let config = Arc::clone(&app.current().config);
+    let _ = app.bound.set(Bound {
+        proxy: proxy_addr,
+        admin: admin_addr,
+    });
     tracing::info!(%proxy_addr, "proxy listening");
     tracing::info!(%admin_addr, "admin listening (/metrics, /healthz, /readyz, /admin/*)");
     if !proxy_addr.ip().is_loopback() && config.server.api_keys.is_empty() {

@@ -101,6 +101,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match load(path.as_deref()) {
                 Ok(c) => {
                     print!("{}", c.summary());
+                    for warning in c.warnings() {
+                        println!("warning: {warning}");
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
@@ -176,6 +179,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "starting"
     );
+    for warning in config.warnings() {
+        tracing::warn!(warning = %warning, "config warning");
+    }
     let listeners = Listeners::bind(&config)
         .await
         .context("cannot bind the listeners")?;

@@ -5,6 +5,7 @@
 //! This module turns text into a checked [`Config`]; it does not watch
 //! files (see [`reload`]) and does not own any running state.
 
+mod guard;
 pub mod reload;
 mod secret;
 
@@ -19,6 +20,7 @@ use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+pub use guard::{check_reload, Bound};
 pub use secret::{Secret, SecretSource};
 
 /// One of the three fixed token tiers.
@@ -295,6 +297,18 @@ impl Config {
                 });
             }
         };
+        if text.trim().is_empty() {
+            // Valid TOML meaning "all defaults", but in practice a truncated
+            // save or a config tool that wrote nothing: taking it would drop
+            // every token, the client keys and the upstream at once.
+            return Err(ConfigError {
+                file,
+                position: None,
+                message: "the file is empty (a truncated write?); refusing to run on defaults. \
+                          For env-only mode, name no config file"
+                    .into(),
+            });
+        }
         Config::parse(&text, Some(path), env)
     }
 
@@ -852,8 +866,15 @@ impl Builder<'_> {
         };
 
         // [admin]
+        let admin_listen = self.listen(&raw.admin.listen, "[admin] listen")?;
+        if guard::same_socket(admin_listen, listen) {
+            return self.err(
+                raw.admin.listen.span(),
+                format!("[admin] listen = {admin_listen} is the proxy's address too: give each listener its own"),
+            );
+        }
         let admin = AdminConfig {
-            listen: self.listen(&raw.admin.listen, "[admin] listen")?,
+            listen: admin_listen,
             token: raw
                 .admin
                 .token

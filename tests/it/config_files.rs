@@ -152,6 +152,50 @@ fn check_command_prints_summary_or_located_error() {
 }
 
 #[test]
+fn check_warns_about_likely_mistakes_and_refuses_empty_files() {
+    let bin = env!("CARGO_BIN_EXE_tokenpool");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokenpool.toml");
+    std::fs::write(
+        &file,
+        "[admin]\nlisten = \"0.0.0.0:9090\"\n\
+         [refresh]\nurl = \"https://app.warp.dev/proxy/token?key=YOUR_FIREBASE_WEB_API_KEY\"\n\
+         margin = \"2h\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin)
+        .args(["check", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "warnings do not fail check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let warnings: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{stdout}");
+    assert!(warnings[0].contains("[admin] listen = 0.0.0.0:9090 is not a loopback address"));
+    assert!(warnings[1].contains("[refresh] margin = 2h"));
+    assert!(warnings[2].contains("placeholder YOUR_FIREBASE_WEB_API_KEY"));
+
+    for empty in ["", "\n  \n"] {
+        std::fs::write(&file, empty).unwrap();
+        let out = Command::new(bin)
+            .args(["check", "-c"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("tokenpool.toml: the file is empty"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn env_only_mode_takes_warp2api_variables() {
     let bin = env!("CARGO_BIN_EXE_tokenpool");
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use tokenpool::sim::{AiBehaviour, RefreshBehaviour, RefreshMode};
 
-use crate::harness::{rt, Setup, CLIENT_KEY};
+use crate::harness::{metric, rt, Setup, CLIENT_KEY};
 
 struct Running {
     child: Child,
@@ -312,4 +312,112 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     // The state file holds the rotated token (that is its job), mode 0600.
     let state = std::fs::read_to_string(s.dir.path().join("state.json")).unwrap();
     assert!(state.contains(&s.sim.refresh_token("good").unwrap()));
+}
+
+/// The metrics text of the admin listener at `admin`.
+async fn scrape(client: &reqwest::Client, admin: &str) -> String {
+    client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The port of an address the binary logged (`0.0.0.0:P`), on 127.0.0.1:
+/// the test binds every interface but sends to loopback only.
+fn on_loopback(logged: &str) -> String {
+    let port = logged.rsplit(':').next().unwrap();
+    format!("127.0.0.1:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_never_opens_a_keyed_proxy_or_runs_on_an_empty_file() {
+    let tokens = &[("a", "personal")];
+    let s = Setup::new(tokens, "", "").await;
+    let admin_token = "admin-token-91c2e7";
+    let keyed = s
+        .config(tokens, "", "")
+        .replace(
+            "[server]\nlisten = \"127.0.0.1:0\"",
+            "[server]\nlisten = \"0.0.0.0:0\"",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"0.0.0.0:0\"\ntoken = \"{admin_token}\""),
+        );
+    assert!(keyed.contains("0.0.0.0:0\"\napi_keys") && keyed.contains(admin_token));
+    s.write(&keyed);
+    let mut run = Running::spawn(&s.path);
+    let proxy = on_loopback(&run.addr("proxy listening", "proxy_addr").await);
+    let admin = on_loopback(&run.addr("admin listening", "admin_addr").await);
+    let client = reqwest::Client::new();
+    let ai = || {
+        client
+            .post(format!("http://{proxy}/ai/multi-agent"))
+            .body("x")
+    };
+    assert_eq!(ai().send().await.unwrap().status(), 401);
+    assert_eq!(send(ai(), CLIENT_KEY).await.status(), 200);
+
+    // A file with no [server] table: its default address is loopback, but
+    // the listener stays bound on every interface.
+    let (server_table, rest) = keyed.split_once("[admin]").unwrap();
+    assert!(server_table.contains("api_keys"));
+    s.write(&format!("[admin]{rest}"));
+    let line = run.wait_for("config reload refused").await;
+    assert!(line.contains("sets no [server] api_keys"), "{line}");
+    assert_eq!(ai().send().await.unwrap().status(), 401, "still keyed");
+    let m = scrape(&client, &admin).await;
+    assert_eq!(metric(&m, "tokenpool_config_last_reload_successful"), 0.0);
+    assert!(metric(&m, "tokenpool_config_reloads_total{result=\"failure\"}") >= 1.0);
+    let r = send(
+        client.post(format!("http://{admin}/admin/reload")),
+        admin_token,
+    )
+    .await;
+    assert_eq!(r.status(), 422);
+    let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("which is not a loopback address, and this file sets no [server] api_keys"),
+        "{body}"
+    );
+
+    // A zero-byte write (a truncated save) is not "all defaults".
+    s.write("");
+    let line = run.wait_for("config reload failed").await;
+    assert!(line.contains("the file is empty"), "{line}");
+    assert_eq!(send(ai(), CLIENT_KEY).await.status(), 200, "tokens kept");
+    std::fs::write(&s.path, " \n\t\n").unwrap();
+    run.wait_for("the file is empty").await;
+
+    // Taking the admin token off the public admin listener is refused too.
+    s.write(&keyed.replace(&format!("\ntoken = \"{admin_token}\""), ""));
+    let line = run.wait_for("config reload refused").await;
+    assert!(line.contains("removes [admin] token"), "{line}");
+    let r = send(
+        client.get(format!("http://{admin}/admin/pool")),
+        admin_token,
+    )
+    .await;
+    assert_eq!(r.status(), 200, "the admin token still works");
+
+    // Removing every token is applied, and said at WARN.
+    let (head, _) = keyed.split_once("[[tokens]]").unwrap();
+    s.write(head);
+    let line = run.wait_for("removes every token").await;
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    assert!(line.contains("1 before, 0 after"), "{line}");
+    assert_eq!(send(ai(), CLIENT_KEY).await.status(), 503);
+    assert_eq!(ai().send().await.unwrap().status(), 401);
+
+    let logs = run.lines.lock().unwrap().join("\n");
+    for secret in [CLIENT_KEY, admin_token, &rt("a"), "sim-web-api-key"] {
+        assert!(!logs.contains(secret), "a secret is in the log");
+    }
 }

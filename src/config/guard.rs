@@ -1,0 +1,287 @@
+//! What a configuration may not do to a running proxy, and what `check`
+//! warns about.
+//!
+//! A reload is validated against what will actually run: the listeners
+//! stay bound where they were bound at start (a listen change needs a
+//! restart), so the rule "a non-loopback proxy listener needs client keys"
+//! is checked against the bound address, not against the new file's
+//! (possibly defaulted) one. A file that would open a keyed proxy to
+//! anyone, or take the admin token off a reachable admin listener, is
+//! refused like any invalid file.
+
+use std::net::SocketAddr;
+
+use super::{Config, ConfigError, Provider};
+
+/// Where the running listeners are bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// The proxy listener.
+    pub proxy: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+}
+
+/// The placeholder `config.example.toml` puts where Warp's web API key goes.
+const EXAMPLE_KEY_PLACEHOLDER: &str = "YOUR_FIREBASE_WEB_API_KEY";
+
+/// How long an access token of `provider` usually lives: Warp's (Firebase)
+/// ID tokens live one hour, and one hour is also what tokenpool assumes
+/// when an OAuth2 answer says nothing. `None` for `static` (no refresh).
+fn expected_lifetime(provider: Provider) -> Option<std::time::Duration> {
+    match provider {
+        Provider::Firebase | Provider::Oauth2 => Some(crate::refresh::provider::DEFAULT_TTL),
+        Provider::Static => None,
+    }
+}
+
+/// Whether two listen addresses would fight over one socket: the same
+/// port (not 0, which the OS picks) on the same address, or on the
+/// wildcard address of either.
+pub(super) fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+impl Config {
+    /// Things that are valid but probably wrong, one sentence each, for
+    /// `tokenpool check` (as `warning:` lines) and the log at start and
+    /// on reload. Never a secret.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.admin.listen.ip().is_loopback() && self.admin.token.is_none() {
+            out.push(format!(
+                "[admin] listen = {} is not a loopback address and [admin] token is not set: \
+                 /metrics, /healthz and /readyz are open to anyone who can connect \
+                 (/admin/* still answers loopback clients only)",
+                self.admin.listen
+            ));
+        }
+        if let Some(life) = expected_lifetime(self.refresh.provider) {
+            if self.refresh.margin >= life {
+                out.push(format!(
+                    "[refresh] margin = {} is not shorter than an access token's usual life ({}): \
+                     every token would be refreshed again as soon as it is refreshed",
+                    humantime::format_duration(self.refresh.margin),
+                    humantime::format_duration(life)
+                ));
+            }
+        }
+        if self
+            .refresh
+            .url
+            .as_deref()
+            .is_some_and(|u| u.contains(EXAMPLE_KEY_PLACEHOLDER))
+        {
+            out.push(format!(
+                "[refresh] url still has the example's placeholder {EXAMPLE_KEY_PLACEHOLDER}: \
+                 put Warp's Firebase web API key after key="
+            ));
+        }
+        out
+    }
+}
+
+/// Checks `next` as a replacement for `running`, whose listeners are bound
+/// at `bound`. Returns the warnings to log when it may be applied (it
+/// removes every token, or moves to another upstream host: an operator can
+/// mean that); an error, which refuses the reload, when applying it would
+/// open the proxy to anyone or take the admin token off a reachable admin
+/// listener.
+pub fn check_reload(
+    running: &Config,
+    bound: Bound,
+    next: &Config,
+) -> Result<Vec<String>, ConfigError> {
+    if !bound.proxy.ip().is_loopback()
+        && next.server.api_keys.is_empty()
+        && !next.server.allow_unauthenticated
+    {
+        return Err(next.error(format!(
+            "refused: the proxy listener stays bound on {} (a listen change needs a restart), \
+             which is not a loopback address, and this file sets no [server] api_keys: \
+             it would serve anyone who can connect. Keep api_keys, or set \
+             allow_unauthenticated = true if that is meant",
+            bound.proxy
+        )));
+    }
+    if !bound.admin.ip().is_loopback()
+        && running.admin.token.is_some()
+        && next.admin.token.is_none()
+    {
+        return Err(next.error(format!(
+            "refused: the admin listener stays bound on {}, which is not a loopback address, \
+             and this file removes [admin] token. Keep the token (removing it needs a restart)",
+            bound.admin
+        )));
+    }
+    let mut warnings = Vec::new();
+    if next.tokens.is_empty() && !running.tokens.is_empty() {
+        warnings.push(format!(
+            "this reload removes every token ({} before, 0 after): the proxy will answer 503 \
+             until tokens are configured again",
+            running.tokens.len()
+        ));
+    }
+    let place = |c: &Config| {
+        let url = &c.upstream.url;
+        format!(
+            "{}://{}:{}",
+            url.scheme_str().unwrap_or("https"),
+            url.host().unwrap_or(""),
+            url.port_u16()
+                .unwrap_or(if url.scheme_str() == Some("http") {
+                    80
+                } else {
+                    443
+                })
+        )
+    };
+    if place(running) != place(next) {
+        warnings.push(format!(
+            "this reload moves the upstream from {} to {}",
+            place(running),
+            place(next)
+        ));
+    }
+    if !bound.proxy.ip().is_loopback()
+        && next.server.api_keys.is_empty()
+        && !running.server.api_keys.is_empty()
+    {
+        warnings.push(format!(
+            "this reload removes every client key and allow_unauthenticated = true: \
+             ANYONE WHO CAN REACH {} CAN USE THE TOKEN POOL",
+            bound.proxy
+        ));
+    }
+    Ok(warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, Some(std::path::Path::new("t.toml")), &|_| None).unwrap()
+    }
+
+    const KEYED: &str = "[server]\nlisten = \"0.0.0.0:8080\"\napi_keys = [\"k\"]\n\
+                         [admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"adm\"\n\
+                         [[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = \"rt-a\"\n";
+
+    fn bound(proxy: &str, admin: &str) -> Bound {
+        Bound {
+            proxy: proxy.parse().unwrap(),
+            admin: admin.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn reloads_are_checked_against_the_bound_listeners() {
+        let running = parse(KEYED);
+        let public = bound("0.0.0.0:8080", "0.0.0.0:9090");
+        let local = bound("127.0.0.1:8080", "127.0.0.1:9090");
+        let tokens = "[[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = \"rt-a\"\n";
+        let admin = "[admin]\ntoken = \"adm\"\n";
+        // (next file, bound, refused because of)
+        let cases: &[(String, Bound, Option<&str>)] = &[
+            (KEYED.to_string(), public, None),
+            // No [server] table: the new default address is loopback, the
+            // bound one is not.
+            (
+                format!("{admin}{tokens}"),
+                public,
+                Some("sets no [server] api_keys"),
+            ),
+            (format!("{admin}{tokens}"), local, None),
+            (
+                format!("[server]\nallow_unauthenticated = true\n{admin}{tokens}"),
+                public,
+                None,
+            ),
+            (
+                format!("[server]\napi_keys = [\"k\"]\n{tokens}"),
+                public,
+                Some("removes [admin] token"),
+            ),
+            (
+                format!("[server]\napi_keys = [\"k\"]\n{tokens}"),
+                local,
+                None,
+            ),
+        ];
+        for (text, bound, refused) in cases {
+            let result = check_reload(&running, *bound, &parse(text));
+            match (refused, result) {
+                (None, Ok(_)) => {}
+                (Some(want), Err(e)) => {
+                    assert!(e.to_string().contains(want), "{text}: {e}");
+                    assert!(e.to_string().starts_with("t.toml: refused:"), "{e}");
+                }
+                (want, got) => panic!("{text}: want refusal {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_config_without_an_admin_token_keeps_reloading() {
+        let text = KEYED.replace("token = \"adm\"\n", "");
+        let running = parse(&text);
+        let b = bound("0.0.0.0:8080", "0.0.0.0:9090");
+        assert!(check_reload(&running, b, &parse(&text)).is_ok());
+    }
+
+    #[test]
+    fn emptying_the_pool_or_moving_the_upstream_warns() {
+        let running = parse(KEYED);
+        let b = bound("127.0.0.1:8080", "127.0.0.1:9090");
+        let none = KEYED.replace(
+            "[[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = \"rt-a\"\n",
+            "",
+        );
+        let w = check_reload(&running, b, &parse(&none)).unwrap();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("removes every token (1 before, 0 after)"),
+            "{w:?}"
+        );
+        let moved = format!("{KEYED}[upstream]\nurl = \"https://other.example:8443/api\"\n");
+        let w = check_reload(&running, b, &parse(&moved)).unwrap();
+        assert_eq!(
+            w,
+            ["this reload moves the upstream from https://app.warp.dev:443 to https://other.example:8443"]
+        );
+        // A new path on the same host is not a move.
+        let path = format!("{KEYED}[upstream]\nurl = \"https://app.warp.dev/v2\"\n");
+        assert!(check_reload(&running, b, &parse(&path)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn check_warns_about_valid_but_likely_wrong_settings() {
+        let c = parse("[refresh]\nurl = \"https://x.test/token?key=YOUR_FIREBASE_WEB_API_KEY\"\nmargin = \"2h\"\n[admin]\nlisten = \"0.0.0.0:9090\"\n");
+        let w = c.warnings();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].starts_with("[admin] listen = 0.0.0.0:9090 is not a loopback address"));
+        assert!(
+            w[1].starts_with("[refresh] margin = 2h is not shorter"),
+            "{}",
+            w[1]
+        );
+        assert!(w[2].contains("placeholder"));
+        assert!(parse("[refresh]\nmargin = \"59m\"\n").warnings().is_empty());
+        assert!(parse("[refresh]\nprovider = \"static\"\nmargin = \"2h\"\n")
+            .warnings()
+            .is_empty());
+    }
+
+    #[test]
+    fn listeners_that_would_share_a_socket() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(same_socket(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(same_socket(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(!same_socket(a("127.0.0.1:0"), a("127.0.0.1:0")));
+        assert!(!same_socket(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        assert!(!same_socket(a("127.0.0.1:80"), a("127.0.0.2:80")));
+    }
+}
