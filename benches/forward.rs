@@ -11,8 +11,10 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokenpool::app::{self, App, Listeners};
 use tokenpool::config::Config;
+use tokenpool::generation::Generations;
+use tokenpool::run::{run, Listeners};
+use tokenpool::shutdown::shutdown_pair;
 
 const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
 
@@ -66,9 +68,9 @@ fn forward(c: &mut Criterion) {
     let proxy = rt.block_on(async {
         let listeners = Listeners::bind(&config).await.unwrap();
         let (addr, _) = listeners.addrs().unwrap();
-        let app = App::new(config, Arc::new(|_: &str| None)).unwrap();
-        let (trigger, shutdown) = app::shutdown_pair();
-        tokio::spawn(app::run(app, listeners, shutdown));
+        let app = Generations::new(config, Arc::new(|_: &str| None)).unwrap();
+        let (trigger, shutdown) = shutdown_pair();
+        tokio::spawn(run(app, listeners, shutdown));
         std::mem::forget(trigger);
         addr
     });

@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tokenpool::app::{self, App, Listeners};
 use tokenpool::config::Config;
+use tokenpool::generation::Generations;
+use tokenpool::run::{run, Listeners};
+use tokenpool::shutdown::shutdown_pair;
 use tokenpool::sim::Sim;
 
 const TOKENS: usize = 10_000;
@@ -46,7 +48,8 @@ fn reload(c: &mut Criterion) {
     group.bench_function("parse + validate", |b| {
         b.iter(|| black_box(Config::parse(&text, None, &|_| None).unwrap()))
     });
-    let app = rt.block_on(async { App::new(config.clone(), Arc::new(|_: &str| None)).unwrap() });
+    let app =
+        rt.block_on(async { Generations::new(config.clone(), Arc::new(|_: &str| None)).unwrap() });
     group.bench_function("build generation + swap", |b| {
         b.iter(|| black_box(app.apply(config.clone()).unwrap()))
     });
@@ -56,9 +59,9 @@ fn reload(c: &mut Criterion) {
     let (app, addr) = rt.block_on(async {
         let listeners = Listeners::bind(&config).await.unwrap();
         let (addr, _) = listeners.addrs().unwrap();
-        let app = App::new(config.clone(), Arc::new(|_: &str| None)).unwrap();
-        let (trigger, shutdown) = app::shutdown_pair();
-        tokio::spawn(app::run(Arc::clone(&app), listeners, shutdown));
+        let app = Generations::new(config.clone(), Arc::new(|_: &str| None)).unwrap();
+        let (trigger, shutdown) = shutdown_pair();
+        tokio::spawn(run(Arc::clone(&app), listeners, shutdown));
         std::mem::forget(trigger);
         (app, addr)
     });

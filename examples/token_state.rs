@@ -12,8 +12,8 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokenpool::app::App;
 use tokenpool::config::Config;
+use tokenpool::generation::Generations;
 
 struct Counting;
 
@@ -60,7 +60,8 @@ fn live_bytes(tokens: usize) -> usize {
     let before = LIVE.load(Ordering::Relaxed);
     let config = Config::parse(&text, None, &|_| None).expect("valid config");
     drop(text);
-    let app = App::new(config, std::sync::Arc::new(|_: &str| None)).expect("app builds");
+    let app = Generations::new(config, std::sync::Arc::new(|_: &str| None))
+        .expect("the first generation builds");
     let scrape = app.metrics.render(&app.current().pool);
     drop(scrape);
     let live = LIVE.load(Ordering::Relaxed) - before;

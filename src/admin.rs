@@ -16,37 +16,57 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::app::{key_matches, App, Shutdown};
+use crate::config::key_matches;
 use crate::error::ProxyError;
+use crate::generation::Generations;
 use crate::pool::{Snapshot, StateCounts, TokenState};
+use crate::reload::{ReloadError, Reloads};
+use crate::shutdown::Shutdown;
 
 type AdminResponse = Response<Full<Bytes>>;
 
-/// Serves the admin routes on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown) {
-    let builder = crate::proxy::connection_builder(app.current().config.server.header_read_timeout);
+/// Serves the admin routes on `listener` until `shutdown`; `reloads` is
+/// where `POST /admin/reload` goes.
+pub async fn serve(
+    listener: TcpListener,
+    generations: Arc<Generations>,
+    reloads: Reloads,
+    mut shutdown: Shutdown,
+) {
+    let header_read_timeout = generations.current().config.server.header_read_timeout;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let admin = Arc::new(Admin {
+        generations,
+        reloads,
+    });
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let app = Arc::clone(&app);
+                let admin = Arc::clone(&admin);
                 let service = service_fn(move |req| {
-                    let app = Arc::clone(&app);
-                    async move { Ok::<_, Infallible>(route(&app, peer, req).await) }
+                    let admin = Arc::clone(&admin);
+                    async move { Ok::<_, Infallible>(admin.route(peer, req).await) }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 tokio::spawn(async move {
@@ -56,6 +76,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: Shutdown)
             _ = shutdown.wait() => return,
         }
     }
+}
+
+/// What the admin routes act on.
+struct Admin {
+    generations: Arc<Generations>,
+    reloads: Reloads,
 }
 
 fn json_response(status: StatusCode, value: &Value) -> AdminResponse {
@@ -80,98 +106,93 @@ fn text_response(
     r
 }
 
-/// Routes one admin request.
-pub async fn route(app: &Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> AdminResponse {
-    let path = req.uri().path().to_string();
-    let method = req.method().clone();
-    match (method, path.as_str()) {
-        (Method::GET, "/metrics") => text_response(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            app.metrics.render(&app.current().pool),
-        ),
-        (Method::GET, "/healthz") => text_response(StatusCode::OK, "text/plain", "ok\n"),
-        (Method::GET, "/readyz") => readyz(app),
-        (_, "/metrics" | "/healthz" | "/readyz") => ProxyError::MethodNotAllowed.to_response(),
-        (method, p) if p.starts_with("/admin/") => {
-            if !admin_allowed(app, peer, req.headers()) {
-                return ProxyError::Unauthorized.to_response();
-            }
-            admin_route(app, method, p).await
-        }
-        _ => ProxyError::NotFound.to_response(),
-    }
-}
-
-/// Whether the request may use `/admin/*`.
-fn admin_allowed(app: &App, peer: SocketAddr, headers: &http::HeaderMap) -> bool {
-    let generation = app.current();
-    match &generation.config.admin.token {
-        Some(token) => headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes)
-            .and_then(|v| (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..]))
-            .is_some_and(|presented| key_matches(std::slice::from_ref(token), presented)),
-        None => peer.ip().is_loopback(),
-    }
-}
-
-async fn admin_route(app: &Arc<App>, method: Method, path: &str) -> AdminResponse {
-    match (method, path) {
-        (Method::GET, "/admin/pool") => json_response(StatusCode::OK, &pool_json(app)),
-        (Method::POST, "/admin/reload") => {
-            // Reading and parsing the file is blocking work.
-            let reloading = Arc::clone(app);
-            let result = match tokio::task::spawn_blocking(move || reloading.reload()).await {
-                Ok(result) => result,
-                Err(_) => {
-                    return json_response(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        &json!({"result": "failure", "error": "the reload task failed"}),
-                    )
+impl Admin {
+    /// Routes one admin request.
+    async fn route(&self, peer: SocketAddr, req: Request<Incoming>) -> AdminResponse {
+        let generations = &self.generations;
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::GET, "/metrics") => text_response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                generations.metrics.render(&generations.current().pool),
+            ),
+            (&Method::GET, "/healthz") => text_response(StatusCode::OK, "text/plain", "ok\n"),
+            (&Method::GET, "/readyz") => readyz(generations),
+            (_, "/metrics" | "/healthz" | "/readyz") => ProxyError::MethodNotAllowed.to_response(),
+            (method, p) if p.starts_with("/admin/") => {
+                if !self.allowed(peer, req.headers()) {
+                    return ProxyError::Unauthorized.to_response();
                 }
-            };
-            match result {
-                Ok(summary) => json_response(
+                self.admin_route(method.clone(), p)
+                    .await
+                    .unwrap_or_else(|e| e.to_response())
+            }
+            _ => ProxyError::NotFound.to_response(),
+        }
+    }
+
+    /// Whether the request may use `/admin/*`.
+    fn allowed(&self, peer: SocketAddr, headers: &http::HeaderMap) -> bool {
+        let generation = self.generations.current();
+        match &generation.config.admin.token {
+            Some(token) => headers
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes)
+                .and_then(|v| {
+                    (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+                })
+                .is_some_and(|presented| key_matches(std::slice::from_ref(token), presented)),
+            None => peer.ip().is_loopback(),
+        }
+    }
+
+    async fn admin_route(&self, method: Method, path: &str) -> Result<AdminResponse, ProxyError> {
+        let generations = &self.generations;
+        match (method, path) {
+            (Method::GET, "/admin/pool") => {
+                Ok(json_response(StatusCode::OK, &pool_json(generations)))
+            }
+            (Method::POST, "/admin/reload") => match self.reloads.reload().await {
+                Ok(summary) => Ok(json_response(
                     StatusCode::OK,
                     &json!({"result": "success", "summary": summary}),
-                ),
-                Err(e) => json_response(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &json!({"result": "failure", "error": e.to_string(), "generation": app.current().id}),
-                ),
+                )),
+                Err(ReloadError::Rejected(e)) => Err(ProxyError::ConfigRejected {
+                    message: e.to_string(),
+                }),
+                Err(ReloadError::Unavailable) => Err(ProxyError::Internal),
+            },
+            (Method::POST, p) => {
+                let (name, action) = p
+                    .strip_prefix("/admin/tokens/")
+                    .and_then(|rest| rest.rsplit_once('/'))
+                    .ok_or(ProxyError::NotFound)?;
+                if !matches!(action, "enable" | "disable") {
+                    return Err(ProxyError::NotFound);
+                }
+                let generation = generations.current();
+                let token = generation.pool.get(name).ok_or(ProxyError::UnknownToken)?;
+                if action == "enable" {
+                    token.enable();
+                } else {
+                    token.disable_manually();
+                }
+                tracing::info!(token = token.name(), action, "token changed by operator");
+                generations.save_state().await;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &token_json(&token.snapshot()),
+                ))
             }
+            (_, "/admin/pool" | "/admin/reload") => Err(ProxyError::MethodNotAllowed),
+            _ => Err(ProxyError::NotFound),
         }
-        (Method::POST, p) => {
-            let Some(rest) = p.strip_prefix("/admin/tokens/") else {
-                return ProxyError::NotFound.to_response();
-            };
-            let Some((name, action)) = rest.rsplit_once('/') else {
-                return ProxyError::NotFound.to_response();
-            };
-            let generation = app.current();
-            let Some(token) = generation.pool.get(name) else {
-                return json_response(
-                    StatusCode::NOT_FOUND,
-                    &json!({"error": {"message": "no token of that name", "type": "tokenpool_error", "code": "not_found"}}),
-                );
-            };
-            match action {
-                "enable" => token.enable(),
-                "disable" => token.disable_manually(),
-                _ => return ProxyError::NotFound.to_response(),
-            }
-            tracing::info!(token = token.name(), action, "token changed by operator");
-            app.save_state().await;
-            json_response(StatusCode::OK, &token_json(&token.snapshot()))
-        }
-        (_, "/admin/pool" | "/admin/reload") => ProxyError::MethodNotAllowed.to_response(),
-        _ => ProxyError::NotFound.to_response(),
     }
 }
 
-fn readyz(app: &App) -> AdminResponse {
-    let generation = app.current();
+fn readyz(generations: &Generations) -> AdminResponse {
+    let generation = generations.current();
     let pool = &generation.pool;
     if pool.tokens().is_empty() {
         return json_response(
@@ -221,8 +242,8 @@ fn token_json(s: &Snapshot) -> Value {
 }
 
 /// The `/admin/pool` document.
-pub fn pool_json(app: &App) -> Value {
-    let generation = app.current();
+pub fn pool_json(generations: &Generations) -> Value {
+    let generation = generations.current();
     let pool = &generation.pool;
     let snapshots: Vec<Snapshot> = pool.tokens().iter().map(|t| t.snapshot()).collect();
     let counts = StateCounts::of(&snapshots);

@@ -9,8 +9,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::app::{self, App, Listeners};
 use crate::config::{process_env, Config};
+use crate::generation::Generations;
+use crate::run::Listeners;
+use crate::shutdown::shutdown_pair;
 use crate::sim::{AiBehaviour, RefreshBehaviour, Sim};
 
 /// tokenpool: a reverse proxy that puts a pooled upstream credential on
@@ -182,17 +184,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     for warning in config.warnings() {
         tracing::warn!(warning = %warning, "config warning");
     }
-    let listeners = Listeners::bind(&config)
-        .await
-        .context("cannot bind the listeners")?;
-    let app = App::new(config, Arc::new(process_env))?;
-    let (trigger, shutdown) = app::shutdown_pair();
+    let listeners = Listeners::bind(&config).await?;
+    let generations = Generations::new(config, Arc::new(process_env))?;
+    let (trigger, shutdown) = shutdown_pair();
     tokio::spawn(async move {
         termination().await;
         tracing::info!("shutdown signal received");
         trigger.trigger();
     });
-    app::run(app, listeners, shutdown).await;
+    crate::run::run(generations, listeners, shutdown).await;
     Ok(())
 }
 
@@ -247,7 +247,7 @@ token = "demo-rt-dave"
     let config = Config::parse(&text, None, &|_| None)?;
     let listeners = Listeners::bind(&config).await?;
     let (proxy, admin) = listeners.addrs()?;
-    let app = App::new(config, Arc::new(|_: &str| None))?;
+    let generations = Generations::new(config, Arc::new(|_: &str| None))?;
     println!(
         r#"
 tokenpool demo — a simulated Warp upstream at {upstream} and a proxy in front of it.
@@ -264,12 +264,12 @@ Ctrl-C stops it.
 "#,
         upstream = sim.url(),
     );
-    let (trigger, shutdown) = app::shutdown_pair();
+    let (trigger, shutdown) = shutdown_pair();
     tokio::spawn(async move {
         termination().await;
         trigger.trigger();
     });
-    app::run(app, listeners, shutdown).await;
+    crate::run::run(generations, listeners, shutdown).await;
     drop(sim);
     Ok(())
 }

@@ -2,12 +2,12 @@
 //! Warp2Api environment variables of §4.3, and the error type that points
 //! at `FILE:LINE:COL`.
 //!
-//! This module turns text into a checked [`Config`]; it does not watch
-//! files (see [`reload`]) and does not own any running state.
+//! This module turns text into a checked [`Config`]; [`watch`] tells when
+//! the files it read change. It owns no running state.
 
 mod guard;
-pub mod reload;
 mod secret;
+pub mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 pub use guard::{check_reload, Bound};
-pub use secret::{Secret, SecretSource};
+pub use secret::{key_matches, Secret, SecretSource};
 
 /// One of the three fixed token tiers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
@@ -126,8 +126,12 @@ pub struct ServerConfig {
     /// take to finish before their connections are closed.
     pub shutdown_grace: Duration,
     /// Longest a client may take to send its request headers (a guard
-    /// against slow-loris clients holding connections open).
+    /// against slow-loris clients holding connections open); also how long
+    /// a connection may sit with no request before it is closed.
     pub header_read_timeout: Duration,
+    /// Longest a client may take to send a request's body (past it, 408):
+    /// a slow body holds a connection and the buffer it fills.
+    pub body_read_timeout: Duration,
 }
 
 /// `[admin]`.
@@ -489,6 +493,8 @@ struct RawServer {
     shutdown_grace: Duration,
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     header_read_timeout: Duration,
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    body_read_timeout: Duration,
 }
 
 impl Default for RawServer {
@@ -500,6 +506,7 @@ impl Default for RawServer {
             allow_unauthenticated: false,
             shutdown_grace: default_shutdown_grace(),
             header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
         }
     }
 }
@@ -642,6 +649,9 @@ fn default_admin_listen() -> Spanned<String> {
 }
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
@@ -863,6 +873,8 @@ impl Builder<'_> {
                 "[server] header_read_timeout",
                 raw.server.header_read_timeout,
             )?,
+            body_read_timeout: self
+                .positive("[server] body_read_timeout", raw.server.body_read_timeout)?,
         };
 
         // [admin]

@@ -1,33 +1,47 @@
 //! tokenpool: a reverse proxy that holds a pool of upstream credentials and
 //! puts one on every request it forwards.
 //!
-//! The components, from the outside in:
-//! - [`proxy`]: the client-facing listener — authentication, forwarding,
-//!   failover across tokens, streaming.
+//! The components, from the outside in (each depends only on those below
+//! it; `docs/glossary.md` defines the project's words):
+//! - [`cli`]: the command line — `serve`, `check`, `status`, `demo`.
+//! - [`run`]: one running instance — binds the listeners, starts and stops
+//!   every task.
 //! - [`admin`]: the admin listener — metrics, health, pool inspection and
 //!   control, reload.
-//! - [`app`]: one running instance — the current [`app::Generation`]
-//!   (config + pool + refresher) behind an atomic swap, and what starts and
-//!   stops the listeners and background tasks.
-//! - [`config`]: the TOML schema, validation and live reload.
-//! - [`pool`]: tokens by tier, selection and the token state machine. No HTTP.
+//! - [`reload`]: the one task that reloads, whoever asks (file watch,
+//!   SIGHUP, admin).
+//! - [`proxy`]: the proxy listener — client authentication, failover across
+//!   tokens, the response body.
+//! - [`generation`]: the current [`generation::Generation`] (config, pool,
+//!   refresher, upstream) behind an atomic swap, and how the next one is
+//!   made.
 //! - [`refresh`]: turning refresh tokens into access tokens, single flight.
+//! - [`upstream`]: where a request goes and how: URL, header rules,
+//!   connection pool, TLS.
 //! - [`state`]: the state file that survives restarts.
 //! - [`metrics`]: every Prometheus metric.
-//! - [`error`]: the errors the proxy itself answers with.
+//! - [`pool`]: tokens by tier, selection and the token state machine. No HTTP.
+//! - [`config`]: the TOML schema, validation, secrets and the file watch.
+//! - [`error`]: the errors the proxy answers with, and their one mapping
+//!   to HTTP.
+//! - [`shutdown`]: the stop signal.
 //! - [`sim`]: a simulated Warp-like upstream for tests and `tokenpool demo`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
-pub mod app;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod generation;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod refresh;
+pub mod reload;
+pub mod run;
+pub mod shutdown;
 pub mod sim;
 pub mod state;
+pub mod upstream;

@@ -32,6 +32,16 @@ pub mod outcome {
     pub const NO_TOKEN: &str = "no_token";
     /// The client did not authenticate (401 from the proxy).
     pub const REJECTED: &str = "rejected";
+
+    /// The outcome of a request whose answer (the upstream's, passed
+    /// through) has `status`.
+    pub fn of_status(status: http::StatusCode) -> &'static str {
+        match status.as_u16() {
+            0..=399 => SUCCESS,
+            400..=499 => CLIENT_ERROR,
+            _ => UPSTREAM_ERROR,
+        }
+    }
 }
 
 /// Outcomes of `tokenpool_refreshes_total`.
@@ -315,6 +325,13 @@ impl Metrics {
     pub fn token_failure(&self, tier: Tier, token: &str, reason: Reason) {
         self.token_failures
             .with_label_values(&[tier.as_str(), token, reason.as_str()])
+            .inc();
+    }
+
+    /// Counts a request served by a lower tier than the first with tokens.
+    pub fn tier_fallback(&self, from: Tier, to: Tier) {
+        self.tier_fallbacks
+            .with_label_values(&[from.as_str(), to.as_str()])
             .inc();
     }
 

@@ -9,13 +9,45 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
 use crate::pool::{Pool, Reason, Restored, TokenState};
+
+/// How often changed token state is written to the state file.
+const SAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Starts the state writer: every [`SAVE_INTERVAL`] it writes the state of
+/// the pool `current` gives, if a token's persisted state changed since.
+pub fn spawn_saver<F>(store: Arc<StateStore>, current: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Arc<Pool> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SAVE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let pool = current();
+            // `take_dirty` on every token, not just until the first.
+            let dirty = pool
+                .tokens()
+                .iter()
+                .fold(false, |any, t| t.take_dirty() | any);
+            if dirty {
+                let store = Arc::clone(&store);
+                match tokio::task::spawn_blocking(move || store.save(&pool)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot save token state"),
+                    Err(e) => tracing::error!(error = %e, "state writer failed"),
+                }
+            }
+        }
+    })
+}
 
 /// The file's contents.
 #[derive(Debug, Default, Serialize, Deserialize)]

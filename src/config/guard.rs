@@ -30,7 +30,7 @@ const EXAMPLE_KEY_PLACEHOLDER: &str = "YOUR_FIREBASE_WEB_API_KEY";
 /// when an OAuth2 answer says nothing. `None` for `static` (no refresh).
 fn expected_lifetime(provider: Provider) -> Option<std::time::Duration> {
     match provider {
-        Provider::Firebase | Provider::Oauth2 => Some(crate::refresh::provider::DEFAULT_TTL),
+        Provider::Firebase | Provider::Oauth2 => Some(std::time::Duration::from_secs(3600)),
         Provider::Static => None,
     }
 }

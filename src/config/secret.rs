@@ -48,6 +48,17 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Whether `presented` is one of `keys`, compared in constant time per key
+/// (so the time taken says nothing about how close a guess was).
+pub fn key_matches(keys: &[Secret], presented: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    let mut ok = subtle::Choice::from(0);
+    for key in keys {
+        ok |= key.expose().as_bytes().ct_eq(presented);
+    }
+    ok.into()
+}
+
 /// Lower-case hex of some bytes.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
@@ -208,6 +219,16 @@ mod tests {
             .resolve(dir.path(), &|_| None)
             .unwrap_err();
         assert!(err.contains("whitespace"), "{err}");
+    }
+
+    #[test]
+    fn keys_match_exactly() {
+        let keys = [Secret::new("k-one"), Secret::new("k-two")];
+        assert!(key_matches(&keys, b"k-two"));
+        for wrong in [&b"k-tw"[..], b"k-two2", b"", b"K-TWO"] {
+            assert!(!key_matches(&keys, wrong));
+        }
+        assert!(!key_matches(&[], b"k-one"));
     }
 
     #[test]

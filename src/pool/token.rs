@@ -138,11 +138,15 @@ pub enum Outcome {
 }
 
 /// A short-lived bearer obtained by refreshing a token.
+///
+/// It is kept as the ready `Authorization` value — the one HTTP type the
+/// pool holds — because checking a JWT of a kilobyte as a header value
+/// costs thousands of instructions, and should be paid once per refresh,
+/// not once per request.
 pub struct AccessToken {
-    /// `Bearer <token>` as an `Authorization` value, marked sensitive;
-    /// `None` if the token has bytes a header cannot carry. Built once per
-    /// refresh, not per request.
-    header: Option<HeaderValue>,
+    /// `Bearer <token>`, marked sensitive; `None` if the token has bytes a
+    /// header cannot carry.
+    authorization: Option<HeaderValue>,
     /// When it stops being valid, on the pool's clock.
     pub expires_at: Instant,
     /// When it stops being valid, as wall-clock time (for metrics and the admin API).
@@ -152,26 +156,26 @@ pub struct AccessToken {
 impl AccessToken {
     /// Wraps a bearer valid for `ttl` from now.
     pub fn new(bearer: &str, ttl: Duration) -> AccessToken {
-        let mut header = Vec::with_capacity(7 + bearer.len());
-        header.extend_from_slice(b"Bearer ");
-        header.extend_from_slice(bearer.as_bytes());
-        let header = HeaderValue::from_maybe_shared(Bytes::from(header))
+        let mut value = Vec::with_capacity(7 + bearer.len());
+        value.extend_from_slice(b"Bearer ");
+        value.extend_from_slice(bearer.as_bytes());
+        let authorization = HeaderValue::from_maybe_shared(Bytes::from(value))
             .ok()
             .map(|mut v| {
                 v.set_sensitive(true);
                 v
             });
         AccessToken {
-            header,
+            authorization,
             expires_at: Instant::now() + ttl,
             expires_at_wall: SystemTime::now() + ttl,
         }
     }
 
-    /// The `Authorization` value, if the token can be one. A secret: never
-    /// log it.
-    pub fn header(&self) -> Option<&HeaderValue> {
-        self.header.as_ref()
+    /// The `Authorization` value (`Bearer <token>`), if the token can be
+    /// one. A secret: never log it.
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref()
     }
 
     /// Whether it is still valid at `now`.
@@ -183,7 +187,7 @@ impl AccessToken {
 impl fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AccessToken")
-            .field("header", &"***")
+            .field("authorization", &"***")
             .field("expires_at", &self.expires_at)
             .finish()
     }

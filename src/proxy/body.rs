@@ -1,48 +1,188 @@
-//! The response body the proxy sends: either bytes it holds (its own
-//! errors, buffered upstream error answers) or the upstream's body
-//! streamed frame by frame, with `[upstream] idle_timeout` bounding the
-//! silence between frames. Both carry the guard that keeps the request
-//! counted in `tokenpool_inflight_requests` until the body is done.
+//! Bodies: the client's request body, read whole so that it can be sent
+//! again on another token; and the answer the proxy sends, either bytes it
+//! holds (its own errors, buffered upstream error answers) or the
+//! upstream's body streamed frame by frame, with `[upstream] idle_timeout`
+//! bounding the silence between frames. The answer carries the request's
+//! [`InFlight`] until it is done.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use prometheus::IntGauge;
 use tokio::time::{Instant, Sleep};
 
-use super::client::{ClientError, UpstreamBody};
+use super::listener::{Activity, ConnState};
+use crate::error::ProxyError;
+use crate::metrics::{outcome, Metrics};
+use crate::upstream::{UpstreamBody, UpstreamError};
 
-/// Errors while streaming the upstream body to the client.
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    /// The upstream said nothing for longer than `idle_timeout`.
-    #[error("upstream stream idle for longer than {0:?}")]
-    Idle(Duration),
-    /// The upstream connection broke or sent a malformed body.
-    #[error("upstream stream broke: {0}")]
-    Upstream(#[from] ClientError),
+/// One client request, from its head until its answer is done: counted in
+/// `tokenpool_inflight_requests` while it lives, and its outcome counted
+/// once — when its answer's head is ready, or as `client_error` if the
+/// client left before that (hyper then drops the request's future).
+pub struct InFlight {
+    metrics: Arc<Metrics>,
+    started: Instant,
+    /// Whether the outcome has been counted.
+    counted: bool,
+    /// The HTTP/2 connection's count of open requests, if it is one.
+    activity: Option<Arc<Activity>>,
 }
 
-/// Counts a request in `tokenpool_inflight_requests` while it lives.
-#[derive(Debug)]
-pub struct InflightGuard(IntGauge);
-
-impl InflightGuard {
-    /// Increments the gauge until the guard is dropped.
-    pub fn new(gauge: &IntGauge) -> InflightGuard {
-        gauge.inc();
-        InflightGuard(gauge.clone())
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight")
+            .field("started", &self.started)
+            .field("counted", &self.counted)
+            .finish_non_exhaustive()
     }
 }
 
-impl Drop for InflightGuard {
+impl InFlight {
+    /// A request begins.
+    pub(super) fn start(metrics: &Arc<Metrics>, activity: Option<Arc<Activity>>) -> InFlight {
+        metrics.inflight.inc();
+        if let Some(a) = &activity {
+            a.start();
+        }
+        InFlight {
+            metrics: Arc::clone(metrics),
+            started: Instant::now(),
+            counted: false,
+            activity,
+        }
+    }
+
+    /// Its answer's head is ready: counts `outcome` and the time it took.
+    pub(super) fn answered(&mut self, outcome: &'static str) {
+        self.counted = true;
+        self.metrics.request_done(outcome, self.started.elapsed());
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.dec();
+        if !self.counted {
+            self.metrics
+                .request_done(outcome::CLIENT_ERROR, self.started.elapsed());
+        }
+        self.metrics.inflight.dec();
+        if let Some(a) = &self.activity {
+            a.end();
+        }
+    }
+}
+
+/// Reads a client's request body whole, up to `limit` bytes, within
+/// `timeout`. A body declared longer than the limit is refused unread; one
+/// that arrives in one piece (the usual small JSON request) is kept as it
+/// came, without a copy. Memory grows with what arrives, never with what
+/// is declared.
+pub(super) async fn read_request(
+    mut body: Incoming,
+    limit: usize,
+    timeout: Duration,
+    conn: &ConnState,
+) -> Result<Bytes, ProxyError> {
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ProxyError::RequestTooLarge { limit });
+    }
+    let deadline = Instant::now() + timeout;
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    let mut total = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ProxyError::RequestTimeout { timeout }),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                return Err(ProxyError::BadRequest {
+                    detail: "the request body could not be read",
+                })
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not forwarded
+        };
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Err(ProxyError::RequestTooLarge { limit });
+        }
+        if first.is_none() && joined.is_empty() {
+            first = Some(data);
+        } else {
+            if let Some(head) = first.take() {
+                joined.extend_from_slice(&head);
+            }
+            joined.extend_from_slice(&data);
+        }
+    }
+    conn.body_unread.store(false, Ordering::Relaxed);
+    Ok(match first {
+        Some(only) => only,
+        None => joined.freeze(),
+    })
+}
+
+/// Most of a refused request's body read away so that its connection may
+/// be kept: a small body that came with its head.
+const SKIP_AT_MOST: usize = 64 * 1024;
+
+/// Reads away what of a refused request's body has already arrived, without
+/// waiting for more, so that a small body that came with its head does not
+/// cost the connection. A client that waits for `100 Continue` is not sent
+/// one: its body is not wanted.
+pub(super) fn skip_buffered(mut body: Incoming, headers: &http::HeaderMap, conn: &ConnState) {
+    if body.is_end_stream() || headers.contains_key(http::header::EXPECT) {
+        return;
+    }
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    let mut skipped = 0usize;
+    while skipped <= SKIP_AT_MOST {
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(None) => {
+                conn.body_unread.store(false, Ordering::Relaxed);
+                return;
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                skipped += frame.data_ref().map_or(0, Bytes::len);
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => return,
+        }
+    }
+}
+
+/// Reads up to `limit` bytes of an upstream answer's body, within `idle`
+/// of silence per frame. Returns the bytes and whether the body was cut
+/// at the limit.
+pub(super) async fn collect_limited(
+    mut body: UpstreamBody,
+    limit: usize,
+    idle: Duration,
+) -> Result<(Bytes, bool), UpstreamError> {
+    let mut out = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(UpstreamError::Silent(idle)),
+            Ok(None) => return Ok((out.freeze(), false)),
+            Ok(Some(frame)) => frame?,
+        };
+        if let Ok(data) = frame.into_data() {
+            let room = limit - out.len();
+            if data.len() > room {
+                out.extend_from_slice(&data[..room]);
+                return Ok((out.freeze(), true));
+            }
+            out.extend_from_slice(&data);
+        }
     }
 }
 
@@ -58,11 +198,11 @@ struct Streaming {
     idle: Duration,
     /// Armed at the first `Pending` after a frame; disarmed by a frame.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Whether frames went to the server since it last saw `Pending`, so
-    /// that it may hold them (and the head) unwritten.
+    /// Whether frames went to hyper since it last saw `Pending`, so that
+    /// it may hold them (and the head) unwritten.
     unflushed: bool,
     /// An upstream error held back for one turn (see `poll_frame`).
-    deferred: Option<ClientError>,
+    deferred: Option<UpstreamError>,
 }
 
 #[derive(Debug)]
@@ -71,11 +211,11 @@ enum Kind {
     Streaming(Box<Streaming>),
 }
 
-/// A response body of the proxy.
+/// An answer's body, as the proxy sends it.
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
-    guard: Option<InflightGuard>,
+    inflight: Option<InFlight>,
 }
 
 impl ProxyBody {
@@ -83,7 +223,7 @@ impl ProxyBody {
     pub fn full(bytes: Bytes) -> ProxyBody {
         ProxyBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
-            guard: None,
+            inflight: None,
         }
     }
 
@@ -93,19 +233,20 @@ impl ProxyBody {
             inner,
             idle,
             timer: None,
-            // The head itself waits in the server's buffer until it writes.
+            // The head itself waits in hyper's buffer until it writes.
             unflushed: true,
             deferred: None,
         };
         ProxyBody {
             kind: Kind::Streaming(Box::new(streaming)),
-            guard: None,
+            inflight: None,
         }
     }
 
-    /// Attaches the in-flight guard, released when the body ends or is dropped.
-    pub fn with_guard(mut self, guard: InflightGuard) -> ProxyBody {
-        self.guard = Some(guard);
+    /// Attaches the request's [`InFlight`], released when the body ends or
+    /// is dropped.
+    pub(super) fn with_inflight(mut self, inflight: InFlight) -> ProxyBody {
+        self.inflight = Some(inflight);
         self
     }
 }
@@ -128,18 +269,18 @@ impl From<Bytes> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = StreamError;
+    type Error = UpstreamError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, StreamError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = self.get_mut();
         let result = match &mut this.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Kind::Streaming(s) if s.deferred.is_some() => {
                 let e = s.deferred.take().expect("checked");
-                Poll::Ready(Some(Err(StreamError::Upstream(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Kind::Streaming(s) => match Pin::new(&mut s.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -147,20 +288,18 @@ impl Body for ProxyBody {
                     s.unflushed = true;
                     Poll::Ready(Some(Ok(frame)))
                 }
-                // An error aborts the client's connection, and hyper (the
-                // HTTP/2 server) drops what it has not written yet. If it
-                // may still hold the head and the last frames, answer
-                // `Pending` once (woken at once) so that it writes them
-                // first: the client then sees the upstream's status and
-                // what arrived, then the break. (The HTTP/1.x codec writes
-                // what it holds on `Pending` anyway.)
+                // An error aborts the client's connection, and hyper drops
+                // what it has not written yet. If it may still hold the
+                // head and the last frames, answer `Pending` once (woken at
+                // once) so that it writes them first: the client then sees
+                // the upstream's status and what arrived, then the break.
                 Poll::Ready(Some(Err(e))) if s.unflushed => {
                     s.unflushed = false;
                     s.deferred = Some(e);
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(StreamError::Upstream(e)))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => {
                     s.unflushed = false;
@@ -169,7 +308,7 @@ impl Body for ProxyBody {
                         .timer
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                     match timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(StreamError::Idle(idle)))),
+                        Poll::Ready(()) => Poll::Ready(Some(Err(UpstreamError::Silent(idle)))),
                         Poll::Pending => Poll::Pending,
                     }
                 }
@@ -178,7 +317,7 @@ impl Body for ProxyBody {
         if matches!(result, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             // The request is over: stop counting it now rather than when
             // hyper gets round to dropping the body.
-            this.guard = None;
+            this.inflight = None;
         }
         result
     }
@@ -186,7 +325,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(data) => data.is_none(),
-            Kind::Streaming(s) => s.inner.is_end_stream(),
+            Kind::Streaming(s) => s.deferred.is_none() && s.inner.is_end_stream(),
         }
     }
 
@@ -197,96 +336,4 @@ impl Body for ProxyBody {
             Kind::Streaming(s) => s.inner.size_hint(),
         }
     }
-}
-
-/// Reads up to `limit` bytes of a body, within `idle` of silence per
-/// frame. Returns the bytes and whether the body was cut at the limit.
-pub async fn collect_limited(
-    mut body: UpstreamBody,
-    limit: usize,
-    idle: Duration,
-) -> Result<(Bytes, bool), StreamError> {
-    let mut out = bytes::BytesMut::new();
-    loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return Err(StreamError::Idle(idle)),
-            Ok(None) => return Ok((out.freeze(), false)),
-            Ok(Some(frame)) => frame?,
-        };
-        if let Ok(data) = frame.into_data() {
-            let room = limit - out.len();
-            if data.len() > room {
-                out.extend_from_slice(&data[..room]);
-                return Ok((out.freeze(), true));
-            }
-            out.extend_from_slice(&data);
-        }
-    }
-}
-
-/// Why a client's request body was not read.
-#[derive(Debug, PartialEq, Eq)]
-pub enum RequestBodyError {
-    /// It is longer than the limit.
-    TooLarge,
-    /// The client's connection broke or sent a malformed body.
-    Unreadable,
-}
-
-/// Where a client's request body comes from.
-pub enum RequestBody<'a> {
-    /// An HTTP/2 stream, through hyper.
-    Incoming(Incoming),
-    /// The rest of an HTTP/1.x request on its connection.
-    H1(super::downstream::BodyReader<'a>),
-}
-
-impl RequestBody<'_> {
-    /// Reads the body whole, up to `limit` bytes; a body declared longer
-    /// is refused before any of it is read.
-    pub async fn read(self, limit: usize) -> Result<Bytes, RequestBodyError> {
-        match self {
-            RequestBody::Incoming(body) => read_request_body(body, limit).await,
-            RequestBody::H1(reader) => reader.read(limit).await,
-        }
-    }
-}
-
-/// Reads a client's request body whole, up to `limit` bytes; one whose
-/// declared length is over the limit is refused unread. A body that
-/// arrives in one piece (the usual small JSON request) is kept as it came,
-/// without a copy.
-pub async fn read_request_body(
-    mut body: Incoming,
-    limit: usize,
-) -> Result<Bytes, RequestBodyError> {
-    if body.size_hint().lower() > limit as u64 {
-        return Err(RequestBodyError::TooLarge);
-    }
-    let mut first: Option<Bytes> = None;
-    let mut joined = bytes::BytesMut::new();
-    let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| RequestBodyError::Unreadable)?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers: not forwarded
-        };
-        total = total.saturating_add(data.len());
-        if total > limit {
-            return Err(RequestBodyError::TooLarge);
-        }
-        if first.is_none() && joined.is_empty() {
-            first = Some(data);
-        } else {
-            if let Some(head) = first.take() {
-                joined.reserve(total);
-                joined.extend_from_slice(&head);
-            }
-            joined.extend_from_slice(&data);
-        }
-    }
-    Ok(match first {
-        Some(only) => only,
-        None => joined.freeze(),
-    })
 }

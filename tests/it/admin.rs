@@ -14,7 +14,12 @@ async fn health_and_readiness() {
     let get = |path: &str| p.client.get(p.admin_url(path)).send();
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
     assert_eq!(get("/readyz").await.unwrap().status(), 200);
-    p.app.current().pool.get("a").unwrap().disable_manually();
+    p.generations
+        .current()
+        .pool
+        .get("a")
+        .unwrap()
+        .disable_manually();
     let r = get("/readyz").await.unwrap();
     assert_eq!(r.status(), 503);
     let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();

@@ -102,7 +102,7 @@ async fn broken_config_keeps_serving(break_it: impl FnOnce(&Setup)) {
     let m = p.metrics().await;
     assert!(metric(&m, "tokenpool_config_reloads_total{result=\"failure\"}") >= 1.0);
     assert_eq!(metric(&m, "tokenpool_config_last_reload_successful"), 0.0);
-    assert_eq!(p.app.current().id, 1);
+    assert_eq!(p.generations.current().id, 1);
     for _ in 0..3 {
         assert_eq!(p.ai_text().await.0, 200, "the running generation serves");
     }

@@ -1,6 +1,6 @@
-//! Bad client input: malformed HTTP, huge headers, slow-loris clients and
-//! HTTP/2 limits. Each gets a clear error or a closed connection, and the
-//! proxy keeps serving everyone else.
+//! Bad client input: malformed HTTP, huge headers, slow-loris clients,
+//! slow bodies and HTTP/2 limits and idleness. Each gets a clear error or a
+//! closed connection, and the proxy keeps serving everyone else.
 
 use std::time::{Duration, Instant};
 
@@ -29,10 +29,10 @@ async fn malformed_requests_get_400_and_harm_no_one() {
     ];
     for raw in cases {
         let answer = raw_exchange(p.addr, &[raw]).await;
+        // hyper refuses these before a request exists: its own bare 400
+        // (no JSON: there is no request to answer), then the close.
         assert!(
-            answer.starts_with("HTTP/1.1 400")
-                && answer.contains("x-tokenpool-error: bad_request")
-                && answer.contains("connection: close"),
+            answer.starts_with("HTTP/1.1 400") && answer.contains("connection: close"),
             "{:?} -> {answer:?}",
             String::from_utf8_lossy(raw)
         );
@@ -55,8 +55,7 @@ async fn huge_headers_are_refused() {
     );
     let answer = raw_exchange(p.addr, &[big.as_bytes()]).await;
     assert!(
-        answer.starts_with("HTTP/1.1 431")
-            && answer.contains("x-tokenpool-error: headers_too_large"),
+        answer.starts_with("HTTP/1.1 431") && answer.contains("connection: close"),
         "{}",
         &answer[..answer.len().min(300)]
     );
@@ -66,8 +65,7 @@ async fn huge_headers_are_refused() {
     let raw = format!("GET /x HTTP/1.1\r\nHost: x\r\n{many}\r\n");
     let answer = raw_exchange(p.addr, &[raw.as_bytes()]).await;
     assert!(
-        answer.starts_with("HTTP/1.1 431")
-            && answer.contains("x-tokenpool-error: headers_too_large"),
+        answer.starts_with("HTTP/1.1 431") && answer.contains("connection: close"),
         "{}",
         &answer[..answer.len().min(300)]
     );

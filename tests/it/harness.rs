@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokenpool::app::{self, App, Listeners, ShutdownTrigger};
 use tokenpool::config::Config;
+use tokenpool::generation::Generations;
 use tokenpool::pool::{Reason, TokenState};
+use tokenpool::run::{run, Listeners};
+use tokenpool::shutdown::{shutdown_pair, ShutdownTrigger};
 use tokenpool::sim::Sim;
 
 /// The key clients present.
@@ -108,7 +110,7 @@ timeout = "2s"
 
 /// A running proxy.
 pub struct Proxy {
-    pub app: Arc<App>,
+    pub generations: Arc<Generations>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub client: reqwest::Client,
@@ -122,11 +124,11 @@ impl Proxy {
         let config = Config::load(path, &|_| None).unwrap();
         let listeners = Listeners::bind(&config).await.unwrap();
         let (addr, admin) = listeners.addrs().unwrap();
-        let app = App::new(config, Arc::new(|_: &str| None)).unwrap();
-        let (trigger, shutdown) = app::shutdown_pair();
-        let task = tokio::spawn(app::run(Arc::clone(&app), listeners, shutdown));
+        let generations = Generations::new(config, Arc::new(|_: &str| None)).unwrap();
+        let (trigger, shutdown) = shutdown_pair();
+        let task = tokio::spawn(run(Arc::clone(&generations), listeners, shutdown));
         let proxy = Proxy {
-            app,
+            generations,
             addr,
             admin,
             client: reqwest::Client::builder()
@@ -205,7 +207,7 @@ impl Proxy {
         eventually(
             &format!("generation {at_least}"),
             Duration::from_secs(10),
-            || async { self.app.current().id >= at_least },
+            || async { self.generations.current().id >= at_least },
         )
         .await;
     }
@@ -230,7 +232,7 @@ impl Proxy {
     /// A token's state and reason, read from the pool.
     pub fn state(&self, name: &str) -> (TokenState, Option<Reason>) {
         let s = self
-            .app
+            .generations
             .current()
             .pool
             .get(name)

@@ -380,8 +380,9 @@ async fn a_reload_never_opens_a_keyed_proxy_or_runs_on_an_empty_file() {
     .await;
     assert_eq!(r.status(), 422);
     let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "config_rejected");
     assert!(
-        body["error"]
+        body["error"]["message"]
             .as_str()
             .unwrap()
             .contains("which is not a loopback address, and this file sets no [server] api_keys"),

@@ -15,7 +15,7 @@ use crate::harness::{eventually, metric, rt, Proxy, Setup};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn names(p: &Proxy) -> Vec<String> {
-    p.app
+    p.generations
         .current()
         .pool
         .tokens()
@@ -156,7 +156,7 @@ async fn an_invalid_edit_keeps_the_running_config_and_a_good_one_recovers() {
     .await;
     let m = p.metrics().await;
     assert_eq!(metric(&m, "tokenpool_config_last_reload_successful"), 0.0);
-    assert_eq!(p.app.current().id, 1);
+    assert_eq!(p.generations.current().id, 1);
     assert_eq!(p.ai_text().await.0, 200, "the old generation serves");
     // POST /admin/reload says what is wrong, with its place.
     let r = p
@@ -193,7 +193,7 @@ async fn state_is_carried_across_a_reload_and_removed_tokens_series_go() {
     for _ in 0..3 {
         assert_eq!(p.ai_text().await.0, 200);
     }
-    let a_requests = p.app.current().pool.get("a").unwrap().requests();
+    let a_requests = p.generations.current().pool.get("a").unwrap().requests();
     assert_eq!(
         p.state("a"),
         (TokenState::CoolingDown, Some(Reason::QuotaExhausted))
@@ -213,7 +213,7 @@ async fn state_is_carried_across_a_reload_and_removed_tokens_series_go() {
         (TokenState::CoolingDown, Some(Reason::QuotaExhausted)),
         "cooldown kept"
     );
-    let g = p.app.current();
+    let g = p.generations.current();
     assert_eq!(
         g.pool.get("a").unwrap().requests(),
         a_requests,
@@ -287,7 +287,7 @@ async fn fifty_reloads_under_load_lose_no_request() {
         failures.len(),
         &failures[..failures.len().min(3)]
     );
-    assert!(p.app.current().id >= 51);
+    assert!(p.generations.current().id >= 51);
     assert!(
         ok.load(Ordering::Relaxed) >= 50,
         "requests ran during the reloads"

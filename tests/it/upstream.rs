@@ -86,7 +86,14 @@ async fn keep_alive_connections_are_reused_and_closed_ones_replaced() {
         1,
         "20 requests in a row share one connection"
     );
-    assert_eq!(p.app.current().upstream.client().idle_connections(), 1);
+    assert_eq!(
+        p.generations
+            .current()
+            .upstream
+            .connections()
+            .idle_connections(),
+        1
+    );
 
     // An upstream that closes after each answer: the first goes on the
     // warm connection, each later one on a new connection; none fails.
@@ -214,7 +221,7 @@ async fn an_edited_ca_file_is_reloaded_and_a_broken_one_changes_nothing() {
         },
     )
     .await;
-    assert_eq!(p.app.current().id, 1);
+    assert_eq!(p.generations.current().id, 1);
     assert_eq!(post(&p, "/echo").await.0, 200);
 
     std::fs::copy(tls_fixture("ca.pem"), &ca).unwrap();

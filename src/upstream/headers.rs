@@ -1,17 +1,9 @@
-//! The upstream side of forwarding: the pooled HTTP client (keep-alive,
-//! HTTPS through rustls with HTTP/2 by ALPN), the target URL, and the
-//! header rules of DESIGN §3.1 — what is stripped from the client's
-//! request and from the upstream's answer, and what is added.
+//! The header rules of forwarding: what of the client's request goes
+//! upstream (not its credentials, hop-by-hop or forwarding headers; the
+//! configured `[upstream] headers` and the token's bearer are added), and
+//! what of the upstream's answer goes back (not its hop-by-hop headers).
 
-use std::time::Duration;
-
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
-use http::{Method, Response};
-
-pub use super::client::{ClientError, UpstreamBody, UpstreamClient};
-use crate::config::UpstreamConfig;
 
 /// How many names [`HOP_BY_HOP`] has.
 const HOPS: usize = 8;
@@ -29,129 +21,36 @@ static HOP_BY_HOP: [HeaderName; HOPS] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Where requests go, and how.
-pub struct Upstream {
-    client: UpstreamClient,
-    /// The URL's path without its trailing slash ("" for the root).
-    base_path: String,
-    /// `[upstream] headers`, set on every request.
-    headers: Vec<(HeaderName, HeaderValue)>,
-    /// Longest silence while waiting for headers or inside a stream.
-    pub idle_timeout: Duration,
-}
-
-impl std::fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
-            .field("client", &self.client)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Upstream {
-    /// The target of `config`, reusing `previous`'s connection pool (and
-    /// its warm connections) when it serves the same upstream.
-    pub fn new(config: &UpstreamConfig, previous: Option<&Upstream>) -> Result<Upstream, String> {
-        let client = match previous {
-            Some(p) if p.client.serves(config) => p.client.clone(),
-            _ => UpstreamClient::new(&config.url, config.connect_timeout, &config.ca_certs)?,
-        };
-        let base_path = config.url.path().trim_end_matches('/').to_string();
-        Ok(Upstream {
-            client,
-            base_path,
-            headers: config.headers.clone(),
-            idle_timeout: config.idle_timeout,
-        })
-    }
-
-    /// The connection pool.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.client
-    }
-
-    /// Sends a request for the client's `path` (joined to the URL's path).
-    pub async fn send(
-        &self,
-        method: &Method,
-        path: Option<&PathAndQuery>,
-        headers: &Outgoing<'_>,
-        body: &Bytes,
-        deadline: tokio::time::Instant,
-    ) -> Result<Response<UpstreamBody>, ClientError> {
-        self.client
-            .send(method, &self.path_for(path), headers, body, deadline)
-            .await
-    }
-
-    /// The headers to send upstream for a client request's `headers`,
-    /// carrying `bearer`.
-    pub fn outgoing<'a>(&'a self, client: &'a HeaderMap, bearer: &'a HeaderValue) -> Outgoing<'a> {
-        Outgoing {
-            client,
-            extra: &self.headers,
-            bearer,
-        }
-    }
-
-    /// The upstream path and query for a client request's path and query.
-    pub fn path_for(&self, pq: Option<&PathAndQuery>) -> PathAndQuery {
-        if self.base_path.is_empty() {
-            return pq
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        }
-        let pq_str = pq.map_or("/", PathAndQuery::as_str);
-        let mut s = String::with_capacity(self.base_path.len() + pq_str.len());
-        s.push_str(&self.base_path);
-        s.push_str(pq_str);
-        PathAndQuery::try_from(s).unwrap_or_else(|_| PathAndQuery::from_static("/"))
-    }
-}
-
-/// The headers of one upstream request, not built into a map: the
-/// HTTP/1.1 codec writes them straight out, HTTP/2 collects them.
-///
-/// They are the client's, less hop-by-hop headers (those its `Connection`
-/// names too), its credentials and forwarding headers; then `[upstream]
-/// headers` (which replace the client's of the same name); then the
-/// bearer.
-pub struct Outgoing<'a> {
-    client: &'a HeaderMap,
-    extra: &'a [(HeaderName, HeaderValue)],
-    bearer: &'a HeaderValue,
-}
-
-impl<'a> Outgoing<'a> {
-    /// Every header, in the order they are sent.
-    pub fn iter(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + '_ {
-        let connection = self.client.get_all(header::CONNECTION);
-        let listed_by_connection = connection.iter().next().is_some();
-        let extra = self.extra;
-        let client = self.client.iter().filter(move |(name, _)| {
-            forwardable(name)
-                && !(listed_by_connection && named_in(name, connection.iter()))
-                && !extra.iter().any(|(n, _)| n == *name)
-        });
-        client
-            .chain(extra.iter().map(|(n, v)| (n, v)))
-            .chain(std::iter::once((&header::AUTHORIZATION, self.bearer)))
-    }
-
-    /// The headers as a map (for HTTP/2).
-    pub fn to_map(&self) -> HeaderMap {
-        let mut out = HeaderMap::with_capacity(self.client.len() + self.extra.len() + 1);
-        for (name, value) in self.iter() {
+/// The headers of one upstream request for a client's `client` headers:
+/// the client's, less hop-by-hop headers (and those its `Connection`
+/// names), its credentials and forwarding headers; then `extra` (`[upstream]
+/// headers`, which replace the client's of the same name); then
+/// `authorization`, the token's bearer.
+pub fn outgoing(
+    client: &HeaderMap,
+    extra: &[(HeaderName, HeaderValue)],
+    authorization: &HeaderValue,
+) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client.len() + extra.len() + 2);
+    let connection = client.get_all(header::CONNECTION);
+    let listed_by_connection = connection.iter().next().is_some();
+    for (name, value) in client {
+        if forwardable(name)
+            && !(listed_by_connection && named_in(name, connection.iter()))
+            && !extra.iter().any(|(n, _)| n == name)
+        {
             out.append(name.clone(), value.clone());
         }
-        out
     }
-
-    /// Whether the client marked the request safe to repeat.
-    pub fn has_idempotency_key(&self) -> bool {
-        self.client.contains_key("idempotency-key") || self.client.contains_key("x-idempotency-key")
+    for (name, value) in extra {
+        out.append(name.clone(), value.clone());
     }
+    out.insert(header::AUTHORIZATION, authorization.clone());
+    out
 }
+
+/// The place of `transfer-encoding` in [`HOP_BY_HOP`].
+const TRANSFER_ENCODING: usize = 7;
 
 /// Where `name` is in [`HOP_BY_HOP`]: one match on the name's text (which
 /// compiles to a switch on its length first), not a comparison with each
@@ -178,6 +77,7 @@ fn forwardable(name: &HeaderName) -> bool {
         || matches!(
             text,
             "upgrade"
+                | "expect"
                 | "host"
                 | "authorization"
                 | "x-api-key"
@@ -200,7 +100,10 @@ fn named_in<'a>(name: &HeaderName, mut values: impl Iterator<Item = &'a HeaderVa
 }
 
 /// Removes hop-by-hop headers from an upstream answer before it goes to
-/// the client.
+/// the client. An answer framed by `Transfer-Encoding` loses its
+/// `Content-Length` too: hyper read the body by its chunks (RFC 9112
+/// §6.3), and a length left beside them would frame the client's copy
+/// differently — cut short, or with the next answer's bytes in it.
 ///
 /// Every name is looked at once, by one match on its text; only the names
 /// found are removed (each removal hashes). Most answers carry at most
@@ -240,6 +143,9 @@ pub fn strip_response_headers(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    if found[TRANSFER_ENCODING] {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     if found[HOPS] {
         headers.remove(header::UPGRADE);
     }
@@ -262,30 +168,12 @@ mod tests {
         }
     }
 
-    fn upstream(url: &str) -> Upstream {
-        let c = crate::config::Config::parse(
-            &format!(
-                "[upstream]\nurl = \"{url}\"\nheaders = {{ \"x-warp-client-version\" = \"v1\" }}\n"
-            ),
-            None,
-            &|_| None,
-        )
-        .unwrap();
-        Upstream::new(&c.upstream, None).unwrap()
-    }
-
-    #[tokio::test]
-    async fn urls_join_the_base_path() {
-        let u = upstream("http://127.0.0.1:1/base/");
-        let pq = PathAndQuery::from_static("/ai/multi-agent?x=1");
-        assert_eq!(u.path_for(Some(&pq)).as_str(), "/base/ai/multi-agent?x=1");
-        let u = upstream("http://127.0.0.1:1");
-        assert_eq!(u.path_for(Some(&pq)).as_str(), "/ai/multi-agent?x=1");
-    }
-
-    #[tokio::test]
-    async fn request_headers_drop_credentials_and_hops() {
-        let u = upstream("http://127.0.0.1:1");
+    #[test]
+    fn request_headers_drop_credentials_and_hops() {
+        let extra = [(
+            HeaderName::from_static("x-warp-client-version"),
+            HeaderValue::from_static("v1"),
+        )];
         let mut h = HeaderMap::new();
         for (k, v) in [
             ("authorization", "Bearer client-key"),
@@ -305,7 +193,7 @@ mod tests {
             h.append(k, HeaderValue::from_static(v));
         }
         let bearer = HeaderValue::from_static("Bearer up");
-        let out = u.outgoing(&h, &bearer).to_map();
+        let out = outgoing(&h, &extra, &bearer);
         let names: Vec<&str> = {
             let mut v: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
             v.sort();
@@ -349,5 +237,13 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("application/json"));
         strip_response_headers(&mut h);
         assert_eq!(h.len(), 1);
+
+        // Chunks and a length: the length goes with the chunking.
+        let mut h = HeaderMap::new();
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        strip_response_headers(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["content-type"]);
     }
 }

@@ -1,30 +1,26 @@
-//! One running instance: the current [`Generation`] behind an atomic swap,
-//! how a new configuration becomes the next generation, and what starts
-//! and stops the listeners and background tasks.
+//! Generations: one loaded configuration and everything built from it
+//! ([`Generation`]), the current one behind an atomic swap, and how a new
+//! configuration becomes the next one ([`Generations`]).
 //!
 //! A request loads the current generation once and finishes on it, so a
-//! reload never changes anything under a request in flight.
+//! reload never changes anything under a request in flight. A token whose
+//! name, tier and secret are unchanged is carried into the next generation
+//! as the very same `Arc<Token>`, with all its state. This module decides
+//! *what* a reload does; *when* one happens is [`crate::reload`]'s.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
-use crate::config::{check_reload, Bound, Config, ConfigError, Provider, Secret};
+use crate::config::{check_reload, Bound, Config, ConfigError, Provider};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::proxy::upstream::Upstream;
 use crate::refresh::Refresher;
 use crate::state::StateStore;
-
-/// How often changed token state is written to the state file.
-const STATE_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+use crate::upstream::Upstream;
 
 /// One loaded configuration and everything built from it.
 pub struct Generation {
@@ -50,15 +46,6 @@ impl std::fmt::Debug for Generation {
     }
 }
 
-/// Checks a presented key against a list in constant time per key.
-pub fn key_matches(keys: &[Secret], presented: &[u8]) -> bool {
-    let mut ok = subtle::Choice::from(0);
-    for key in keys {
-        ok |= key.expose().as_bytes().ct_eq(presented);
-    }
-    ok.into()
-}
-
 /// What a reload did, for logs and `POST /admin/reload`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ReloadSummary {
@@ -77,32 +64,34 @@ pub struct ReloadSummary {
 /// Reads an environment variable (injectable for tests).
 pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
-/// A running instance's shared state.
-pub struct App {
+/// The current generation of a running instance, what outlives every
+/// generation (metrics, the state file), and how the next one is made.
+pub struct Generations {
     current: ArcSwap<Generation>,
     /// Every metric.
     pub metrics: Arc<Metrics>,
+    /// The state file, if configured (its path needs a restart to change).
     state: Option<Arc<StateStore>>,
     /// The config file reloads read; `None` in env-only mode.
     config_path: Option<PathBuf>,
     env: Env,
-    /// Serialises reloads (file watcher, SIGHUP, admin).
+    /// Serialises reloads, whoever asks.
     reload_lock: Mutex<()>,
     next_id: AtomicU64,
-    /// Where the listeners are bound, once [`run`] has them: reloads are
-    /// checked against these, not against the new file's addresses.
-    bound: std::sync::OnceLock<Bound>,
+    /// Where the listeners are bound, once they are: reloads are checked
+    /// against these, not against the new file's addresses.
+    bound: OnceLock<Bound>,
 }
 
-impl std::fmt::Debug for App {
+impl std::fmt::Debug for Generations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").finish_non_exhaustive()
+        f.debug_struct("Generations").finish_non_exhaustive()
     }
 }
 
-impl App {
+impl Generations {
     /// Builds the first generation from `config`, restoring the state file.
-    pub fn new(config: Config, env: Env) -> anyhow::Result<Arc<App>> {
+    pub fn new(config: Config, env: Env) -> anyhow::Result<Arc<Generations>> {
         let metrics = Arc::new(Metrics::new());
         let state = config
             .state
@@ -127,19 +116,18 @@ impl App {
             state.clone(),
         )?);
         refresher.prime(&pool);
+        let upstream = Upstream::new(&config.upstream, None)
+            .map_err(|e| anyhow::anyhow!("cannot build the upstream client: {e}"))?;
         let generation = Generation {
             id: 1,
             loaded_at: SystemTime::now(),
-            upstream: Arc::new(
-                Upstream::new(&config.upstream, None)
-                    .map_err(|e| anyhow::anyhow!("cannot build the upstream client: {e}"))?,
-            ),
+            upstream: Arc::new(upstream),
             config: Arc::new(config),
             pool,
             refresher,
         };
         metrics.reload_result(true);
-        Ok(Arc::new(App {
+        Ok(Arc::new(Generations {
             config_path: generation.config.path.clone(),
             current: ArcSwap::from_pointee(generation),
             metrics,
@@ -147,7 +135,7 @@ impl App {
             env,
             reload_lock: Mutex::new(()),
             next_id: AtomicU64::new(2),
-            bound: std::sync::OnceLock::new(),
+            bound: OnceLock::new(),
         }))
     }
 
@@ -161,8 +149,19 @@ impl App {
         self.config_path.as_deref()
     }
 
+    /// The state file, if one is configured.
+    pub fn state(&self) -> Option<&Arc<StateStore>> {
+        self.state.as_ref()
+    }
+
+    /// Records where the listeners are bound (once; later calls are ignored).
+    pub fn set_bound(&self, bound: Bound) {
+        let _ = self.bound.set(bound);
+    }
+
     /// Reads the config again and, if it is valid, makes it the next
-    /// generation. An invalid config changes nothing.
+    /// generation. An invalid config changes nothing. Blocking (it reads
+    /// files): call it from `spawn_blocking` on the async side.
     pub fn reload(&self) -> Result<ReloadSummary, ConfigError> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let env = |name: &str| (self.env)(name);
@@ -170,20 +169,19 @@ impl App {
             Some(path) => Config::load(path, &env),
             None => Config::from_env(&env),
         };
-        match loaded {
-            Ok(config) => self
-                .apply_locked(config)
-                .inspect_err(|_| self.metrics.reload_result(false)),
-            Err(e) => {
-                self.metrics.reload_result(false);
+        let result = loaded
+            .inspect_err(|e| {
                 tracing::error!(
                     error = %e,
                     generation = self.current().id,
                     "config reload failed; the running configuration stays"
                 );
-                Err(e)
-            }
+            })
+            .and_then(|config| self.apply_locked(config));
+        if result.is_err() {
+            self.metrics.reload_result(false);
         }
+        result
     }
 
     /// Makes `config` the next generation.
@@ -258,16 +256,11 @@ impl App {
             Some(&old.pool),
         ));
         refresher.prime(&pool);
-        let mut kept = 0;
-        for token in pool.tokens() {
-            if old
-                .pool
-                .get(token.name())
-                .is_some_and(|o| Arc::ptr_eq(o, token))
-            {
-                kept += 1;
-            }
-        }
+        let kept = pool
+            .tokens()
+            .iter()
+            .filter(|t| old.pool.get(t.name()).is_some_and(|o| Arc::ptr_eq(o, t)))
+            .count();
         let mut removed = 0;
         for token in old.pool.tokens() {
             if !pool
@@ -320,153 +313,4 @@ impl App {
             Err(e) => tracing::error!(error = %e, "state writer failed"),
         }
     }
-}
-
-/// Tells every part of a running instance to stop.
-#[derive(Debug)]
-pub struct ShutdownTrigger(watch::Sender<bool>);
-
-/// Waits for the stop signal.
-#[derive(Debug, Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
-
-/// A linked trigger and signal.
-pub fn shutdown_pair() -> (ShutdownTrigger, Shutdown) {
-    let (tx, rx) = watch::channel(false);
-    (ShutdownTrigger(tx), Shutdown(rx))
-}
-
-impl ShutdownTrigger {
-    /// Signals every waiter.
-    pub fn trigger(&self) {
-        let _ = self.0.send(true);
-    }
-}
-
-impl Shutdown {
-    /// Completes once shutdown was signalled.
-    pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
-    }
-}
-
-/// The listeners of a running instance, already bound (so tests bind port 0).
-#[derive(Debug)]
-pub struct Listeners {
-    /// The proxy listener.
-    pub proxy: TcpListener,
-    /// The admin listener.
-    pub admin: TcpListener,
-}
-
-impl Listeners {
-    /// Binds the addresses of `config`.
-    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
-        let proxy = TcpListener::bind(config.server.listen).await?;
-        let admin = TcpListener::bind(config.admin.listen).await?;
-        Ok(Listeners { proxy, admin })
-    }
-
-    /// The bound addresses `(proxy, admin)`.
-    pub fn addrs(&self) -> std::io::Result<(SocketAddr, SocketAddr)> {
-        Ok((self.proxy.local_addr()?, self.admin.local_addr()?))
-    }
-}
-
-/// Runs an instance until `shutdown`: the proxy and admin listeners, the
-/// background refresher, the state writer and the config watcher. On
-/// shutdown, stops accepting, lets requests finish within the grace
-/// period, and saves state.
-pub async fn run(app: Arc<App>, listeners: Listeners, shutdown: Shutdown) {
-    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-    let (proxy_addr, admin_addr) = listeners.addrs().unwrap_or((unknown, unknown));
-    let config = Arc::clone(&app.current().config);
-    let _ = app.bound.set(Bound {
-        proxy: proxy_addr,
-        admin: admin_addr,
-    });
-    tracing::info!(%proxy_addr, "proxy listening");
-    tracing::info!(%admin_addr, "admin listening (/metrics, /healthz, /readyz, /admin/*)");
-    if !proxy_addr.ip().is_loopback() && config.server.api_keys.is_empty() {
-        tracing::warn!(
-            %proxy_addr,
-            "ANYONE WHO CAN REACH {proxy_addr} CAN USE THE TOKEN POOL: no api_keys are set and allow_unauthenticated = true"
-        );
-    }
-
-    let refresh_app = Arc::clone(&app);
-    let refresh_loop = crate::refresh::spawn_refresh_loop(move || {
-        let g = refresh_app.current();
-        (Arc::clone(&g.refresher), Arc::clone(&g.pool))
-    });
-    let saver = spawn_state_saver(Arc::clone(&app));
-    let watcher = crate::config::reload::spawn_watcher(Arc::clone(&app), shutdown.clone());
-    let sighup = spawn_sighup(Arc::clone(&app));
-
-    let admin = tokio::spawn(crate::admin::serve(
-        listeners.admin,
-        Arc::clone(&app),
-        shutdown.clone(),
-    ));
-    crate::proxy::serve(
-        listeners.proxy,
-        Arc::clone(&app),
-        shutdown,
-        config.server.shutdown_grace,
-    )
-    .await;
-
-    refresh_loop.abort();
-    saver.abort();
-    sighup.abort();
-    if let Some(w) = watcher {
-        w.abort();
-    }
-    let _ = admin.await;
-    app.save_state().await;
-    tracing::info!("stopped");
-}
-
-fn spawn_state_saver(app: Arc<App>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(STATE_SAVE_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if app.state.is_none() {
-                return;
-            }
-            let pool = Arc::clone(&app.current().pool);
-            // `take_dirty` on every token, not just until the first.
-            let dirty = pool
-                .tokens()
-                .iter()
-                .fold(false, |any, t| t.take_dirty() | any);
-            if dirty {
-                app.save_state().await;
-            }
-        }
-    })
-}
-
-fn spawn_sighup(app: Arc<App>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                tracing::warn!(
-                    "cannot listen for SIGHUP; reload by file change or POST /admin/reload"
-                );
-                return;
-            };
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading configuration");
-                let app = Arc::clone(&app);
-                let _ = tokio::task::spawn_blocking(move || app.reload()).await;
-            }
-        }
-        #[cfg(not(unix))]
-        drop(app);
-    })
 }
