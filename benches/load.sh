@@ -17,9 +17,10 @@
 #
 # CALLGRIND=1 runs each proxy under valgrind's callgrind instead and
 # prints the instructions each executes per request (the JSON POST, or
-# the SSE stream with KIND=sse; 8 connections, DURATION each; start-up
-# included): the figure that repeats on a noisy VM. It needs valgrind
-# (Debian: apt-get install valgrind).
+# the SSE stream with KIND=sse; 8 connections, DURATION each, start-up
+# included; KEEP_CG=PREFIX keeps the profiles as PREFIX.nginx and
+# PREFIX.tokenpool): the figure that repeats on a noisy VM. It needs valgrind (Debian: apt-get install
+# valgrind).
 #
 #   CALLGRIND=1 DURATION=10s bash benches/load.sh
 #   CALLGRIND=1 KIND=sse DURATION=10s bash benches/load.sh
@@ -231,10 +232,11 @@ if [ "$CALLGRIND" = 1 ]; then
     kill "-$signal" "$pid"
     while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
     # (awk reads to the end: a reader that stops early fails the pipe.)
+    [ -z "${KEEP_CG:-}" ] || cp "$file" "$KEEP_CG.$name"
     total=$(callgrind_annotate "$file" | awk '/PROGRAM TOTALS/ && !seen { seen = 1; gsub(",", "", $1); print $1 }')
     printf '%-10s %10s %16s %10s\n' "$name" "$requests" "$total" "$((total / requests))"
   }
-  echo "# load.sh under callgrind: $KIND, 8 connections, $DURATION per proxy, start-up included"
+  echo "# load.sh under callgrind: $KIND, 8 connections, $DURATION per proxy, start-up included (about 0.1k per request at 5 s)"
   printf '%-10s %10s %16s %10s\n' proxy requests instructions "per req"
   count nginx "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT$CG_PATH" "$WORK/nginx.cg" QUIT
   count tokenpool "$TP_PID" "http://127.0.0.1:$TP_PORT$CG_PATH" "$WORK/tokenpool.cg" TERM

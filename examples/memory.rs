@@ -1,6 +1,9 @@
-//! Memory of the release binary (issue 7's targets): RSS idle with 10,
-//! 1 000 and 100 000 tokens (the difference gives the state per token), and
-//! RSS with 1 000 concurrent streaming connections held open.
+//! Memory of the release binary: RSS idle with 10, 1 000 and 100 000
+//! tokens (the difference gives the state per token), and RSS with
+//! `STREAMS` (default 5 000) concurrent streaming connections held open,
+//! each its own client connection (the difference gives the memory per
+//! open stream). `ONLY_STREAMS=1` skips the idle steps; `TOKENPOOL_BIN`
+//! names the binary (a wrapper that runs it under a heap profiler, say).
 //!
 //!   cargo build --release
 //!   (ulimit -n 65536; cargo run --release --example memory)
@@ -96,35 +99,41 @@ async fn main() {
     sim.add_account("acct", "rt-acct");
     let dir = tempfile::tempdir().unwrap();
 
-    let mut idle = Vec::new();
-    for tokens in [10usize, 1_000, 100_000] {
-        let (child, _, _) = start(&sim, tokens, dir.path()).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let rss = rss_kib(child.id().unwrap());
-        println!("idle, {tokens:>6} tokens: RSS {rss} KiB");
-        idle.push((tokens, rss));
-        stop(child).await;
+    if std::env::var_os("ONLY_STREAMS").is_none() {
+        let mut idle = Vec::new();
+        for tokens in [10usize, 1_000, 100_000] {
+            let (child, _, _) = start(&sim, tokens, dir.path()).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss = rss_kib(child.id().unwrap());
+            println!("idle, {tokens:>6} tokens: RSS {rss} KiB");
+            idle.push((tokens, rss));
+            stop(child).await;
+        }
+        let (small, large) = (idle[0], idle[2]);
+        println!(
+            "state per token: ({} - {}) KiB / {} tokens = {:.0} bytes",
+            large.1,
+            small.1,
+            large.0 - small.0,
+            (large.1 - small.1) as f64 * 1024.0 / (large.0 - small.0) as f64
+        );
     }
-    let (small, large) = (idle[0], idle[2]);
-    println!(
-        "state per token: ({} - {}) KiB / {} tokens = {:.0} bytes",
-        large.1,
-        small.1,
-        large.0 - small.0,
-        (large.1 - small.1) as f64 * 1024.0 / (large.0 - small.0) as f64
-    );
 
-    // 1 000 streams held open at once.
+    // STREAMS streams held open at once.
+    let n: usize = std::env::var("STREAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
     sim.set_ai("acct", AiBehaviour::Hold);
     let (child, proxy, _) = start(&sim, 1_000, dir.path()).await;
     let pid = child.id().unwrap();
     let before = rss_kib(pid);
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(2000)
+        .pool_max_idle_per_host(2 * n)
         .build()
         .unwrap();
     let mut streams = Vec::new();
-    for _ in 0..1_000 {
+    for _ in 0..n {
         let client = client.clone();
         streams.push(tokio::spawn(async move {
             let mut r = client
@@ -148,8 +157,10 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let during = rss_kib(pid);
     println!(
-        "1 000 tokens, {} streams open ({failed} failed): RSS {before} KiB before, {during} KiB during",
-        open.len()
+        "1 000 tokens, {} streams open ({failed} failed): RSS {before} KiB before, {during} KiB during, \
+         {:.1} KiB per open stream",
+        open.len(),
+        (during.saturating_sub(before)) as f64 / open.len().max(1) as f64
     );
     sim.release_streams();
     for mut r in open {

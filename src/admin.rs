@@ -1,4 +1,4 @@
-//! The admin listener (DESIGN §3.2). Every route:
+//! The admin listener (`docs/http.md`). Every route:
 //!
 //! | route | |
 //! |---|---|
@@ -136,12 +136,7 @@ impl Admin {
     fn allowed(&self, peer: SocketAddr, headers: &http::HeaderMap) -> bool {
         let generation = self.generations.current();
         match &generation.config.admin.token {
-            Some(token) => headers
-                .get(header::AUTHORIZATION)
-                .map(HeaderValue::as_bytes)
-                .and_then(|v| {
-                    (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
-                })
+            Some(token) => crate::proxy::request::bearer(headers)
                 .is_some_and(|presented| key_matches(std::slice::from_ref(token), presented)),
             None => peer.ip().is_loopback(),
         }

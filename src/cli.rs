@@ -1,4 +1,4 @@
-//! The command line of DESIGN §2: `serve`, `check`, `status` and `demo`,
+//! The command line: `serve`, `check`, `status` and `demo`,
 //! and logging setup. `main.rs` only parses and calls [`run`].
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
-//! The configuration: the TOML schema of DESIGN §4, its validation, the
-//! Warp2Api environment variables of §4.3, and the error type that points
+//! The configuration: the TOML schema (`docs/configuration.md`), its validation, the
+//! Warp2Api environment variables (`docs/migration.md`), and the error type that points
 //! at `FILE:LINE:COL`.
 //!
 //! This module turns text into a checked [`Config`]; [`watch`] tells when
@@ -64,7 +64,7 @@ impl fmt::Display for Tier {
     }
 }
 
-/// How a token's refresh token becomes an access token (DESIGN §4.2).
+/// How a token's refresh token becomes an access token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
@@ -213,7 +213,7 @@ pub struct StateConfig {
 pub enum TokenOrigin {
     /// A `[[tokens]]` entry.
     File,
-    /// A Warp2Api environment variable (§4.3).
+    /// A Warp2Api environment variable.
     Env,
 }
 
@@ -279,7 +279,7 @@ impl Config {
         }
     }
 
-    /// Reads and validates a config file, adding environment tokens (§4.3).
+    /// Reads and validates a config file, adding environment tokens (Warp2Api).
     pub fn load(path: &Path, env: EnvLookup) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = match std::fs::read(path) {
@@ -1072,7 +1072,7 @@ impl Builder<'_> {
         }
         for (tier, secret) in env_tokens(env) {
             if !pool.order.contains(&tier) || !secrets.insert(secret.clone()) {
-                // Already configured in the file (§4.3), or a tier the order leaves out.
+                // Already configured in the file, or a tier the order leaves out.
                 continue;
             }
             let name = default_token_name(tier, &secret);
@@ -1101,7 +1101,7 @@ impl Builder<'_> {
     }
 }
 
-/// The tokens named by the Warp2Api environment variables (§4.3), in order.
+/// The tokens named by the Warp2Api environment variables, in order.
 fn env_tokens(env: EnvLookup) -> Vec<(Tier, Secret)> {
     let mut out = Vec::new();
     let mut one = |var: &str, tier: Tier, list: bool| {

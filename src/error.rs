@@ -143,6 +143,26 @@ impl ProxyError {
         }
     }
 
+    /// Whether the client's connection must end after this answer: the
+    /// request was malformed or its body was not read, so nothing after it
+    /// on the connection can be trusted to be a request.
+    pub fn ends_connection(&self) -> bool {
+        match self {
+            ProxyError::BadRequest { .. }
+            | ProxyError::RequestTooLarge { .. }
+            | ProxyError::RequestTimeout { .. } => true,
+            ProxyError::Unauthorized
+            | ProxyError::NoTokenAvailable { .. }
+            | ProxyError::UpstreamUnreachable
+            | ProxyError::UpstreamTimeout
+            | ProxyError::NotFound
+            | ProxyError::MethodNotAllowed
+            | ProxyError::UnknownToken
+            | ProxyError::ConfigRejected { .. }
+            | ProxyError::Internal => false,
+        }
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {

@@ -1,4 +1,4 @@
-//! Every Prometheus metric of DESIGN §6, registered in one place.
+//! Every Prometheus metric (`docs/metrics.md`), registered in one place.
 //!
 //! Counters and histograms move where things happen (proxy, refresher,
 //! reload); the per-state and per-token families are computed from the
@@ -470,7 +470,7 @@ fn token_families(pool: &Pool, snapshots: &[Snapshot]) -> Vec<MetricFamily> {
         ),
         // 1 for each token's current state (and reason): per-token alerts
         // (revoked, disabled) need the state itself, not a counter that may
-        // have moved before the first scrape. An addition to DESIGN §6.
+        // have moved before the first scrape.
         family(
             "token_state",
             "1 for the token's current state; reason says why it is not active.",

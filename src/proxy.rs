@@ -1,22 +1,22 @@
 //! The proxy listener: what happens to one client request.
 //!
-//! Per request: check its target and `Host` ([`request`]), the client's
+//! Per request: check its target and `Host` (`request`), the client's
 //! key, read the body whole (up to `max_request_body_bytes`, within
 //! `body_read_timeout`) so it can be sent again, then try tokens
-//! ([`failover`]): pick one, get its access token, send, and read the
+//! (`failover`): pick one, get its access token, send, and read the
 //! status. 401 gets one refresh-and-retry on the same token; 403 (not an
 //! HTML block page) and 429 move to the next token; anything else streams
 //! back untouched ([`body`]). Once response headers have gone to the
 //! client, nothing is retried.
 //!
-//! hyper reads and writes every byte; [`listener`] owns the connections.
+//! hyper reads and writes every byte; `listener` owns the connections.
 //! This module owns authentication, failover and the response body; where
 //! requests go and with which headers is [`crate::upstream`]'s.
 
 pub mod body;
 mod failover;
 mod listener;
-mod request;
+pub(crate) mod request;
 
 use std::sync::atomic::Ordering;
 
@@ -44,8 +44,9 @@ async fn respond(
     let version = req.version();
     let mut inflight = InFlight::start(&generations.metrics, conn.activity.clone());
     let generation = generations.current();
-    let (mut response, outcome) = match forward(&generations.metrics, &generation, req, conn).await
-    {
+    let answer = forward(&generations.metrics, &generation, req, conn).await;
+    let malformed = answer.as_ref().is_err_and(ProxyError::ends_connection);
+    let (mut response, outcome) = match answer {
         Ok(response) => {
             let o = outcome::of_status(response.status());
             (response, o)
@@ -56,19 +57,7 @@ async fn respond(
         }
     };
     inflight.answered(outcome);
-    let ends_connection = match version {
-        // hyper will not read the rest of the body, so the connection
-        // ends after this answer.
-        Version::HTTP_11 => conn.body_unread.load(Ordering::Relaxed),
-        // An HTTP/1.0 client cannot be sent chunks: an answer of unknown
-        // length runs to the close (hyper would still echo keep-alive).
-        Version::HTTP_10 | Version::HTTP_09 => {
-            conn.body_unread.load(Ordering::Relaxed)
-                || response.body().size_hint().exact().is_none()
-        }
-        _ => false,
-    };
-    if ends_connection {
+    if malformed || ends_connection(version, &response, conn) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -81,13 +70,28 @@ async fn respond(
     response.map(|body| body.with_inflight(inflight))
 }
 
+/// Whether an HTTP/1 connection cannot serve another request after
+/// `response`: hyper will not read the rest of an unread request body, and
+/// an HTTP/1.0 client cannot be sent chunks, so an answer of unknown length
+/// runs to the close (hyper would still echo its keep-alive).
+fn ends_connection(version: Version, response: &Response<ProxyBody>, conn: &ConnState) -> bool {
+    match version {
+        Version::HTTP_11 => conn.body_unread.load(Ordering::Relaxed),
+        Version::HTTP_10 | Version::HTTP_09 => {
+            conn.body_unread.load(Ordering::Relaxed)
+                || response.body().size_hint().exact().is_none()
+        }
+        _ => false,
+    }
+}
+
 async fn forward(
     metrics: &Metrics,
     generation: &Generation,
     req: Request<Incoming>,
     conn: &ConnState,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let server = &generation.config.server;
     if let Err(refused) = admit(&parts, &server.api_keys) {
         body::skip_buffered(body, &parts.headers, conn);
@@ -107,6 +111,7 @@ async fn forward(
         conn,
     )
     .await?;
+    generation.upstream.prepare(&mut parts.headers);
     failover::run(metrics, generation, &parts, &body).await
 }
 

@@ -1,4 +1,4 @@
-//! Keeping access tokens fresh (DESIGN §5.4): on demand when a request
+//! Keeping access tokens fresh (`docs/tokens.md`): on demand when a request
 //! finds none, and in the background ahead of expiry.
 //!
 //! Every refresh of a token is *single flight*: the first need starts one

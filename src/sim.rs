@@ -1,4 +1,4 @@
-//! A simulated Warp-like upstream (DESIGN §9), in process, on loopback:
+//! A simulated Warp-like upstream (`docs/warp.md`), in process, on loopback:
 //! a Firebase-style refresh endpoint that mints JWTs, and a streaming AI
 //! endpoint that answers SSE — each controllable per account, so tests and
 //! `tokenpool demo` can make any token succeed, rotate, be revoked, run

@@ -1,4 +1,4 @@
-//! The state file of DESIGN §7: what must survive a restart — rotated
+//! The state file (`docs/operations.md`): what must survive a restart — rotated
 //! refresh tokens above all, and each token's state, reason, cooldown end
 //! and backoff levels.
 //!
@@ -20,7 +20,7 @@ use crate::pool::{Pool, Reason, Restored, TokenState};
 /// How often changed token state is written to the state file.
 const SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Starts the state writer: every [`SAVE_INTERVAL`] it writes the state of
+/// Starts the state writer: every `SAVE_INTERVAL` (5 s) it writes the state of
 /// the pool `current` gives, if a token's persisted state changed since.
 pub fn spawn_saver<F>(store: Arc<StateStore>, current: F) -> tokio::task::JoinHandle<()>
 where

@@ -133,27 +133,33 @@ impl Upstream {
         &self.connections
     }
 
-    /// Sends a client's request upstream with `authorization` (the token's
-    /// `Bearer …` value) and waits for the answer's head, at most
-    /// `idle_timeout`. `client` are the client's headers: the header rules
-    /// of [`headers`] decide what of them goes.
+    /// Makes a client's headers ready to go upstream (once per request,
+    /// whatever the attempts): see [`headers::prepare`].
+    pub fn prepare(&self, client: &mut HeaderMap) {
+        headers::prepare(client, &self.headers);
+    }
+
+    /// Sends a request upstream with `authorization` (the token's `Bearer
+    /// …` value) and waits for the answer's head, at most `idle_timeout`.
+    /// `headers` are the client's, made ready by [`Upstream::prepare`].
     pub async fn send(
         &self,
         method: &Method,
         path: Option<&PathAndQuery>,
-        client: &HeaderMap,
+        headers: &HeaderMap,
         authorization: &HeaderValue,
         body: &Bytes,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let deadline = Instant::now() + self.idle_timeout;
-        let outgoing = || headers::outgoing(client, &self.headers, authorization);
-        self.connections
-            .send(method, &self.path_for(path), &outgoing, body, deadline)
-            .await
-            .map_err(|e| match e {
-                connections::SendError::TimedOut => UpstreamError::NoAnswer(self.idle_timeout),
-                connections::SendError::Upstream(e) => e,
-            })
+        let path = self.path_for(path);
+        // One timer for the whole exchange (connecting included).
+        let send = self
+            .connections
+            .send(method, &path, headers, authorization, body);
+        match tokio::time::timeout_at(deadline, send).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::NoAnswer(self.idle_timeout)),
+        }
     }
 
     /// The upstream path and query for a client request's path and query.

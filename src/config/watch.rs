@@ -1,4 +1,4 @@
-//! Watching the files a configuration reads (DESIGN §5.5): the config
+//! Watching the files a configuration reads (`docs/operations.md`): the config
 //! file's *folder* — not the file — so in-place writes, editors'
 //! write-then-rename, delete and re-create, and Kubernetes ConfigMap/Secret
 //! volumes (a `..data` symlink swapped to a new `..<timestamp>` folder) are

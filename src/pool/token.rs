@@ -1,5 +1,5 @@
 //! One token: its identity, its access token, and the state machine of
-//! DESIGN §5.2 (`active`, `cooling_down`, `disabled`, `revoked`).
+//! `docs/tokens.md` (`active`, `cooling_down`, `disabled`, `revoked`).
 //!
 //! The hot path reads a single atomic, the *gate*: the clock reading (in
 //! milliseconds) from which the token may be picked. Every transition runs
@@ -335,7 +335,7 @@ pub struct Snapshot {
     pub manual: bool,
 }
 
-/// The persisted part of a token's state (DESIGN §7), restored at start.
+/// The persisted part of a token's state (the state file), restored at start.
 #[derive(Debug, Clone, Default)]
 pub struct Restored {
     /// A rotated refresh token that replaces the configured one.
@@ -793,7 +793,7 @@ impl Token {
     }
 }
 
-/// The fields of a token the state file records (DESIGN §7).
+/// The fields of a token the state file records.
 fn persisted(inner: &Inner) -> (TokenState, Option<Reason>, Option<Instant>, u32, u32) {
     (
         inner.state,

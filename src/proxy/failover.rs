@@ -244,6 +244,13 @@ async fn send(
     {
         Ok(response) => {
             metrics.upstream_answer(token.tier(), response.status(), started.elapsed());
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                // Nothing asked for a new protocol (Upgrade is never
+                // forwarded): relaying this would hand the client's
+                // connection to whatever the upstream speaks next.
+                tracing::warn!(token = token.name(), "upstream switched protocols unasked");
+                return Err(ProxyError::UpstreamUnreachable);
+            }
             Ok(response)
         }
         Err(e) => {

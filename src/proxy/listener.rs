@@ -268,6 +268,9 @@ impl Server {
         let idle = tokio::time::sleep(self.header_read_timeout);
         tokio::pin!(idle);
         let mut draining = false;
+        // Set when an idle connection was told to go: a peer that does not
+        // answer the GOAWAY's ping is dropped when this passes.
+        let mut gone_by: Option<Instant> = None;
         loop {
             let changed = activity.changed.notified();
             tokio::pin!(changed);
@@ -284,15 +287,27 @@ impl Server {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                () = &mut changed => {
+                () = &mut changed, if gone_by.is_none() => {
                     // A request opened or the last one ended: the quiet
                     // time starts again.
                     idle.as_mut().reset(Instant::now() + self.header_read_timeout);
                 }
-                () = &mut idle, if quiet && !draining => {
-                    tracing::debug!("closing an idle HTTP/2 client connection");
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
+                () = &mut idle, if quiet => {
+                    match gone_by {
+                        None if !draining => {
+                            tracing::debug!("closing an idle HTTP/2 client connection");
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                            let by = Instant::now() + self.header_read_timeout;
+                            gone_by = Some(by);
+                            idle.as_mut().reset(by);
+                        }
+                        Some(by) if Instant::now() >= by => {
+                            tracing::debug!("an idle HTTP/2 client did not close; dropping it");
+                            return;
+                        }
+                        _ => idle.as_mut().reset(Instant::now() + self.header_read_timeout),
+                    }
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! What a client request must be before anything is done for it: a
 //! request target in origin form (a path; `*` only for `OPTIONS`), never
-//! `CONNECT`, and on HTTP/1.1 exactly one valid `Host` (RFC 9112 §3.2) —
-//! and where its key is.
+//! `CONNECT`, on HTTP/1.1 exactly one valid `Host` (RFC 9112 §3.2), and no
+//! transfer coding but a single `chunked` — and where its key is.
 //!
 //! hyper has parsed the request; these are the rules it leaves to the
 //! server. A proxy that forwarded `CONNECT host:443` as `CONNECT /`, or
@@ -35,6 +35,12 @@ pub(super) fn check(parts: &Parts) -> Result<(), ProxyError> {
     if !(path.starts_with('/') || asterisk) {
         return Err(bad("the request target must be a path (origin-form)"));
     }
+    if !chunked_at_most(&parts.headers) {
+        // hyper reads the chunks and passes any other coding through
+        // undone; the upstream would then get a body that means something
+        // else (RFC 9112 §6.1 allows 501; a coding applied twice is invalid).
+        return Err(bad("a transfer coding other than one chunked"));
+    }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => Err(bad("more than one Host header")),
@@ -46,10 +52,36 @@ pub(super) fn check(parts: &Parts) -> Result<(), ProxyError> {
     }
 }
 
+/// Whether the request's `Transfer-Encoding`, if any, is one `chunked`.
+fn chunked_at_most(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(only), None) => only.eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => false,
+    }
+}
+
 /// A `Host` value: a host and optional port, nothing else (no user info,
-/// not empty).
+/// not empty). The usual shape (a name or IPv4 address, maybe a port) is
+/// told by its bytes; anything else is parsed as a URI authority.
 fn valid_host(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+    let (name, port) = match bytes.iter().position(|&b| b == b':') {
+        Some(colon) => (&bytes[..colon], Some(&bytes[colon + 1..])),
+        None => (bytes, None),
+    };
+    if !name.is_empty()
+        && name.iter().all(plain)
+        && port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.iter().all(u8::is_ascii_digit))
+    {
+        return true;
+    }
     !bytes.is_empty()
         && !bytes.contains(&b'@')
         && Authority::try_from(bytes).is_ok_and(|a| a.as_str().len() == bytes.len())
@@ -57,11 +89,16 @@ fn valid_host(value: &HeaderValue) -> bool {
 
 /// The client's key, from `Authorization: Bearer` or `x-api-key`.
 pub(super) fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    let bearer = headers
+    bearer(headers).or_else(|| headers.get("x-api-key").map(HeaderValue::as_bytes))
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme's
+/// name in any case).
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    headers
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes)
-        .and_then(|v| (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..]));
-    bearer.or_else(|| headers.get("x-api-key").map(HeaderValue::as_bytes))
+        .and_then(|v| (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..]))
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The refresh providers of DESIGN §4.2: how a refresh call is made and how
+//! The refresh providers (`docs/configuration.md`): how a refresh call is made and how
 //! its answer is read. The parsing functions are pure, so they are unit
 //! tested and fuzzed without a network.
 
@@ -12,7 +12,7 @@ use crate::config::Secret;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 
 /// Codes in a refresh endpoint's error that mean the refresh token itself
-/// is dead (DESIGN §5.2).
+/// is dead (`docs/tokens.md`).
 const REVOKED_CODES: [&str; 5] = [
     "invalid_grant",
     "INVALID_REFRESH_TOKEN",

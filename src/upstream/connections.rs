@@ -5,7 +5,7 @@
 //! There is one upstream per generation, so the pool is a plain stack of
 //! idle HTTP/1.1 connections rather than a map keyed by host. A request
 //! takes the most recently used connection that is still open (or opens
-//! one), and gets back with its answer a [`Lease`] that returns the
+//! one), and gets back with its answer a lease that returns the
 //! connection to the stack when the answer's body has been read to its
 //! end.
 //!
@@ -42,15 +42,6 @@ const MAX_IDLE: usize = 256;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type RequestBody = Full<Bytes>;
-
-/// Why [`Connections::send`] got no answer.
-#[derive(Debug)]
-pub enum SendError {
-    /// The deadline passed before the answer's head.
-    TimedOut,
-    /// The connection or the exchange failed.
-    Upstream(UpstreamError),
-}
 
 /// Where connections go.
 struct Target {
@@ -240,18 +231,18 @@ impl Connections {
         lock(&self.shared.idle).len()
     }
 
-    /// Sends one request and waits for its answer's head until
-    /// `deadline`. `headers` makes the request's headers: called again
-    /// when the request is sent again. The answer's body, read to its end,
+    /// Sends one request and waits for its answer's head (the caller bounds
+    /// the wait). `headers` are the request's, less `Authorization` and
+    /// `Host`, which each try sets. The answer's body, read to its end,
     /// gives its connection back to the pool.
     pub async fn send(
         &self,
         method: &Method,
         path: &PathAndQuery,
-        headers: &(dyn Fn() -> HeaderMap + Sync),
+        headers: &HeaderMap,
+        authorization: &HeaderValue,
         body: &Bytes,
-        deadline: Instant,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut unsent: Option<Request<RequestBody>> = None;
         loop {
             let (mut conn, reused) = match self.shared.h2() {
@@ -261,41 +252,30 @@ impl Connections {
                     // Boxed: opening a connection (TCP, TLS, HTTP/2
                     // handshakes) is a future of several kilobytes that
                     // the request's own future would otherwise carry.
-                    None => {
-                        let connect = Box::pin(self.connect());
-                        let conn = tokio::time::timeout_at(deadline, connect)
-                            .await
-                            .map_err(|_| SendError::TimedOut)?
-                            .map_err(SendError::Upstream)?;
-                        (conn, false)
-                    }
+                    None => (Box::pin(self.connect()).await?, false),
                 },
             };
             if let Conn::H1(sender) = &mut conn {
                 // A connection given back a moment ago may not have been
                 // told by its task yet that it can take the next request.
-                match tokio::time::timeout_at(deadline, sender.ready()).await {
-                    Err(_) => return Err(SendError::TimedOut),
-                    Ok(Err(_closed)) if reused => continue,
-                    Ok(Err(e)) => return Err(SendError::Upstream(UpstreamError::Exchange(e))),
-                    Ok(Ok(())) => {}
+                if !sender.is_ready() {
+                    match sender.ready().await {
+                        Ok(()) => {}
+                        Err(_closed) if reused => continue,
+                        Err(e) => return Err(UpstreamError::Exchange(e)),
+                    }
                 }
             }
             let request = match unsent.take() {
                 Some(request) => self.retarget(request, &conn),
-                None => self.request(method, path, headers(), body, &conn),
+                None => self.request(method, path, headers, authorization, body, &conn),
             };
             let sent = match &mut conn {
-                Conn::H1(sender) => {
-                    tokio::time::timeout_at(deadline, sender.try_send_request(request)).await
-                }
-                Conn::H2(sender) => {
-                    tokio::time::timeout_at(deadline, sender.try_send_request(request)).await
-                }
+                Conn::H1(sender) => sender.try_send_request(request).await,
+                Conn::H2(sender) => sender.try_send_request(request).await,
             };
             let mut error = match sent {
-                Err(_) => return Err(SendError::TimedOut),
-                Ok(Ok(response)) => {
+                Ok(response) => {
                     let lease = match conn {
                         Conn::H1(sender) => Some(Lease {
                             sender,
@@ -305,15 +285,13 @@ impl Connections {
                     };
                     return Ok(response.map(|inner| UpstreamBody::new(inner, lease)));
                 }
-                Ok(Err(error)) => error,
+                Err(error) => error,
             };
             if let Conn::H2(_) = conn {
                 lock(&self.shared.h2).take();
             }
             if !reused {
-                return Err(SendError::Upstream(UpstreamError::Exchange(
-                    error.into_error(),
-                )));
+                return Err(UpstreamError::Exchange(error.into_error()));
             }
             match error.take_message() {
                 // Not a byte of it was written.
@@ -322,8 +300,8 @@ impl Connections {
                     let error = error.into_error();
                     // The connection closed before any answer: only a
                     // request that is safe to repeat goes again.
-                    if !(error.is_incomplete_message() && replayable(method, &headers())) {
-                        return Err(SendError::Upstream(UpstreamError::Exchange(error)));
+                    if !(error.is_incomplete_message() && replayable(method, headers)) {
+                        return Err(UpstreamError::Exchange(error));
                     }
                 }
             }
@@ -331,42 +309,50 @@ impl Connections {
         }
     }
 
-    /// The request for `conn`: HTTP/1.1 wants the origin form and `Host`;
-    /// HTTP/2 the absolute URI, from which hyper makes `:scheme` and
-    /// `:authority`.
+    /// The request for `conn`: the prepared headers and the bearer, the
+    /// body shared, not copied.
     fn request(
         &self,
         method: &Method,
         path: &PathAndQuery,
-        headers: HeaderMap,
+        headers: &HeaderMap,
+        authorization: &HeaderValue,
         body: &Bytes,
         conn: &Conn,
     ) -> Request<RequestBody> {
         let mut request = Request::new(Full::new(body.clone()));
         *request.method_mut() = method.clone();
-        *request.headers_mut() = headers;
+        let map = request.headers_mut();
+        *map = headers.clone();
+        map.insert(header::AUTHORIZATION, authorization.clone());
         *request.uri_mut() = Uri::from(path.clone());
         self.retarget(request, conn)
     }
 
     /// Fits a request to the protocol of `conn` (a request hyper handed
-    /// back may move between HTTP/1.1 and HTTP/2).
+    /// back may move between HTTP/1.1 and HTTP/2): HTTP/1.1 wants the
+    /// origin form and `Host`; HTTP/2 the absolute URI, from which hyper
+    /// makes `:scheme` and `:authority`.
     fn retarget(&self, mut request: Request<RequestBody>, conn: &Conn) -> Request<RequestBody> {
         let target = &self.shared.target;
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         match conn {
             Conn::H1(_) => {
                 request
                     .headers_mut()
                     .insert(header::HOST, target.host_header.clone());
-                *request.uri_mut() = Uri::from(path);
+                if request.uri().scheme().is_some() {
+                    let path = request.uri().path_and_query().cloned();
+                    *request.uri_mut() =
+                        Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
+                }
             }
             Conn::H2(_) => {
                 request.headers_mut().remove(header::HOST);
+                let path = request
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
                 let mut parts = http::uri::Parts::default();
                 parts.scheme = Some(target.scheme.clone());
                 parts.authority = Some(target.authority.clone());

@@ -21,32 +21,31 @@ static HOP_BY_HOP: [HeaderName; HOPS] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// The headers of one upstream request for a client's `client` headers:
-/// the client's, less hop-by-hop headers (and those its `Connection`
-/// names), its credentials and forwarding headers; then `extra` (`[upstream]
-/// headers`, which replace the client's of the same name); then
-/// `authorization`, the token's bearer.
-pub fn outgoing(
-    client: &HeaderMap,
-    extra: &[(HeaderName, HeaderValue)],
-    authorization: &HeaderValue,
-) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(client.len() + extra.len() + 2);
-    let connection = client.get_all(header::CONNECTION);
-    let listed_by_connection = connection.iter().next().is_some();
-    for (name, value) in client {
-        if forwardable(name)
-            && !(listed_by_connection && named_in(name, connection.iter()))
-            && !extra.iter().any(|(n, _)| n == name)
-        {
-            out.append(name.clone(), value.clone());
+/// Makes a client's headers ready to go upstream, in place, once per
+/// request: hop-by-hop headers (and those its `Connection` names), its
+/// other credentials (`x-api-key`), `Expect` and forwarding headers go;
+/// `extra` (`[upstream] headers`) replace the client's of the same name.
+/// What every attempt then sets itself — `Host` and `Authorization` — is
+/// replaced, not removed here; `Content-Length` stays, since the body goes
+/// as it came.
+///
+/// Most requests carry nothing to remove: one look at each name, and no
+/// allocation.
+pub fn prepare(headers: &mut HeaderMap, extra: &[(HeaderName, HeaderValue)]) {
+    let listed_by_connection = headers.contains_key(header::CONNECTION);
+    let dropped = |name: &HeaderName| {
+        !forwardable(name)
+            || (listed_by_connection && named_in(name, headers.get_all(header::CONNECTION).iter()))
+    };
+    if headers.keys().any(dropped) {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| dropped(n)).cloned().collect();
+        for name in names {
+            headers.remove(name);
         }
     }
     for (name, value) in extra {
-        out.append(name.clone(), value.clone());
+        headers.insert(name.clone(), value.clone());
     }
-    out.insert(header::AUTHORIZATION, authorization.clone());
-    out
 }
 
 /// The place of `transfer-encoding` in [`HOP_BY_HOP`].
@@ -70,20 +69,14 @@ fn hop_by_hop(name: &HeaderName) -> Option<usize> {
 }
 
 /// Whether a client request header may go upstream (those the client's
-/// `Connection` header names aside).
+/// `Connection` header names aside). `Host` and `Authorization` are
+/// replaced by each attempt rather than removed.
 fn forwardable(name: &HeaderName) -> bool {
     let text = name.as_str();
     !(hop_by_hop(name).is_some()
         || matches!(
             text,
-            "upgrade"
-                | "expect"
-                | "host"
-                | "authorization"
-                | "x-api-key"
-                | "content-length"
-                | "forwarded"
-                | "via"
+            "upgrade" | "http2-settings" | "expect" | "x-api-key" | "forwarded" | "via"
         )
         || text.starts_with("x-forwarded-"))
 }
@@ -125,7 +118,12 @@ pub fn strip_response_headers(headers: &mut HeaderMap) {
     }
     // Names the Connection header lists are hop-by-hop too; its usual
     // tokens (keep-alive, close) need no lookup of their own.
-    let listed: Vec<HeaderName> = if found[0] {
+    let usual = |v: &HeaderValue| {
+        v.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+            || v.as_bytes().eq_ignore_ascii_case(b"close")
+    };
+    let lists_names = found[0] && !headers.get_all(header::CONNECTION).iter().all(usual);
+    let listed: Vec<HeaderName> = if lists_names {
         headers
             .get_all(header::CONNECTION)
             .iter()
@@ -182,34 +180,43 @@ mod tests {
             ("x-secret-hop", "1"),
             ("keep-alive", "timeout=5"),
             ("te", "trailers"),
+            ("expect", "100-continue"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMA"),
             ("x-forwarded-for", "10.0.0.1"),
             ("forwarded", "for=10.0.0.1"),
             ("via", "1.1 lb"),
             ("host", "proxy.local"),
             ("x-warp-client-version", "client-chosen"),
             ("content-type", "application/x-protobuf"),
+            ("content-length", "5"),
             ("accept", "text/event-stream"),
         ] {
             h.append(k, HeaderValue::from_static(v));
         }
-        let bearer = HeaderValue::from_static("Bearer up");
-        let out = outgoing(&h, &extra, &bearer);
-        let names: Vec<&str> = {
-            let mut v: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
-            v.sort();
-            v
-        };
+        prepare(&mut h, &extra);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        // Host and Authorization are replaced by each attempt.
         assert_eq!(
             names,
             [
                 "accept",
                 "authorization",
+                "content-length",
                 "content-type",
+                "host",
                 "x-warp-client-version"
             ]
         );
-        assert_eq!(out["authorization"], "Bearer up");
-        assert_eq!(out["x-warp-client-version"], "v1");
+        assert_eq!(h["x-warp-client-version"], "v1");
+
+        // The usual request: nothing to remove.
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("authorization", HeaderValue::from_static("Bearer k"));
+        prepare(&mut h, &[]);
+        assert_eq!(h.len(), 2);
     }
 
     #[test]

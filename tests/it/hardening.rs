@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{Proxy, Setup, CLIENT_KEY};
+use tokenpool::sim::AiBehaviour;
+
+use crate::harness::{metric, read_to_break, Proxy, Setup, CLIENT_KEY};
 use crate::proxy::raw_exchange;
+use crate::raw::Raw;
 
 async fn still_serving(p: &Proxy) {
     let (status, _, body) = p.ai_text().await;
@@ -160,4 +163,106 @@ async fn http2_limits_are_announced() {
     );
     drop(c);
     still_serving(&p).await;
+}
+
+#[tokio::test]
+async fn slow_request_bodies_get_408_and_others_are_served() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    s.write_server_line(&[("a", "personal")], "body_read_timeout = \"1s\"");
+    let p = s.proxy().await;
+    // A valid key, 10 of 1 000 declared bytes, then nothing: each holds a
+    // connection and a buffer until the body deadline.
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut c = Raw::connect(p.addr).await;
+        c.send(
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n\
+                 Content-Length: 1000\r\n\r\n0123456789"
+            )
+            .as_bytes(),
+        )
+        .await;
+        slow.push(c);
+    }
+    still_serving(&p).await;
+    for c in &mut slow {
+        let a = c.answer(false).await;
+        assert_eq!(a.status(), 408, "{a:?}");
+        assert_eq!(a.header("x-tokenpool-error"), Some("request_timeout"));
+        assert_eq!(a.header("connection"), Some("close"));
+        assert!(c.closed().await, "a stalled body ends its connection");
+    }
+    let m = p.metrics().await;
+    assert_eq!(metric(&m, "tokenpool_inflight_requests"), 0.0);
+    assert_eq!(
+        metric(&m, "tokenpool_requests_total{outcome=\"client_error\"}"),
+        50.0
+    );
+    assert_eq!(
+        s.sim.total_ai_calls(),
+        1,
+        "no stalled request went upstream"
+    );
+    still_serving(&p).await;
+}
+
+#[tokio::test]
+async fn idle_http2_connections_close_and_busy_ones_stay() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    s.write_server_line(&[("a", "personal")], "header_read_timeout = \"1s\"");
+    let p = s.proxy().await;
+    // The preface and SETTINGS, then nothing: no key was ever shown, and
+    // the connection is closed (GOAWAY, then the end) after the timeout.
+    let mut c = TcpStream::connect(p.addr).await.unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk))
+            .await
+            .expect("an idle HTTP/2 connection is closed within 5 s")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&chunk[..n]);
+    }
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 9 <= received.len() {
+        let len = (usize::from(received[at]) << 16)
+            | (usize::from(received[at + 1]) << 8)
+            | usize::from(received[at + 2]);
+        frames.push(received[at + 3]);
+        at += 9 + len;
+    }
+    assert!(
+        frames.contains(&0x7),
+        "a GOAWAY before the close: {frames:?}"
+    );
+
+    // A stream open past the idle timeout keeps its connection.
+    s.sim.set_ai("a", AiBehaviour::Hold);
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut r = client
+        .post(p.url("/ai/multi-agent"))
+        .bearer_auth(CLIENT_KEY)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.sim.release_streams();
+    let (rest, broke) = read_to_break(&mut r).await;
+    assert!(!broke, "the stream outlived the idle timeout");
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod config_files;
+mod conformance;
 mod downstream;
 mod faults;
 mod hardening;
@@ -10,6 +11,7 @@ mod harness;
 mod metrics;
 mod process;
 mod proxy;
+mod raw;
 mod refresh;
 mod reload;
 mod upstream;

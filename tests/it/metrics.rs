@@ -1,12 +1,12 @@
 //! `/metrics` from a live proxy after traffic with failures: every family
-//! of DESIGN §6 is there with its type, tier×state series exist from the
+//! of `docs/metrics.md` is there with its type, tier×state series exist from the
 //! start, and no secret appears.
 
 use tokenpool::sim::{AiBehaviour, RefreshBehaviour};
 
 use crate::harness::{metric, rt, Setup, CLIENT_KEY};
 
-/// Every family of DESIGN §6 and its type.
+/// Every family of `docs/metrics.md` and its type.
 const FAMILIES: &[(&str, &str)] = &[
     ("tokenpool_requests_total", "counter"),
     ("tokenpool_request_duration_seconds", "histogram"),

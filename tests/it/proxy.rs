@@ -1,5 +1,5 @@
 //! The proxy end to end: client auth, body limits, header rules, every row
-//! of DESIGN §5.3, tier order, round-robin, Retry-After, recovery and
+//! of `docs/tokens.md`, tier order, round-robin, Retry-After, recovery and
 //! streaming.
 
 use std::time::Duration;

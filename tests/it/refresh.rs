@@ -54,9 +54,23 @@ async fn a_revoked_token_is_sent_at_most_once() {
         metric(&m, "tokenpool_tokens{state=\"revoked\",tier=\"personal\"}"),
         1.0
     );
-    // The background refresher leaves it alone too.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The background refresher leaves it alone too: a pass of it starts
+    // no refresh for the revoked token.
+    background_pass(&p);
+    let g = p.generations.current();
+    assert!(!g.pool.get("dead").unwrap().refresh_in_flight());
     assert_eq!(s.sim.refresh_calls("dead"), 1);
+}
+
+/// Runs one pass of the background refresher over the current generation,
+/// as its once-a-second loop does; refreshes it starts are under way when
+/// this returns.
+fn background_pass(p: &crate::harness::Proxy) {
+    let g = p.generations.current();
+    let limit = Arc::new(tokio::sync::Semaphore::new(
+        tokenpool::refresh::BACKGROUND_CONCURRENCY,
+    ));
+    g.refresher.scan(&g.pool, &limit);
 }
 
 #[tokio::test]
@@ -117,8 +131,14 @@ async fn an_outage_longer_than_the_access_token_recovers_within_seconds() {
         assert_ne!(t["state"], "disabled", "an outage disables nobody: {t}");
         assert_ne!(t["state"], "revoked");
     }
-    // Let the per-token rests grow to their cap.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let the per-token rests grow (1 s, 2 s, 4 s…): several failed calls.
+    let during = s.sim.total_refresh_calls();
+    eventually(
+        "the outage lasts a few refresh attempts",
+        Duration::from_secs(10),
+        || async { s.sim.total_refresh_calls() >= during + 4 },
+    )
+    .await;
     s.sim.set_refresh_mode(RefreshMode::Normal);
     let back = Instant::now();
     eventually("serving again", Duration::from_secs(12), || async {
@@ -185,7 +205,14 @@ async fn a_429_from_the_refresh_endpoint_pauses_all_refreshing_without_blame() {
     for _ in 0..5 {
         assert_eq!(p.ai_text().await.0, 503);
     }
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // Nor does the background refresher, pass after pass.
+    for _ in 0..3 {
+        background_pass(&p);
+        let g = p.generations.current();
+        for name in ["a", "b"] {
+            assert!(!g.pool.get(name).unwrap().refresh_in_flight(), "{name}");
+        }
+    }
     assert_eq!(
         s.sim.total_refresh_calls(),
         after_429,
@@ -207,7 +234,12 @@ async fn garbage_and_slow_refresh_answers_are_not_the_tokens_fault() {
     );
     s.sim
         .set_refresh_mode(RefreshMode::Slow(Duration::from_secs(5)));
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    eventually(
+        "its one-second rest is over",
+        Duration::from_secs(5),
+        || async { p.state("a").0 == TokenState::Active },
+    )
+    .await;
     // The refresh times out after 2 s: still no blame.
     let (status, _, _) = p.ai_text().await;
     assert_eq!(status, 503);
