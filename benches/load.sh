@@ -19,8 +19,8 @@
 # prints the instructions each executes per request (the JSON POST, or
 # the SSE stream with KIND=sse; 8 connections, DURATION each, start-up
 # included; KEEP_CG=PREFIX keeps the profiles as PREFIX.nginx and
-# PREFIX.tokenpool): the figure that repeats on a noisy VM. It needs valgrind (Debian: apt-get install
-# valgrind).
+# PREFIX.tokenpool): the figure that repeats on a noisy VM. It needs
+# valgrind (Debian: apt-get install valgrind).
 #
 #   CALLGRIND=1 DURATION=10s bash benches/load.sh
 #   CALLGRIND=1 KIND=sse DURATION=10s bash benches/load.sh
