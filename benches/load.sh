@@ -36,6 +36,7 @@ case "$KIND" in
   *) echo "load.sh: KIND is json or sse, not $KIND" >&2; exit 1 ;;
 esac
 CALLGRIND=${CALLGRIND:-0}
+if [ "${ACCESS_LOG:-0}" = 1 ]; then ACCESS_LOG_ON=true; else ACCESS_LOG_ON=false; fi
 LOAD_CORE=${LOAD_CORE:-0}
 PROXY_CORE=${PROXY_CORE:-1}
 
@@ -139,6 +140,10 @@ listen = "127.0.0.1:$TP_ADMIN"
 url = "http://127.0.0.1:$UP_PORT"
 [refresh]
 provider = "static"
+[log]
+# nginx runs with access_log off: compare like with like (ACCESS_LOG=1
+# turns tokenpool's on).
+access = ${ACCESS_LOG_ON:-false}
 [[tokens]]
 name = "k1"
 tier = "shared"

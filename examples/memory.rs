@@ -47,7 +47,7 @@ async fn start(
         + 3600;
     let mut text = format!(
         "[server]\nlisten = \"127.0.0.1:{proxy}\"\napi_keys = [\"{CLIENT_KEY}\"]\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n[upstream]\nurl = \"{}\"\nidle_timeout = \"60s\"\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n[upstream]\npreset = \"warp\"\nurl = \"{}\"\nidle_timeout = \"60s\"\n\
          [refresh]\nprovider = \"static\"\n",
         sim.url()
     );

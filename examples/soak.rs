@@ -28,7 +28,7 @@ fn config(sim: &Sim, admin_port: u16, proxy_port: u16, round: u64) -> String {
     let mut text = format!(
         "[server]\nlisten = \"127.0.0.1:{proxy_port}\"\napi_keys = [\"{CLIENT_KEY}\"]\n\
          [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
-         [upstream]\nurl = \"{}\"\nidle_timeout = \"3s\"\n\
+         [upstream]\npreset = \"warp\"\nurl = \"{}\"\nidle_timeout = \"3s\"\n\
          [refresh]\nurl = \"{}\"\ntimeout = \"2s\"\n\
          [pool]\ncooldown = \"{}s\"\nquota_cooldown = \"5s\"\nrecovery_backoff = \"2s\"\nmax_recovery_backoff = \"10s\"\n",
         sim.url(),

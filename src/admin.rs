@@ -4,7 +4,8 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus text exposition. Open. |
 //! | `GET /healthz` | 200 while the process runs. Open. |
-//! | `GET /readyz` | 200 when a token is usable; 503 with a JSON reason otherwise. Open. |
+//! | `GET /livez` | 200 once a configuration is loaded and the listeners serve, whatever the tokens' state: the readiness probe for a load balancer or Kubernetes. Open. |
+//! | `GET /readyz` | 200 when a token is usable; 503 with a JSON reason otherwise (for people and alerts: as a probe it would take every replica out at once when the pool is exhausted). Open. |
 //! | `GET /admin/pool` | the pool as JSON — names, states, times; never a secret. |
 //! | `POST /admin/tokens/{name}/enable` | back into rotation, failures cleared. |
 //! | `POST /admin/tokens/{name}/disable` | out of rotation until enabled. |
@@ -118,8 +119,14 @@ impl Admin {
                 generations.metrics.render(&generations.current().pool),
             ),
             (&Method::GET, "/healthz") => text_response(StatusCode::OK, "text/plain", "ok\n"),
+            (&Method::GET, "/livez") => json_response(
+                StatusCode::OK,
+                &json!({"serving": true, "generation": generations.current().id}),
+            ),
             (&Method::GET, "/readyz") => readyz(generations),
-            (_, "/metrics" | "/healthz" | "/readyz") => ProxyError::MethodNotAllowed.to_response(),
+            (_, "/metrics" | "/healthz" | "/livez" | "/readyz") => {
+                ProxyError::MethodNotAllowed.to_response()
+            }
             (method, p) if p.starts_with("/admin/") => {
                 if !self.allowed(peer, req.headers()) {
                     return ProxyError::Unauthorized.to_response();
@@ -177,7 +184,7 @@ impl Admin {
                 generations.save_state().await;
                 Ok(json_response(
                     StatusCode::OK,
-                    &token_json(&token.snapshot()),
+                    &token_json(&generation.pool.snapshot(token)),
                 ))
             }
             (_, "/admin/pool" | "/admin/reload") => Err(ProxyError::MethodNotAllowed),
@@ -240,7 +247,7 @@ fn token_json(s: &Snapshot) -> Value {
 pub fn pool_json(generations: &Generations) -> Value {
     let generation = generations.current();
     let pool = &generation.pool;
-    let snapshots: Vec<Snapshot> = pool.tokens().iter().map(|t| t.snapshot()).collect();
+    let snapshots = pool.snapshots();
     let counts = StateCounts::of(&snapshots);
     let mut tiers = serde_json::Map::new();
     for tier in pool.order() {

@@ -28,6 +28,15 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `tokenpool status` prints.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StatusOutput {
+    /// An aligned table.
+    Table,
+    /// The JSON document of `/admin/pool`.
+    Json,
+}
+
 /// Log output formats.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
@@ -54,12 +63,15 @@ pub enum Command {
     },
     /// Show the pool of a running instance.
     Status {
-        /// Its admin URL.
+        /// Its admin URL (`http://` is assumed when no scheme is given).
         #[arg(long, default_value = "http://127.0.0.1:9090")]
         admin: String,
         /// Admin bearer token.
         #[arg(long, env = "TOKENPOOL_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Output: a table for people, or the `/admin/pool` JSON as it came.
+        #[arg(short, long, value_enum, default_value_t = StatusOutput::Table)]
+        output: StatusOutput,
     },
     /// Run a simulated upstream and a proxy in front of it, on loopback.
     Demo,
@@ -69,12 +81,25 @@ pub enum Command {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in a file
+        // or a log collector.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Says a fatal error on stderr: a plain `error: …` line, or under
+/// `--log-format json` one JSON object like every other log line.
+pub fn fatal(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Pretty => eprintln!("error: {message}"),
+        LogFormat::Json => tracing::error!(error = message, "fatal"),
     }
 }
 
@@ -119,15 +144,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = match load(path.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("{e}");
+                    match cli.log_format {
+                        LogFormat::Pretty => eprintln!("{e}"),
+                        LogFormat::Json => fatal(cli.log_format, &e.to_string()),
+                    }
                     return Ok(ExitCode::from(1));
                 }
             };
             runtime()?.block_on(serve(config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { admin, token } => {
-            runtime()?.block_on(status(&admin, token.as_deref()))?;
+        Command::Status {
+            admin,
+            token,
+            output,
+        } => {
+            runtime()?.block_on(status(&admin, token.as_deref(), output))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
@@ -216,10 +248,9 @@ listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:0"
 [upstream]
+preset = "warp"
 url = "{url}"
-headers = {{ "x-warp-client-version" = "v0.2026.11.26.demo", "x-warp-os-category" = "Linux" }}
 [refresh]
-provider = "firebase"
 url = "{refresh}"
 [pool]
 cooldown = "30s"
@@ -274,9 +305,15 @@ Ctrl-C stops it.
     Ok(())
 }
 
-/// `tokenpool status`: the pool of a running instance as a table.
-async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
-    let url = format!("{}/admin/pool", admin.trim_end_matches('/'));
+/// `tokenpool status`: the pool of a running instance.
+async fn status(admin: &str, token: Option<&str>, output: StatusOutput) -> anyhow::Result<()> {
+    let base = admin.trim_end_matches('/');
+    let base = if base.contains("://") {
+        base.to_string()
+    } else {
+        format!("http://{base}")
+    };
+    let url = format!("{base}/admin/pool");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
@@ -295,13 +332,17 @@ async fn status(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
     }
     let doc: serde_json::Value =
         serde_json::from_str(&body).context("the admin answer is not JSON")?;
-    print!("{}", status_table(&doc, SystemTime::now()));
+    match output {
+        StatusOutput::Table => print!("{}", status_table(&doc, SystemTime::now())),
+        StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
+    }
     Ok(())
 }
 
-/// Renders `/admin/pool` as a table.
+/// Renders `/admin/pool` as a table whose columns fit their widest cell.
 pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
     use std::fmt::Write;
+    // How long until an RFC 3339 time: "12m 30s", "past", or "-".
     let left = |v: &serde_json::Value| -> String {
         v.as_str()
             .and_then(|s| humantime::parse_rfc3339(s).ok())
@@ -315,6 +356,40 @@ pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
                 },
             )
     };
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    let header = [
+        "NAME",
+        "TIER",
+        "STATE",
+        "REASON",
+        "FAILS",
+        "BACK IN",
+        "EXPIRES IN",
+        "REQUESTS",
+    ];
+    let mut rows: Vec<[String; 8]> = Vec::new();
+    for t in doc["tokens"].as_array().into_iter().flatten() {
+        rows.push([
+            text(&t["name"]),
+            text(&t["tier"]),
+            text(&t["state"]),
+            text(&t["reason"]),
+            text(&t["consecutive_failures"]),
+            left(&t["cooldown_until"]),
+            left(&t["access_token_expires_at"]),
+            text(&t["requests"]),
+        ]);
+    }
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -330,24 +405,71 @@ pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
                 .join(" > "))
             .unwrap_or_default()
     );
-    let _ = writeln!(
-        out,
-        "{:<24} {:<10} {:<13} {:<16} {:>5} {:>12} {:>12} {:>9}",
-        "NAME", "TIER", "STATE", "REASON", "FAILS", "COOLDOWN", "EXPIRES IN", "REQUESTS"
-    );
-    for t in doc["tokens"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "{:<24} {:<10} {:<13} {:<16} {:>5} {:>12} {:>12} {:>9}",
-            t["name"].as_str().unwrap_or("?"),
-            t["tier"].as_str().unwrap_or("?"),
-            t["state"].as_str().unwrap_or("?"),
-            t["reason"].as_str().unwrap_or("-"),
-            t["consecutive_failures"],
-            left(&t["cooldown_until"]),
-            left(&t["access_token_expires_at"]),
-            t["requests"],
-        );
+    let line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            // Counts are right-aligned, words left-aligned.
+            let right = matches!(i, 4 | 7);
+            let pad = w.saturating_sub(cell.chars().count());
+            if i > 0 {
+                l.push_str("  ");
+            }
+            if right {
+                l.push_str(&" ".repeat(pad));
+                l.push_str(cell);
+            } else {
+                l.push_str(cell);
+                l.push_str(&" ".repeat(pad));
+            }
+        }
+        l.trim_end().to_string()
+    };
+    let _ = writeln!(out, "{}", line(&header.map(String::from)));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_table_aligns_its_columns() {
+        let doc = serde_json::json!({
+            "generation": 3,
+            "loaded_at": "2026-11-30T10:00:00Z",
+            "order": ["personal", "shared"],
+            "tokens": [
+                {"name": "a", "tier": "personal", "state": "active", "reason": null,
+                 "consecutive_failures": 0, "cooldown_until": null,
+                 "access_token_expires_at": "2026-11-30T11:00:00Z", "requests": 12},
+                {"name": "a-much-longer-name", "tier": "shared", "state": "cooling_down",
+                 "reason": "quota_exhausted", "consecutive_failures": 2,
+                 "cooldown_until": "2026-11-30T10:30:00Z", "access_token_expires_at": null,
+                 "requests": 3},
+            ]
+        });
+        let now = humantime::parse_rfc3339("2026-11-30T10:00:00Z").unwrap();
+        let table = status_table(&doc, now);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        // Every column starts where its header does.
+        let col = |line: &str, i: usize| {
+            let starts: Vec<usize> = line
+                .char_indices()
+                .filter(|&(j, c)| c != ' ' && (j == 0 || line.as_bytes()[j - 1] == b' '))
+                .map(|(j, _)| j)
+                .collect();
+            starts[i]
+        };
+        assert_eq!(col(lines[1], 1), col(lines[2], 1), "{table}");
+        assert_eq!(col(lines[1], 1), col(lines[3], 1), "{table}");
+        assert!(lines[2].contains("1h"), "{table}");
+        assert!(lines[3].contains("30m"), "{table}");
+        // A static key never expires: "-", not "9years 11months".
+        assert!(lines[3].contains("quota_exhausted"));
+        assert!(!table.contains("years"));
+    }
 }

@@ -5,11 +5,13 @@
 //! This module turns text into a checked [`Config`]; [`watch`] tells when
 //! the files it read change. It owns no running state.
 
+mod build;
+pub mod duration;
 mod guard;
+mod raw;
 mod secret;
 pub mod watch;
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -18,10 +20,10 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
-use toml::Spanned;
 
+pub use build::default_token_name;
 pub use guard::{check_reload, Bound};
-pub use secret::{key_matches, Secret, SecretSource};
+pub use secret::{find_key, key_matches, ClientKey, Secret, SecretSource};
 
 /// One of the three fixed token tiers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
@@ -104,6 +106,8 @@ pub struct Config {
     pub pool: PoolConfig,
     /// The state file.
     pub state: StateConfig,
+    /// The access log.
+    pub log: LogConfig,
     /// Every token, file tokens first, then environment tokens.
     pub tokens: Vec<TokenConfig>,
     /// Files the config reads besides itself (`{ file = … }` secrets and
@@ -116,8 +120,9 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address of the proxy listener.
     pub listen: SocketAddr,
-    /// Keys clients must present; empty means no client authentication.
-    pub api_keys: Vec<Secret>,
+    /// Keys clients must present, by name; empty means no client
+    /// authentication.
+    pub api_keys: Vec<ClientKey>,
     /// Largest request body buffered for replay; past it the client gets 413.
     pub max_request_body_bytes: usize,
     /// Allows binding a non-loopback address without any api key.
@@ -204,8 +209,16 @@ pub struct PoolConfig {
 /// `[state]`.
 #[derive(Debug, Clone, Default)]
 pub struct StateConfig {
-    /// The state file, resolved against the config folder.
+    /// The state file; a relative path is relative to the working
+    /// directory.
     pub path: Option<PathBuf>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// One line per proxied request on the `tokenpool::access` target.
+    pub access: bool,
 }
 
 /// Where a token was configured.
@@ -258,10 +271,6 @@ pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
-
-const DEFAULT_UPSTREAM: &str = "https://app.warp.dev";
-const DEFAULT_FIREBASE_URL: &str = "https://app.warp.dev/proxy/token";
-const DEFAULT_QUOTA_PATTERN: &str = "(?i)no remaining quota|insufficient_quota|quota exceeded";
 
 /// How errors name a config: its path, or `<env>` in env-only mode.
 fn file_label(path: Option<&Path>) -> String {
@@ -316,9 +325,22 @@ impl Config {
         Config::parse(&text, Some(path), env)
     }
 
-    /// Env-only mode: default settings plus the environment's tokens.
+    /// Env-only mode: Warp's preset, the environment's settings and tokens
+    /// (`docs/migration.md`).
     pub fn from_env(env: EnvLookup) -> Result<Config, ConfigError> {
-        Config::parse("", None, env)
+        let file = file_label(None);
+        let located = |_: Option<Range<usize>>, message: String| ConfigError {
+            file: file.clone(),
+            position: None,
+            message,
+        };
+        let base = PathBuf::from(".");
+        build::Builder {
+            base: &base,
+            env,
+            located: &located,
+        }
+        .build(build::env_only(env), None, env)
     }
 
     /// Parses and validates config text. `path` locates errors and anchors
@@ -330,7 +352,7 @@ impl Config {
             position: span.map(|s| line_col(text, s.start)),
             message,
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
             // One line per error: the parser's message may span several.
             let message = redact_quoted(&e.message().trim().replace('\n', "; "));
             located(e.span(), message)
@@ -344,7 +366,7 @@ impl Config {
         } else {
             base
         };
-        Builder {
+        build::Builder {
             base: &base,
             env,
             located: &located,
@@ -364,7 +386,8 @@ impl Config {
         let auth = if self.server.api_keys.is_empty() {
             "no client authentication".to_string()
         } else {
-            format!("{} api key(s)", self.server.api_keys.len())
+            let names: Vec<&str> = self.server.api_keys.iter().map(|k| &*k.name).collect();
+            format!("client keys: {}", names.join(", "))
         };
         let _ = writeln!(out, "proxy:     {} ({auth})", self.server.listen);
         let admin_auth = if self.admin.token.is_some() {
@@ -423,7 +446,19 @@ pub fn redact_query(url: &str) -> String {
     }
 }
 
-/// A parser message with every quoted string value replaced by `"…"`.
+/// How a value from the file is shown in an error: quoted when it is
+/// short, `"…"` when it could be a secret typed into the wrong field (16
+/// characters or more: keys and refresh tokens are longer than any
+/// setting).
+pub(crate) fn shown(value: &str) -> String {
+    if value.chars().count() < 16 && !value.chars().any(char::is_control) {
+        format!("\"{value}\"")
+    } else {
+        "\"…\"".to_string()
+    }
+}
+
+/// A parser message whose quoted string values are shown by [`shown`].
 ///
 /// serde quotes the offending value (`invalid type: string "…", expected
 /// u32`); when a secret was typed into the wrong field that would put it in
@@ -438,12 +473,31 @@ fn redact_quoted(message: &str) -> String {
         let Some(len) = rest[value_start..].find('"') else {
             break;
         };
-        out.push_str(&rest[..value_start]);
-        out.push_str("…\"");
+        out.push_str(&rest[..value_start - 1]);
+        out.push_str(&shown(&rest[value_start..value_start + len]));
         rest = &rest[value_start + len + 1..];
     }
     out.push_str(rest);
     out
+}
+
+/// Appends `value` in `application/x-www-form-urlencoded` form (refresh
+/// bodies, and the key the Warp preset puts in its refresh URL).
+pub(crate) fn form_encode(value: &str, out: &mut String) {
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 15)] as char);
+            }
+        }
+    }
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -454,676 +508,6 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let col = text[line_start..offset].chars().count() + 1;
     (line, col)
-}
-
-// ---------------------------------------------------------------------------
-// The file as written.
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    server: RawServer,
-    #[serde(default)]
-    admin: RawAdmin,
-    #[serde(default)]
-    upstream: RawUpstream,
-    #[serde(default)]
-    refresh: RawRefresh,
-    #[serde(default)]
-    pool: RawPool,
-    #[serde(default)]
-    state: RawState,
-    #[serde(default)]
-    tokens: Vec<Spanned<RawToken>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    #[serde(default = "default_listen")]
-    listen: Spanned<String>,
-    #[serde(default)]
-    api_keys: Vec<Spanned<SecretSource>>,
-    #[serde(default = "default_max_body")]
-    max_request_body_bytes: usize,
-    #[serde(default)]
-    allow_unauthenticated: bool,
-    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
-    shutdown_grace: Duration,
-    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
-    header_read_timeout: Duration,
-    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
-    body_read_timeout: Duration,
-}
-
-impl Default for RawServer {
-    fn default() -> Self {
-        RawServer {
-            listen: default_listen(),
-            api_keys: Vec::new(),
-            max_request_body_bytes: default_max_body(),
-            allow_unauthenticated: false,
-            shutdown_grace: default_shutdown_grace(),
-            header_read_timeout: default_header_read_timeout(),
-            body_read_timeout: default_body_read_timeout(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    #[serde(default = "default_admin_listen")]
-    listen: Spanned<String>,
-    token: Option<Spanned<SecretSource>>,
-}
-
-impl Default for RawAdmin {
-    fn default() -> Self {
-        RawAdmin {
-            listen: default_admin_listen(),
-            token: None,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    #[serde(default = "default_upstream")]
-    url: Spanned<String>,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    connect_timeout: Duration,
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
-    idle_timeout: Duration,
-    #[serde(default = "no_headers")]
-    headers: Spanned<HashMap<String, String>>,
-    #[serde(default)]
-    ca_file: Option<Spanned<String>>,
-}
-
-impl Default for RawUpstream {
-    fn default() -> Self {
-        RawUpstream {
-            url: default_upstream(),
-            connect_timeout: default_connect_timeout(),
-            idle_timeout: default_idle_timeout(),
-            headers: no_headers(),
-            ca_file: None,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRefresh {
-    #[serde(default = "default_provider")]
-    provider: Provider,
-    url: Option<Spanned<String>>,
-    #[serde(default = "no_headers")]
-    headers: Spanned<HashMap<String, String>>,
-    #[serde(default = "default_refresh_timeout", with = "humantime_serde")]
-    timeout: Duration,
-    #[serde(default = "default_margin", with = "humantime_serde")]
-    margin: Duration,
-    client_id: Option<String>,
-    client_secret: Option<Spanned<SecretSource>>,
-}
-
-impl Default for RawRefresh {
-    fn default() -> Self {
-        RawRefresh {
-            provider: default_provider(),
-            url: None,
-            headers: no_headers(),
-            timeout: default_refresh_timeout(),
-            margin: default_margin(),
-            client_id: None,
-            client_secret: None,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPool {
-    #[serde(default = "default_order")]
-    order: Spanned<Vec<Tier>>,
-    #[serde(default = "default_failure_threshold")]
-    failure_threshold: Spanned<u32>,
-    #[serde(default = "default_cooldown", with = "humantime_serde")]
-    cooldown: Duration,
-    #[serde(default = "default_quota_cooldown", with = "humantime_serde")]
-    quota_cooldown: Duration,
-    #[serde(default = "default_max_cooldown", with = "humantime_serde")]
-    max_cooldown: Duration,
-    #[serde(default = "default_recovery_backoff", with = "humantime_serde")]
-    recovery_backoff: Duration,
-    #[serde(default = "default_max_recovery_backoff", with = "humantime_serde")]
-    max_recovery_backoff: Duration,
-    #[serde(default = "default_max_attempts")]
-    max_attempts: Spanned<u32>,
-    #[serde(default = "default_quota_pattern")]
-    quota_pattern: Spanned<String>,
-}
-
-impl Default for RawPool {
-    fn default() -> Self {
-        RawPool {
-            order: default_order(),
-            failure_threshold: default_failure_threshold(),
-            cooldown: default_cooldown(),
-            quota_cooldown: default_quota_cooldown(),
-            max_cooldown: default_max_cooldown(),
-            recovery_backoff: default_recovery_backoff(),
-            max_recovery_backoff: default_max_recovery_backoff(),
-            max_attempts: default_max_attempts(),
-            quota_pattern: default_quota_pattern(),
-        }
-    }
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawState {
-    path: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawToken {
-    name: Option<Spanned<String>>,
-    tier: Tier,
-    token: Spanned<SecretSource>,
-}
-
-fn no_headers() -> Spanned<HashMap<String, String>> {
-    Spanned::new(0..0, HashMap::new())
-}
-fn default_listen() -> Spanned<String> {
-    Spanned::new(0..0, "127.0.0.1:8080".into())
-}
-fn default_admin_listen() -> Spanned<String> {
-    Spanned::new(0..0, "127.0.0.1:9090".into())
-}
-fn default_header_read_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_body_read_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_shutdown_grace() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_max_body() -> usize {
-    10 * 1024 * 1024
-}
-fn default_upstream() -> Spanned<String> {
-    Spanned::new(0..0, DEFAULT_UPSTREAM.into())
-}
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_idle_timeout() -> Duration {
-    Duration::from_secs(120)
-}
-fn default_provider() -> Provider {
-    Provider::Firebase
-}
-fn default_refresh_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_margin() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_order() -> Spanned<Vec<Tier>> {
-    Spanned::new(0..0, Tier::ALL.to_vec())
-}
-fn default_failure_threshold() -> Spanned<u32> {
-    Spanned::new(0..0, 3)
-}
-fn default_cooldown() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_quota_cooldown() -> Duration {
-    Duration::from_secs(600)
-}
-fn default_max_cooldown() -> Duration {
-    Duration::from_secs(6 * 3600)
-}
-fn default_recovery_backoff() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_max_recovery_backoff() -> Duration {
-    Duration::from_secs(1800)
-}
-fn default_max_attempts() -> Spanned<u32> {
-    Spanned::new(0..0, 3)
-}
-fn default_quota_pattern() -> Spanned<String> {
-    Spanned::new(0..0, DEFAULT_QUOTA_PATTERN.into())
-}
-
-// ---------------------------------------------------------------------------
-// Validation: raw → Config.
-
-/// Name a token may have: it appears in metric labels and admin URLs.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-/// The default name of a token: `<tier>-<first 8 hex of sha256(token)>`.
-pub fn default_token_name(tier: Tier, secret: &Secret) -> String {
-    format!("{}-{}", tier.as_str(), &secret.fingerprint()[..8])
-}
-
-struct Builder<'a> {
-    base: &'a Path,
-    env: EnvLookup<'a>,
-    located: &'a dyn Fn(Option<Range<usize>>, String) -> ConfigError,
-}
-
-impl Builder<'_> {
-    fn err<T>(&self, span: Range<usize>, message: impl Into<String>) -> Result<T, ConfigError> {
-        // A default value carries the empty span 0..0: no position to show.
-        let span = if span.is_empty() && span.start == 0 {
-            None
-        } else {
-            Some(span)
-        };
-        Err((self.located)(span, message.into()))
-    }
-
-    fn secret(&self, src: &Spanned<SecretSource>) -> Result<Secret, ConfigError> {
-        src.get_ref()
-            .resolve(self.base, self.env)
-            .or_else(|msg| self.err(src.span(), msg))
-    }
-
-    /// The certificates of a PEM file (relative to the config's folder).
-    fn ca_certs(
-        &self,
-        file: &Spanned<String>,
-    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
-        use rustls::pki_types::pem::PemObject;
-        let path = self.base.join(file.get_ref());
-        let certs: Result<Vec<_>, _> =
-            rustls::pki_types::CertificateDer::pem_file_iter(&path).and_then(Iterator::collect);
-        match certs {
-            Ok(certs) if !certs.is_empty() => Ok(certs),
-            Ok(_) => self.err(
-                file.span(),
-                format!("[upstream] ca_file {} holds no certificate", path.display()),
-            ),
-            Err(e) => self.err(
-                file.span(),
-                format!("[upstream] ca_file {}: {e}", path.display()),
-            ),
-        }
-    }
-
-    fn listen(&self, value: &Spanned<String>, what: &str) -> Result<SocketAddr, ConfigError> {
-        value.get_ref().parse().or_else(|_| {
-            self.err(
-                value.span(),
-                format!(
-                    "{what} must be IP:PORT (for example 127.0.0.1:8080), got `{}`",
-                    value.get_ref()
-                ),
-            )
-        })
-    }
-
-    fn headers(
-        &self,
-        map: &Spanned<HashMap<String, String>>,
-        what: &str,
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, ConfigError> {
-        let mut out = Vec::with_capacity(map.get_ref().len());
-        let mut keys: Vec<&String> = map.get_ref().keys().collect();
-        keys.sort();
-        for key in keys {
-            let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
-                return self.err(
-                    map.span(),
-                    format!("{what}: `{key}` is not a valid header name"),
-                );
-            };
-            let Ok(value) = HeaderValue::from_str(&map.get_ref()[key]) else {
-                return self.err(
-                    map.span(),
-                    format!("{what}: the value of `{key}` is not a valid header value"),
-                );
-            };
-            out.push((name, value));
-        }
-        Ok(out)
-    }
-
-    fn http_url(&self, value: &Spanned<String>, what: &str) -> Result<Uri, ConfigError> {
-        let text = value.get_ref();
-        let uri: Uri = match text.parse() {
-            Ok(uri) => uri,
-            Err(e) => return self.err(value.span(), format!("{what} is not a valid URL: {e}")),
-        };
-        match uri.scheme_str() {
-            Some("http") | Some("https") => {}
-            _ => {
-                return self.err(
-                    value.span(),
-                    format!("{what} must start with http:// or https://"),
-                )
-            }
-        }
-        if uri.host().is_none_or(str::is_empty) {
-            return self.err(value.span(), format!("{what} has no host"));
-        }
-        Ok(uri)
-    }
-
-    fn positive(&self, what: &str, d: Duration) -> Result<Duration, ConfigError> {
-        if d.is_zero() {
-            self.err(0..0, format!("{what} must be greater than zero"))
-        } else {
-            Ok(d)
-        }
-    }
-
-    fn build(
-        &self,
-        raw: RawConfig,
-        path: Option<&Path>,
-        env: EnvLookup,
-    ) -> Result<Config, ConfigError> {
-        // [server]
-        let listen = self.listen(&raw.server.listen, "[server] listen")?;
-        let api_keys = raw
-            .server
-            .api_keys
-            .iter()
-            .map(|k| self.secret(k))
-            .collect::<Result<Vec<_>, _>>()?;
-        if api_keys.is_empty() && !listen.ip().is_loopback() && !raw.server.allow_unauthenticated {
-            return self.err(
-                raw.server.listen.span(),
-                format!(
-                    "[server] listen = {listen} is not a loopback address and no api_keys are set: \
-                     add api_keys, or set allow_unauthenticated = true to serve anyone who can connect"
-                ),
-            );
-        }
-        if raw.server.max_request_body_bytes == 0 {
-            return self.err(
-                0..0,
-                "[server] max_request_body_bytes must be greater than zero",
-            );
-        }
-        let server = ServerConfig {
-            listen,
-            api_keys,
-            max_request_body_bytes: raw.server.max_request_body_bytes,
-            allow_unauthenticated: raw.server.allow_unauthenticated,
-            shutdown_grace: raw.server.shutdown_grace,
-            header_read_timeout: self.positive(
-                "[server] header_read_timeout",
-                raw.server.header_read_timeout,
-            )?,
-            body_read_timeout: self
-                .positive("[server] body_read_timeout", raw.server.body_read_timeout)?,
-        };
-
-        // [admin]
-        let admin_listen = self.listen(&raw.admin.listen, "[admin] listen")?;
-        if guard::same_socket(admin_listen, listen) {
-            return self.err(
-                raw.admin.listen.span(),
-                format!("[admin] listen = {admin_listen} is the proxy's address too: give each listener its own"),
-            );
-        }
-        let admin = AdminConfig {
-            listen: admin_listen,
-            token: raw
-                .admin
-                .token
-                .as_ref()
-                .map(|t| self.secret(t))
-                .transpose()?,
-        };
-
-        // [upstream]
-        let upstream_url = self.http_url(&raw.upstream.url, "[upstream] url")?;
-        if upstream_url.query().is_some() {
-            return self.err(
-                raw.upstream.url.span(),
-                "[upstream] url must not have a query string",
-            );
-        }
-        let upstream = UpstreamConfig {
-            url: upstream_url,
-            connect_timeout: self
-                .positive("[upstream] connect_timeout", raw.upstream.connect_timeout)?,
-            idle_timeout: self.positive("[upstream] idle_timeout", raw.upstream.idle_timeout)?,
-            headers: self.headers(&raw.upstream.headers, "[upstream] headers")?,
-            ca_certs: match &raw.upstream.ca_file {
-                Some(file) => self.ca_certs(file)?,
-                None => Vec::new(),
-            },
-        };
-
-        // [refresh]
-        let refresh_url = match (&raw.refresh.url, raw.refresh.provider) {
-            (Some(url), _) => {
-                self.http_url(url, "[refresh] url")?;
-                Some(url.get_ref().clone())
-            }
-            (None, Provider::Firebase) => Some(DEFAULT_FIREBASE_URL.to_string()),
-            (None, Provider::Oauth2) => {
-                return self.err(0..0, "[refresh] url is required for provider \"oauth2\"")
-            }
-            (None, Provider::Static) => None,
-        };
-        if raw.refresh.provider != Provider::Oauth2
-            && (raw.refresh.client_id.is_some() || raw.refresh.client_secret.is_some())
-        {
-            return self.err(
-                0..0,
-                "[refresh] client_id and client_secret are for provider \"oauth2\" only",
-            );
-        }
-        let refresh = RefreshConfig {
-            provider: raw.refresh.provider,
-            url: refresh_url,
-            headers: self.headers(&raw.refresh.headers, "[refresh] headers")?,
-            timeout: self.positive("[refresh] timeout", raw.refresh.timeout)?,
-            margin: raw.refresh.margin,
-            client_id: raw.refresh.client_id.clone(),
-            client_secret: raw
-                .refresh
-                .client_secret
-                .as_ref()
-                .map(|s| self.secret(s))
-                .transpose()?,
-        };
-
-        // [pool]
-        let p = &raw.pool;
-        let order = p.order.get_ref().clone();
-        if order.is_empty() {
-            return self.err(p.order.span(), "[pool] order must name at least one tier");
-        }
-        let unique: HashSet<Tier> = order.iter().copied().collect();
-        if unique.len() != order.len() {
-            return self.err(p.order.span(), "[pool] order names a tier twice");
-        }
-        if *p.failure_threshold.get_ref() == 0 {
-            return self.err(
-                p.failure_threshold.span(),
-                "[pool] failure_threshold must be at least 1",
-            );
-        }
-        if *p.max_attempts.get_ref() == 0 {
-            return self.err(
-                p.max_attempts.span(),
-                "[pool] max_attempts must be at least 1",
-            );
-        }
-        let quota_pattern = match regex::Regex::new(p.quota_pattern.get_ref()) {
-            Ok(re) => re,
-            Err(e) => {
-                let first = e.to_string();
-                let first = first.lines().last().unwrap_or("invalid").trim().to_string();
-                return self.err(
-                    p.quota_pattern.span(),
-                    format!("[pool] quota_pattern does not compile: {first}"),
-                );
-            }
-        };
-        let pool = PoolConfig {
-            order,
-            failure_threshold: *p.failure_threshold.get_ref(),
-            cooldown: self.positive("[pool] cooldown", p.cooldown)?,
-            quota_cooldown: self.positive("[pool] quota_cooldown", p.quota_cooldown)?,
-            max_cooldown: self.positive("[pool] max_cooldown", p.max_cooldown)?,
-            recovery_backoff: self.positive("[pool] recovery_backoff", p.recovery_backoff)?,
-            max_recovery_backoff: self
-                .positive("[pool] max_recovery_backoff", p.max_recovery_backoff)?,
-            max_attempts: *p.max_attempts.get_ref(),
-            quota_pattern,
-        };
-        if pool.max_cooldown < pool.cooldown || pool.max_cooldown < pool.quota_cooldown {
-            return self.err(
-                0..0,
-                "[pool] max_cooldown must be at least cooldown and quota_cooldown",
-            );
-        }
-        if pool.max_recovery_backoff < pool.recovery_backoff {
-            return self.err(
-                0..0,
-                "[pool] max_recovery_backoff must be at least recovery_backoff",
-            );
-        }
-
-        // [state]
-        let state = StateConfig {
-            path: raw.state.path.as_ref().map(|p| self.base.join(p)),
-        };
-
-        // [[tokens]]
-        let mut tokens = Vec::new();
-        let mut read_files: Vec<PathBuf> = raw
-            .upstream
-            .ca_file
-            .iter()
-            .map(|f| self.base.join(f.get_ref()))
-            .collect();
-        let mut names: HashMap<String, ()> = HashMap::new();
-        let mut secrets: HashSet<Secret> = HashSet::new();
-        for entry in &raw.tokens {
-            let t = entry.get_ref();
-            let secret = self.secret(&t.token)?;
-            if let Some(file) = t.token.get_ref().file(self.base) {
-                read_files.push(file);
-            }
-            let name = match &t.name {
-                Some(name) => {
-                    if !valid_name(name.get_ref()) {
-                        return self.err(
-                            name.span(),
-                            format!(
-                                "token name `{}` must be 1–64 characters of A-Z a-z 0-9 - _ .",
-                                name.get_ref()
-                            ),
-                        );
-                    }
-                    name.get_ref().clone()
-                }
-                None => default_token_name(t.tier, &secret),
-            };
-            let span = t.name.as_ref().map_or_else(|| entry.span(), |n| n.span());
-            if names.insert(name.clone(), ()).is_some() {
-                return self.err(span, format!("duplicate token name `{name}`"));
-            }
-            if !secrets.insert(secret.clone()) {
-                return self.err(
-                    t.token.span(),
-                    format!("token `{name}` has the same secret as an earlier token"),
-                );
-            }
-            if !pool.order.contains(&t.tier) {
-                return self.err(
-                    entry.span(),
-                    format!(
-                        "token `{name}` is in tier {} which [pool] order leaves out",
-                        t.tier
-                    ),
-                );
-            }
-            tokens.push(TokenConfig {
-                name,
-                tier: t.tier,
-                secret,
-                origin: TokenOrigin::File,
-            });
-        }
-        for (tier, secret) in env_tokens(env) {
-            if !pool.order.contains(&tier) || !secrets.insert(secret.clone()) {
-                // Already configured in the file, or a tier the order leaves out.
-                continue;
-            }
-            let name = default_token_name(tier, &secret);
-            if names.insert(name.clone(), ()).is_some() {
-                continue;
-            }
-            tokens.push(TokenConfig {
-                name,
-                tier,
-                secret,
-                origin: TokenOrigin::Env,
-            });
-        }
-
-        Ok(Config {
-            path: path.map(Path::to_path_buf),
-            server,
-            admin,
-            upstream,
-            refresh,
-            pool,
-            state,
-            tokens,
-            read_files,
-        })
-    }
-}
-
-/// The tokens named by the Warp2Api environment variables, in order.
-fn env_tokens(env: EnvLookup) -> Vec<(Tier, Secret)> {
-    let mut out = Vec::new();
-    let mut one = |var: &str, tier: Tier, list: bool| {
-        if let Some(value) = env(var) {
-            let parts: Vec<&str> = if list {
-                value.split(',').collect()
-            } else {
-                vec![value.as_str()]
-            };
-            for part in parts {
-                let part = part.trim();
-                if !part.is_empty() {
-                    out.push((tier, Secret::new(part)));
-                }
-            }
-        }
-    };
-    one("WARP_REFRESH_TOKEN", Tier::Personal, false);
-    one("WARP_PERSONAL_TOKENS", Tier::Personal, true);
-    one("WARP_SHARED_TOKENS", Tier::Shared, true);
-    one("WARP_ANONYMOUS_TOKEN", Tier::Anonymous, false);
-    out
 }
 
 #[cfg(test)]
@@ -1227,6 +611,94 @@ mod tests {
             err.starts_with("t.toml:2:16: invalid type: string \"…\""),
             "{err}"
         );
+        // A long value in a duration is not shown either; a short one is.
+        let err = parse("[pool]\ncooldown = \"sk-live-very-secret\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("sk-live"), "{err}");
+        let err = parse("[pool]\nmax_attempts = \"three\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("string \"three\""), "{err}");
+    }
+
+    #[test]
+    fn client_keys_are_named_and_the_warp_preset_fills_its_urls() {
+        let c = parse(
+            "[server]\napi_keys = [\"k1\", { name = \"team-a\", key = \"k2\" }]\n\
+             [upstream]\npreset = \"warp\"\nheaders = { \"x-warp-os-name\" = \"Mine\" }\n\
+             [refresh]\nkey = \"AIza-web-key\"\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = c.server.api_keys.iter().map(|k| &*k.name).collect();
+        assert_eq!(names, ["key-1", "team-a"]);
+        assert_eq!(c.upstream.url.to_string(), "https://app.warp.dev/");
+        assert_eq!(
+            c.refresh.url.as_deref(),
+            Some("https://app.warp.dev/proxy/token?key=AIza-web-key")
+        );
+        let header = |list: &[(HeaderName, HeaderValue)], name: &str| {
+            list.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            header(&c.upstream.headers, "x-warp-os-name").as_deref(),
+            Some("Mine")
+        );
+        assert_eq!(
+            header(&c.upstream.headers, "x-warp-client-id").as_deref(),
+            Some("warp-app")
+        );
+        assert!(header(&c.refresh.headers, "x-warp-client-version").is_some());
+        assert!(!c.summary().contains("AIza"), "{}", c.summary());
+        assert!(c.summary().contains("client keys: key-1, team-a"));
+    }
+
+    #[test]
+    fn env_only_mode_takes_the_listener_key_and_refresh_url_from_the_environment() {
+        let env = |name: &str| match name {
+            "TOKENPOOL_LISTEN" => Some("0.0.0.0:8080".to_string()),
+            "TOKENPOOL_API_KEY" => Some("client-key".to_string()),
+            "TOKENPOOL_WARP_API_KEY" => Some("AIza-web-key".to_string()),
+            "WARP_REFRESH_TOKEN" => Some("rt-one".to_string()),
+            _ => None,
+        };
+        let c = Config::from_env(&env).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.server.api_keys.len(), 1);
+        assert_eq!(
+            c.refresh.url.as_deref(),
+            Some("https://app.warp.dev/proxy/token?key=AIza-web-key")
+        );
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        // Without a key it starts, and says why the refresh calls will fail.
+        let bare = |name: &str| (name == "WARP_REFRESH_TOKEN").then(|| "rt-one".to_string());
+        let c = Config::from_env(&bare).unwrap();
+        assert!(c.warnings()[0].starts_with("the refresh URL has no key="));
+        // A whole URL from the environment wins.
+        let url = |name: &str| {
+            (name == "TOKENPOOL_REFRESH_URL").then(|| "https://x.test/token?key=k".to_string())
+        };
+        assert_eq!(
+            Config::from_env(&url).unwrap().refresh.url.as_deref(),
+            Some("https://x.test/token?key=k")
+        );
+    }
+
+    #[test]
+    fn a_relative_state_path_is_not_moved_next_to_the_config() {
+        let c = Config::parse(
+            "[state]\npath = \"state/tokenpool-state.json\"\n",
+            Some(Path::new("/etc/tokenpool/tokenpool.toml")),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.state.path.as_deref(),
+            Some(Path::new("state/tokenpool-state.json"))
+        );
+        assert!(c.warnings().iter().any(|w| w.contains("working directory")));
     }
 
     #[test]
@@ -1245,6 +717,48 @@ mod tests {
             (
                 "[server]\nlisten = \"0.0.0.0:80\"\n",
                 "t.toml:2:10: [server] listen = 0.0.0.0:80 is not a loopback",
+            ),
+            // Durations: only whole numbers with ms, s, m, h or d.
+            (
+                "[pool]\ncooldown = \"5M\"\n",
+                "t.toml:2:12: [pool] cooldown = \"5M\" is not a duration",
+            ),
+            (
+                "[pool]\ncooldown = \"5 minutes\"\n",
+                "t.toml:2:12: [pool] cooldown = \"5 minutes\" is not a duration",
+            ),
+            (
+                "[refresh]\nmargin = \"1.5h\"\n",
+                "t.toml:2:10: [refresh] margin = \"1.5h\" is not a duration",
+            ),
+            // Checks of a value's meaning keep its place too.
+            (
+                "[pool]\ncooldown = \"0s\"\n",
+                "t.toml:2:12: [pool] cooldown must be greater than zero",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 0\n",
+                "t.toml:2:26: [server] max_request_body_bytes must be greater than zero",
+            ),
+            (
+                "[pool]\ncooldown = \"2h\"\nmax_cooldown = \"1h\"\n",
+                "t.toml:3:16: [pool] max_cooldown must be at least",
+            ),
+            (
+                "[pool]\nrecovery_backoff = \"2h\"\nmax_recovery_backoff = \"1h\"\n",
+                "t.toml:3:24: [pool] max_recovery_backoff must be at least",
+            ),
+            (
+                "[upstream]\npreset = \"warp\"\n",
+                "t.toml:2:10: preset \"warp\" needs [refresh] key",
+            ),
+            (
+                "[server]\napi_keys = [{ name = \"a b\", key = \"k1\" }]\n",
+                "t.toml:2:22: client key name `a b`",
+            ),
+            (
+                "[server]\napi_keys = [\"k1\", { name = \"x\", key = \"k1\" }]\n",
+                "t.toml:2:19: client key `x` is the same key",
             ),
         ];
         for (text, want) in cases {

@@ -53,10 +53,12 @@ pub struct ReloadSummary {
     pub generation: u64,
     /// Tokens carried over with their state.
     pub kept: usize,
-    /// Tokens new in this generation (or whose secret changed).
-    pub added: usize,
-    /// Tokens gone.
-    pub removed: usize,
+    /// Names of the tokens new in this generation.
+    pub added: Vec<String>,
+    /// Names of the tokens whose secret or tier changed: they start afresh.
+    pub replaced: Vec<String>,
+    /// Names of the tokens gone.
+    pub removed: Vec<String>,
     /// Settings that changed but need a restart.
     pub needs_restart: Vec<String>,
 }
@@ -98,6 +100,9 @@ impl Generations {
             .path
             .as_ref()
             .map(|p| Arc::new(StateStore::new(p)));
+        if let Some(store) = &state {
+            store.check_writable()?;
+        }
         let pool = Arc::new(Pool::new(
             &config.pool,
             &config.tokens,
@@ -256,12 +261,17 @@ impl Generations {
             Some(&old.pool),
         ));
         refresher.prime(&pool);
-        let kept = pool
-            .tokens()
-            .iter()
-            .filter(|t| old.pool.get(t.name()).is_some_and(|o| Arc::ptr_eq(o, t)))
-            .count();
-        let mut removed = 0;
+        let mut kept = 0;
+        let mut added = Vec::new();
+        let mut replaced = Vec::new();
+        for token in pool.tokens() {
+            match old.pool.get(token.name()) {
+                Some(o) if Arc::ptr_eq(o, token) => kept += 1,
+                Some(_) => replaced.push(token.name().to_string()),
+                None => added.push(token.name().to_string()),
+            }
+        }
+        let mut removed = Vec::new();
         for token in old.pool.tokens() {
             if !pool
                 .get(token.name())
@@ -269,7 +279,7 @@ impl Generations {
             {
                 self.metrics.forget_token(token.tier(), token.name());
                 if pool.get(token.name()).is_none() {
-                    removed += 1;
+                    removed.push(token.name().to_string());
                 }
             }
         }
@@ -277,7 +287,8 @@ impl Generations {
         let summary = ReloadSummary {
             generation: id,
             kept,
-            added: pool.tokens().len() - kept,
+            added,
+            replaced,
             removed,
             needs_restart,
         };
@@ -291,11 +302,19 @@ impl Generations {
         };
         self.current.store(Arc::new(generation));
         self.metrics.reload_result(true);
+        let names = |list: &[String]| {
+            if list.is_empty() {
+                "-".to_string()
+            } else {
+                list.join(",")
+            }
+        };
         tracing::info!(
             generation = id,
             kept = summary.kept,
-            added = summary.added,
-            removed = summary.removed,
+            added = %names(&summary.added),
+            replaced = %names(&summary.replaced),
+            removed = %names(&summary.removed),
             "configuration loaded"
         );
         Ok(summary)

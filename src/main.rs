@@ -7,11 +7,12 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = tokenpool::cli::Cli::parse();
-    tokenpool::cli::init_logging(cli.log_format);
+    let format = cli.log_format;
+    tokenpool::cli::init_logging(format);
     match tokenpool::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            tokenpool::cli::fatal(format, &format!("{e:#}"));
             ExitCode::FAILURE
         }
     }

@@ -107,6 +107,8 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     /// Upstream time to headers.
     pub upstream_response: HistogramVec,
+    /// Requests by client key name and outcome.
+    pub client_requests: IntCounterVec,
     /// Reloads by result.
     pub reloads: IntCounterVec,
     /// 1 when the last reload succeeded.
@@ -224,6 +226,13 @@ impl Metrics {
                 ),
                 &["tier"]
             )),
+            client_requests: reg!(IntCounterVec::new(
+                opts(
+                    "client_requests_total",
+                    "Client requests by the name of the client's key (\"-\": none) and outcome."
+                ),
+                &["client", "outcome"]
+            )),
             reloads: reg!(IntCounterVec::new(
                 opts("config_reloads_total", "Config reloads by result."),
                 &["result"]
@@ -289,6 +298,14 @@ impl Metrics {
         for result in ["success", "failure"] {
             m.reloads.with_label_values(&[result]);
         }
+        // Every pair of tiers, so that the rate of fallbacks is 0, not
+        // absent, before the first one.
+        for from in Tier::ALL {
+            for to in Tier::ALL.into_iter().filter(|&to| to != from) {
+                m.tier_fallbacks
+                    .with_label_values(&[from.as_str(), to.as_str()]);
+            }
+        }
         m
     }
 
@@ -300,6 +317,14 @@ impl Metrics {
             None => self.requests.with_label_values(&[outcome]).inc(),
         }
         self.request_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a finished request of the client whose key is named `client`
+    /// (`None`: no key, or no keys configured).
+    pub fn client_request(&self, client: Option<&str>, outcome: &str) {
+        self.client_requests
+            .with_label_values(&[client.unwrap_or("-"), outcome])
+            .inc();
     }
 
     /// Counts an upstream answer of `tier`'s token and its time to headers.
@@ -375,7 +400,7 @@ impl Metrics {
     /// bytes for as long as it lives, and a token has four of them. Removed
     /// tokens disappear from the next scrape by themselves.
     pub fn render(&self, pool: &Pool) -> Vec<u8> {
-        let snapshots: Vec<Snapshot> = pool.tokens().iter().map(|t| t.snapshot()).collect();
+        let snapshots = pool.snapshots();
         let counts = StateCounts::of(&snapshots);
         for tier in Tier::ALL {
             for state in TokenState::ALL {

@@ -334,8 +334,22 @@ impl Pool {
 
     /// Token counts per tier and effective state, now.
     pub fn state_counts(&self) -> StateCounts {
-        let snapshots: Vec<Snapshot> = self.tokens.iter().map(|t| t.snapshot()).collect();
-        StateCounts::of(&snapshots)
+        StateCounts::of(&self.snapshots())
+    }
+
+    /// A snapshot of every token, in config order.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.tokens.iter().map(|t| self.snapshot(t)).collect()
+    }
+
+    /// A snapshot of `token`. A pool that does not refresh (API keys, the
+    /// `static` provider) has bearers that never expire: no expiry is shown.
+    pub fn snapshot(&self, token: &Token) -> Snapshot {
+        let mut s = token.snapshot();
+        if !self.refreshes {
+            s.access_token_expires_at = None;
+        }
+        s
     }
 }
 

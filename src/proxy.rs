@@ -14,11 +14,13 @@
 //! requests go and with which headers is [`crate::upstream`]'s.
 
 pub mod body;
+pub mod exchange;
 mod failover;
 mod listener;
 pub(crate) mod request;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -27,7 +29,8 @@ use hyper::body::{Body, Incoming};
 use crate::error::ProxyError;
 use crate::generation::{Generation, Generations};
 use crate::metrics::{outcome, Metrics};
-use body::{InFlight, ProxyBody};
+use body::ProxyBody;
+use exchange::Exchange;
 use listener::ConnState;
 pub use listener::{serve, MAX_CONCURRENT_STREAMS, MAX_HEADER_BYTES};
 
@@ -42,21 +45,38 @@ async fn respond(
     conn.body_unread
         .store(!req.body().is_end_stream(), Ordering::Relaxed);
     let version = req.version();
-    let mut inflight = InFlight::start(&generations.metrics, conn.activity.clone());
     let generation = generations.current();
-    let answer = forward(&generations.metrics, &generation, req, conn).await;
+    let request_id = exchange::request_id(req.headers());
+    let line = generation
+        .config
+        .log
+        .access
+        .then(|| (req.method().clone(), req.uri().clone(), request_id.clone()));
+    let mut exchange = Exchange::start(&generations.metrics, conn.activity.clone(), line);
+    let answer = forward(
+        &generations.metrics,
+        &generation,
+        req,
+        conn,
+        &request_id,
+        &mut exchange,
+    )
+    .await;
     let malformed = answer.as_ref().is_err_and(ProxyError::ends_connection);
-    let (mut response, outcome) = match answer {
+    let (mut response, outcome, error) = match answer {
         Ok(response) => {
             let o = outcome::of_status(response.status());
-            (response, o)
+            (response, o, None)
         }
         Err(e) => {
             tracing::debug!(code = e.code(), "the proxy answered with an error");
-            (e.to_response(), e.outcome())
+            (e.to_response(), e.outcome(), Some(e.code()))
         }
     };
-    inflight.answered(outcome);
+    exchange.answered(response.status().as_u16(), error, outcome);
+    response
+        .headers_mut()
+        .insert(exchange::REQUEST_ID, request_id);
     if malformed || ends_connection(version, &response, conn) {
         response
             .headers_mut()
@@ -67,7 +87,7 @@ async fn respond(
             *response.version_mut() = Version::HTTP_10;
         }
     }
-    response.map(|body| body.with_inflight(inflight))
+    response.map(|body| body.with_exchange(exchange))
 }
 
 /// Whether an HTTP/1 connection cannot serve another request after
@@ -90,12 +110,17 @@ async fn forward(
     generation: &Generation,
     req: Request<Incoming>,
     conn: &ConnState,
+    request_id: &HeaderValue,
+    exchange: &mut Exchange,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let server = &generation.config.server;
-    if let Err(refused) = admit(&parts, &server.api_keys) {
-        body::skip_buffered(body, &parts.headers, conn);
-        return Err(refused);
+    match admit(&parts, &server.api_keys) {
+        Ok(client) => exchange.client = client,
+        Err(refused) => {
+            body::skip_buffered(body, &parts.headers, conn);
+            return Err(refused);
+        }
     }
     if parts.method == Method::OPTIONS && parts.uri.path() == "*" {
         // A question about the server itself (RFC 9110 §9.3.7): answered
@@ -112,21 +137,25 @@ async fn forward(
     )
     .await?;
     generation.upstream.prepare(&mut parts.headers);
-    failover::run(metrics, generation, &parts, &body).await
+    parts
+        .headers
+        .insert(exchange::REQUEST_ID, request_id.clone());
+    failover::run(metrics, generation, &parts, &body, &mut exchange.trail).await
 }
 
 /// Whether the proxy serves this request at all: its target and `Host`,
-/// then the client's key.
+/// then the client's key. Returns the name of the key (none when no keys
+/// are configured).
 fn admit(
     parts: &http::request::Parts,
-    api_keys: &[crate::config::Secret],
-) -> Result<(), ProxyError> {
+    api_keys: &[crate::config::ClientKey],
+) -> Result<Option<Arc<str>>, ProxyError> {
     request::check(parts)?;
     if api_keys.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    match request::presented_key(&parts.headers) {
-        Some(key) if crate::config::key_matches(api_keys, key) => Ok(()),
-        Some(_) | None => Err(ProxyError::Unauthorized),
-    }
+    request::presented_key(&parts.headers)
+        .and_then(|key| crate::config::find_key(api_keys, key))
+        .map(|key| Some(Arc::clone(&key.name)))
+        .ok_or(ProxyError::Unauthorized)
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::{Provider, RefreshConfig, Secret};
+use crate::config::{form_encode, Provider, RefreshConfig, Secret};
 use crate::metrics::{refresh_outcome, Metrics};
 use crate::pool::token::{Flight, RefreshResult};
 use crate::pool::{AccessToken, Outcome, Pool, Reason, Token};
@@ -301,11 +301,17 @@ impl Refresher {
     }
 
     /// Whether the background loop should refresh `token` now.
+    ///
+    /// The lead is `margin` plus a per-token jitter, but never more than
+    /// half the access token's life: a margin longer than the token lives
+    /// (`margin = "2h"` for a one-hour JWT) would otherwise have the token
+    /// refreshed again on every pass, once a second.
     fn due(&self, token: &Token, now: Instant) -> bool {
         match token.access() {
             None => true,
             Some(access) => {
-                let lead = self.margin + jitter(token.name(), self.margin / 5);
+                let margin = self.margin.min(access.lifetime / 2);
+                let lead = margin + jitter(token.name(), margin / 5);
                 access.expires_at <= now + lead
             }
         }
@@ -363,24 +369,6 @@ fn jitter(name: &str, max: Duration) -> Duration {
     Duration::from_millis(h.finish() % max.as_millis().max(1) as u64)
 }
 
-/// Appends `value` in `application/x-www-form-urlencoded` form.
-fn form_encode(value: &str, out: &mut String) {
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                out.push('%');
-                out.push(HEX[usize::from(b >> 4)] as char);
-                out.push(HEX[usize::from(b & 15)] as char);
-            }
-        }
-    }
-}
-
 /// A reqwest error described without its URL (which may carry an API key).
 fn describe_reqwest_error(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
@@ -434,6 +422,34 @@ mod tests {
         let mut s = String::new();
         form_encode("a b+c/d=é", &mut s);
         assert_eq!(s, "a+b%2Bc%2Fd%3D%C3%A9");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_margin_longer_than_the_token_lives_is_cut_to_half_its_life() {
+        let config = crate::config::Config::parse(
+            "[refresh]\nurl = \"http://127.0.0.1:1/token\"\nmargin = \"2h\"\n\
+             [[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = \"rt-a\"\n",
+            None,
+            &|_| None,
+        )
+        .unwrap();
+        let refresher = Refresher::new(
+            &config.refresh,
+            Arc::new(crate::metrics::Metrics::new()),
+            None,
+        )
+        .unwrap();
+        let pool = Pool::new(&config.pool, &config.tokens, true, None);
+        let token = pool.get("a").unwrap();
+        assert!(refresher.due(token, Instant::now()), "no access token yet");
+        token.set_access(AccessToken::new("bearer", Duration::from_secs(3600)));
+        // Fresh: not due, though 2 h is more than the hour it lives.
+        assert!(!refresher.due(token, Instant::now()));
+        // Due once less than half its life (plus jitter) is left.
+        tokio::time::advance(Duration::from_secs(1800 - 360)).await;
+        assert!(!refresher.due(token, Instant::now()));
+        tokio::time::advance(Duration::from_secs(360)).await;
+        assert!(refresher.due(token, Instant::now()));
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! out of quota, be rate-limited or blocked, and make either endpoint go
 //! down, slow, silent or broken.
 //!
+//! Like Warp's, the refresh endpoint wants its web API key (`?key=`) and
+//! both endpoints want the client headers `x-warp-client-version` and
+//! `x-warp-os-category` (400 otherwise).
+//!
 //! Routes: `POST …/token` (refresh), `POST /ai/multi-agent` (SSE),
 //! `POST /graphql/v2` (quota info), `/close` answers and closes the
 //! connection (`Connection: close`), anything else echoes what it got.
@@ -276,7 +280,7 @@ impl Sim {
 
     /// The refresh endpoint, Warp-style.
     pub fn refresh_url(&self) -> String {
-        format!("{}/proxy/token?key=sim-web-api-key", self.url())
+        format!("{}/proxy/token?key={SIM_WEB_API_KEY}", self.url())
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -500,6 +504,24 @@ fn too_many_attempts(retry_after: Option<u64>) -> SimResponse {
     r
 }
 
+/// The web API key the simulated refresh endpoint accepts.
+pub const SIM_WEB_API_KEY: &str = "sim-web-api-key";
+
+/// The client headers Warp's endpoints want; the first one missing.
+fn missing_client_header(headers: &HeaderMap) -> Option<&'static str> {
+    ["x-warp-client-version", "x-warp-os-category"]
+        .into_iter()
+        .find(|name| !headers.contains_key(*name))
+}
+
+fn client_headers_missing(name: &str) -> SimResponse {
+    respond(
+        StatusCode::BAD_REQUEST,
+        "application/json",
+        json!({"error": format!("missing client header {name}")}).to_string(),
+    )
+}
+
 fn sse_event(n: usize) -> Bytes {
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("event-{n}"));
     Bytes::from(format!("data: {payload}\n\n"))
@@ -522,6 +544,21 @@ impl SimState {
             inner.last_version = Some(req.version());
         }
         if path.ends_with("/token") {
+            // Warp's endpoint wants its web API key and the client headers.
+            let keyed = req.uri().query().is_some_and(|q| {
+                q.split('&')
+                    .any(|kv| kv == format!("key={SIM_WEB_API_KEY}"))
+            });
+            if !keyed {
+                return Ok(respond(
+                    StatusCode::BAD_REQUEST,
+                    "application/json",
+                    r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT"}}"#,
+                ));
+            }
+            if let Some(missing) = missing_client_header(req.headers()) {
+                return Ok(client_headers_missing(missing));
+            }
             let body = req
                 .into_body()
                 .collect()
@@ -530,6 +567,9 @@ impl SimState {
                 .unwrap_or_default();
             Ok(self.refresh(&body).await)
         } else if path == "/ai/multi-agent" {
+            if let Some(missing) = missing_client_header(req.headers()) {
+                return Ok(client_headers_missing(missing));
+            }
             self.ai(req.headers()).await
         } else if path.starts_with("/graphql/v2") {
             Ok(respond(

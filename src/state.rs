@@ -90,7 +90,7 @@ pub struct StateStore {
 
 /// What went wrong writing the state file.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write state file {path}: {source}")]
+#[error("cannot write the state file {path} ([state] path): {source}")]
 pub struct StateError {
     path: String,
     #[source]
@@ -109,6 +109,32 @@ impl StateStore {
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Fails unless the file's folder takes a new file: a read-only mount
+    /// (a Kubernetes ConfigMap, say) would lose every rotated refresh token
+    /// at the first write, so it is refused at start instead.
+    pub fn check_writable(&self) -> Result<(), StateError> {
+        let probe = self
+            .folder()
+            .join(format!(".tokenpool-probe-{}", std::process::id()));
+        let result = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map(drop);
+        let _ = std::fs::remove_file(&probe);
+        result.map_err(|source| StateError {
+            path: self.path.display().to_string(),
+            source,
+        })
+    }
+
+    fn folder(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
     }
 
     /// Reads the file and restores every token of `pool` whose configured
@@ -211,10 +237,7 @@ impl StateStore {
     }
 
     fn write_atomically(&self, bytes: &[u8]) -> std::io::Result<()> {
-        let dir = match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let dir = self.folder();
         let name = self
             .path
             .file_name()
@@ -301,6 +324,16 @@ mod tests {
         let p2 = pool(&TWO.replace("rt-a\"", "rt-a-new\""));
         store.restore(&p2);
         assert_eq!(p2.get("a").unwrap().refresh_token().expose(), "rt-a-new");
+    }
+
+    #[test]
+    fn a_folder_that_takes_no_file_is_found_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        store.check_writable().unwrap();
+        let store = StateStore::new(dir.path().join("missing/state.json"));
+        let err = store.check_writable().unwrap_err().to_string();
+        assert!(err.contains("missing/state.json ([state] path)"), "{err}");
     }
 
     #[test]

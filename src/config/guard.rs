@@ -68,6 +68,27 @@ impl Config {
                 ));
             }
         }
+        if self.refresh.provider == Provider::Firebase
+            && self
+                .refresh
+                .url
+                .as_deref()
+                .is_some_and(|u| !u.contains("key="))
+        {
+            out.push(
+                "the refresh URL has no key= (Warp's refresh endpoint refuses calls without its \
+                 web API key): set [refresh] key, a whole [refresh] url, or in env-only mode \
+                 TOKENPOOL_WARP_API_KEY or TOKENPOOL_REFRESH_URL"
+                    .to_string(),
+            );
+        }
+        if let Some(path) = self.state.path.as_deref().filter(|p| p.is_relative()) {
+            out.push(format!(
+                "[state] path = {} is relative: it is resolved against the working directory, \
+                 not the config's folder",
+                path.display()
+            ));
+        }
         if self
             .refresh
             .url
@@ -260,6 +281,10 @@ mod tests {
     #[test]
     fn check_warns_about_valid_but_likely_wrong_settings() {
         let c = parse("[refresh]\nurl = \"https://x.test/token?key=YOUR_FIREBASE_WEB_API_KEY\"\nmargin = \"2h\"\n[admin]\nlisten = \"0.0.0.0:9090\"\n");
+        assert!(parse("[refresh]\nurl = \"https://x.test/token\"\n")
+            .warnings()
+            .iter()
+            .any(|w| w.starts_with("the refresh URL has no key=")));
         let w = c.warnings();
         assert_eq!(w.len(), 3, "{w:?}");
         assert!(w[0].starts_with("[admin] listen = 0.0.0.0:9090 is not a loopback address"));
@@ -269,7 +294,9 @@ mod tests {
             w[1]
         );
         assert!(w[2].contains("placeholder"));
-        assert!(parse("[refresh]\nmargin = \"59m\"\n").warnings().is_empty());
+        assert!(parse("[refresh]\nkey = \"k\"\nmargin = \"59m\"\n")
+            .warnings()
+            .is_empty());
         assert!(parse("[refresh]\nprovider = \"static\"\nmargin = \"2h\"\n")
             .warnings()
             .is_empty());

@@ -48,6 +48,37 @@ impl fmt::Display for Secret {
     }
 }
 
+/// A client key of `[server] api_keys`, with its name (for logs and the
+/// `client` label; a bare key is named `key-<n>`, n counted from 1).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientKey {
+    /// Its name.
+    pub name: Arc<str>,
+    /// The key.
+    pub secret: Secret,
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientKey")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The client key `presented` is, if any. Every key is compared, each in
+/// constant time, so the time taken says nothing about which key, or how
+/// close a guess was.
+pub fn find_key<'a>(keys: &'a [ClientKey], presented: &[u8]) -> Option<&'a ClientKey> {
+    use subtle::{ConditionallySelectable, ConstantTimeEq};
+    let mut found = 0u64;
+    for (i, key) in keys.iter().enumerate() {
+        let same = key.secret.expose().as_bytes().ct_eq(presented);
+        found = u64::conditional_select(&found, &(i as u64 + 1), same);
+    }
+    found.checked_sub(1).map(|i| &keys[i as usize])
+}
+
 /// Whether `presented` is one of `keys`, compared in constant time per key
 /// (so the time taken says nothing about how close a guess was).
 pub fn key_matches(keys: &[Secret], presented: &[u8]) -> bool {
@@ -92,6 +123,11 @@ impl fmt::Debug for SecretSource {
 }
 
 impl SecretSource {
+    /// A secret written inline.
+    pub fn inline(value: &str) -> SecretSource {
+        SecretSource::Inline(Secret::new(value))
+    }
+
     /// Reads the secret's value. `base` is the config file's folder.
     ///
     /// The error message names the variable or file, never a value.
@@ -229,6 +265,25 @@ mod tests {
             assert!(!key_matches(&keys, wrong));
         }
         assert!(!key_matches(&[], b"k-one"));
+    }
+
+    #[test]
+    fn client_keys_are_found_by_value() {
+        let keys = [
+            ClientKey {
+                name: Arc::from("team-a"),
+                secret: Secret::new("k-one"),
+            },
+            ClientKey {
+                name: Arc::from("key-2"),
+                secret: Secret::new("k-two"),
+            },
+        ];
+        assert_eq!(find_key(&keys, b"k-two").map(|k| &*k.name), Some("key-2"));
+        assert_eq!(find_key(&keys, b"k-one").map(|k| &*k.name), Some("team-a"));
+        assert!(find_key(&keys, b"k-three").is_none());
+        assert!(find_key(&[], b"k-one").is_none());
+        assert!(!format!("{:?}", keys[0]).contains("k-one"));
     }
 
     #[test]

@@ -151,6 +151,8 @@ pub struct AccessToken {
     pub expires_at: Instant,
     /// When it stops being valid, as wall-clock time (for metrics and the admin API).
     pub expires_at_wall: SystemTime,
+    /// How long it was valid for when it was made.
+    pub lifetime: Duration,
 }
 
 impl AccessToken {
@@ -169,6 +171,7 @@ impl AccessToken {
             authorization,
             expires_at: Instant::now() + ttl,
             expires_at_wall: SystemTime::now() + ttl,
+            lifetime: ttl,
         }
     }
 
@@ -388,6 +391,11 @@ impl Token {
         &self.name
     }
 
+    /// Its name, shared (a reference count, not a copy).
+    pub fn name_arc(&self) -> Arc<str> {
+        Arc::clone(&self.name)
+    }
+
     /// Its tier.
     pub fn tier(&self) -> Tier {
         self.tier
@@ -460,6 +468,12 @@ impl Token {
             inner.reason = None;
             inner.cooldown_until = None;
             self.gate.store(0, Ordering::Release);
+            drop(inner);
+            self.log_change(
+                (TokenState::CoolingDown, Some(Reason::RefreshFailed)),
+                (TokenState::Active, None),
+                None,
+            );
         }
     }
 
@@ -530,10 +544,16 @@ impl Token {
         match inner.state {
             TokenState::Active => {}
             TokenState::CoolingDown => {
+                let from = (inner.state, inner.reason);
                 inner.state = TokenState::Active;
                 inner.reason = None;
                 inner.cooldown_until = None;
                 self.dirty.store(true, Ordering::Release);
+                self.gate.store(0, Ordering::Release);
+                drop(inner);
+                self.log_change(from, (TokenState::Active, None), None);
+                self.note_pick(now_ms);
+                return true;
             }
             TokenState::Disabled => {
                 // Half-open: one trial. If its outcome never arrives (the
@@ -649,10 +669,54 @@ impl Token {
         }
         // Only what the state file keeps makes it dirty: a plain success on
         // a healthy token must not rewrite the file.
-        if persisted(&inner) != before {
+        let after = persisted(&inner);
+        if after != before {
             self.dirty.store(true, Ordering::Release);
         }
-        inner.state
+        drop(inner);
+        self.log_change((before.0, before.1), (after.0, after.1), after.2);
+        after.0
+    }
+
+    /// Says a state change in the log: leaving rotation (or changing why it
+    /// is out) at WARN, with when it comes back; coming back at INFO.
+    fn log_change(
+        &self,
+        from: (TokenState, Option<Reason>),
+        to: (TokenState, Option<Reason>),
+        until: Option<Instant>,
+    ) {
+        if from == to {
+            return;
+        }
+        let reason = to.1.map_or("-", Reason::as_str);
+        if to.0 == TokenState::Active {
+            tracing::info!(
+                token = &*self.name,
+                tier = self.tier.as_str(),
+                from = from.0.as_str(),
+                to = to.0.as_str(),
+                "token back in rotation"
+            );
+            return;
+        }
+        let back = match until {
+            Some(at) => {
+                let wall = SystemTime::now() + at.saturating_duration_since(Instant::now());
+                humantime::format_rfc3339_seconds(wall).to_string()
+            }
+            None if to.0 == TokenState::Revoked => "when enabled or its secret changes".into(),
+            None => "when enabled".into(),
+        };
+        tracing::warn!(
+            token = &*self.name,
+            tier = self.tier.as_str(),
+            from = from.0.as_str(),
+            to = to.0.as_str(),
+            reason,
+            back = %back,
+            "token state changed"
+        );
     }
 
     fn activate(&self, inner: &mut Inner) {
@@ -689,18 +753,22 @@ impl Token {
     /// Takes the token out of rotation until [`Token::enable`] (reason `manual`).
     pub fn disable_manually(&self) {
         let mut inner = self.lock();
+        let from = (inner.state, inner.reason);
         inner.state = TokenState::Disabled;
         inner.reason = Some(Reason::Manual);
         inner.trial = false;
         inner.cooldown_until = None;
         self.gate.store(CLOSED, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
+        drop(inner);
+        self.log_change(from, (TokenState::Disabled, Some(Reason::Manual)), None);
     }
 
     /// Puts the token back into rotation, clearing failures, cooldowns and
     /// revocation.
     pub fn enable(&self) {
         let mut inner = self.lock();
+        let from = (inner.state, inner.reason);
         inner.consecutive_failures = 0;
         inner.quota_level = 0;
         inner.backoff_level = 0;
@@ -709,6 +777,8 @@ impl Token {
         inner.last_error = None;
         self.activate(&mut inner);
         self.dirty.store(true, Ordering::Release);
+        drop(inner);
+        self.log_change(from, (TokenState::Active, None), None);
     }
 
     /// Restores persisted state (at start, from the state file).

@@ -3,12 +3,11 @@
 //! holds (its own errors, buffered upstream error answers) or the
 //! upstream's body streamed frame by frame, with `[upstream] idle_timeout`
 //! bounding the silence between frames. The answer carries the request's
-//! [`InFlight`] until it is done.
+//! [`Exchange`] until it is done, and counts the bytes it sends.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,67 +16,10 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::listener::{Activity, ConnState};
+use super::exchange::Exchange;
+use super::listener::ConnState;
 use crate::error::ProxyError;
-use crate::metrics::{outcome, Metrics};
 use crate::upstream::{UpstreamBody, UpstreamError};
-
-/// One client request, from its head until its answer is done: counted in
-/// `tokenpool_inflight_requests` while it lives, and its outcome counted
-/// once — when its answer's head is ready, or as `client_error` if the
-/// client left before that (hyper then drops the request's future).
-pub struct InFlight {
-    metrics: Arc<Metrics>,
-    started: Instant,
-    /// Whether the outcome has been counted.
-    counted: bool,
-    /// The HTTP/2 connection's count of open requests, if it is one.
-    activity: Option<Arc<Activity>>,
-}
-
-impl std::fmt::Debug for InFlight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InFlight")
-            .field("started", &self.started)
-            .field("counted", &self.counted)
-            .finish_non_exhaustive()
-    }
-}
-
-impl InFlight {
-    /// A request begins.
-    pub(super) fn start(metrics: &Arc<Metrics>, activity: Option<Arc<Activity>>) -> InFlight {
-        metrics.inflight.inc();
-        if let Some(a) = &activity {
-            a.start();
-        }
-        InFlight {
-            metrics: Arc::clone(metrics),
-            started: Instant::now(),
-            counted: false,
-            activity,
-        }
-    }
-
-    /// Its answer's head is ready: counts `outcome` and the time it took.
-    pub(super) fn answered(&mut self, outcome: &'static str) {
-        self.counted = true;
-        self.metrics.request_done(outcome, self.started.elapsed());
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if !self.counted {
-            self.metrics
-                .request_done(outcome::CLIENT_ERROR, self.started.elapsed());
-        }
-        self.metrics.inflight.dec();
-        if let Some(a) = &self.activity {
-            a.end();
-        }
-    }
-}
 
 /// Reads a client's request body whole, up to `limit` bytes, within
 /// `timeout`. A body declared longer than the limit is refused unread; one
@@ -215,7 +157,7 @@ enum Kind {
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
-    inflight: Option<InFlight>,
+    exchange: Option<Exchange>,
 }
 
 impl ProxyBody {
@@ -223,7 +165,7 @@ impl ProxyBody {
     pub fn full(bytes: Bytes) -> ProxyBody {
         ProxyBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
-            inflight: None,
+            exchange: None,
         }
     }
 
@@ -239,14 +181,14 @@ impl ProxyBody {
         };
         ProxyBody {
             kind: Kind::Streaming(Box::new(streaming)),
-            inflight: None,
+            exchange: None,
         }
     }
 
-    /// Attaches the request's [`InFlight`], released when the body ends or
-    /// is dropped.
-    pub(super) fn with_inflight(mut self, inflight: InFlight) -> ProxyBody {
-        self.inflight = Some(inflight);
+    /// Attaches the request's [`Exchange`], which ends when the body ends
+    /// or is dropped.
+    pub(super) fn with_exchange(mut self, exchange: Exchange) -> ProxyBody {
+        self.exchange = Some(exchange);
         self
     }
 }
@@ -314,10 +256,16 @@ impl Body for ProxyBody {
                 }
             },
         };
-        if matches!(result, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            // The request is over: stop counting it now rather than when
-            // hyper gets round to dropping the body.
-            this.inflight = None;
+        match &result {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(exchange), Some(data)) = (this.exchange.as_mut(), frame.data_ref()) {
+                    exchange.sent(data.len());
+                }
+            }
+            // The request is over: end it now rather than when hyper gets
+            // round to dropping the body.
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.exchange = None,
+            Poll::Pending => {}
         }
         result
     }

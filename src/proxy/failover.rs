@@ -25,6 +25,7 @@ use http::request::Parts;
 use http::Response;
 
 use super::body::{collect_limited, ProxyBody};
+use super::exchange::Trail;
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::metrics::Metrics;
@@ -57,6 +58,7 @@ pub(super) async fn run(
     generation: &Generation,
     parts: &Parts,
     body: &Bytes,
+    trail: &mut Trail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let config = &generation.config;
     let pool = &generation.pool;
@@ -73,7 +75,8 @@ pub(super) async fn run(
         if let Some((from, to)) = selected.fallback {
             metrics.tier_fallback(from, to);
         }
-        match attempt(metrics, generation, token, parts, body).await? {
+        trail.tried.push((token.name_arc(), tier));
+        match attempt(metrics, generation, token, parts, body, trail).await? {
             Attempt::Done(response) => return Ok(response),
             Attempt::Failover { reason, answer } => {
                 tracing::debug!(
@@ -126,6 +129,7 @@ async fn attempt(
     token: &Arc<Token>,
     parts: &Parts,
     body: &Bytes,
+    trail: &mut Trail,
 ) -> Result<Attempt, ProxyError> {
     let refresher = &generation.refresher;
     let pool = &generation.pool;
@@ -136,7 +140,10 @@ async fn attempt(
     let mut retried_unauthorized = false;
     loop {
         let response = match send(metrics, generation, token, parts, body, &access).await {
-            Ok(response) => response,
+            Ok(response) => {
+                trail.upstream_status = Some(response.status().as_u16());
+                response
+            }
             Err(e) => {
                 token.report(Outcome::Neutral, pool.settings());
                 return Err(e);

@@ -25,6 +25,12 @@ async fn health_and_readiness() {
     let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
     assert_eq!(v["reason"], "no token is usable");
     assert_eq!(v["tokens"]["disabled"], 1);
+    // The probe for a load balancer stays 200: this replica still answers
+    // (503 with Retry-After) rather than refusing connections.
+    let r = get("/livez").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["serving"], true);
 
     let s = Setup::new(&[], "", "").await;
     let p = s.proxy().await;
@@ -184,22 +190,12 @@ async fn status_prints_a_table() {
     let s = Setup::new(&[("alpha", "personal"), ("beta", "shared")], "", "").await;
     let p = s.proxy().await;
     assert_eq!(p.ai_text().await.0, 200);
-    let admin = p.admin_url("");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_tokenpool"))
-            .args(["status", "--admin", &admin])
-            .env_remove("TOKENPOOL_ADMIN_TOKEN")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = status(&["--admin", &p.admin_url("")]).await;
     let table = String::from_utf8_lossy(&out.stdout);
+    // Without a scheme, and as JSON.
+    let out = status(&["--admin", &p.admin.to_string(), "-o", "json"]).await;
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["tokens"][0]["name"], "alpha");
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[1].starts_with("NAME"), "{table}");
     assert!(
@@ -217,4 +213,81 @@ async fn status_prints_a_table() {
         ),
         1.0
     );
+}
+
+#[tokio::test]
+async fn reloads_name_the_tokens_they_add_replace_and_remove() {
+    use std::sync::Arc;
+    use tokenpool::config::Config;
+    use tokenpool::generation::Generations;
+    let s = Setup::new(&[("a", "personal"), ("b", "shared")], "", "").await;
+    let parse = |text: &str| Config::parse(text, None, &|_| None).unwrap();
+    let generations = Generations::new(
+        parse(&s.config(&[("a", "personal"), ("b", "shared")], "", "")),
+        Arc::new(|_: &str| None),
+    )
+    .unwrap();
+    let next = s
+        .config(&[("a", "personal"), ("c", "shared")], "", "")
+        .replace(
+            &format!("token = \"{}\"", rt("a")),
+            "token = \"rt-a-replaced\"",
+        );
+    let summary = generations.apply(parse(&next)).unwrap();
+    assert_eq!(summary.kept, 0);
+    assert_eq!(summary.added, ["c"]);
+    assert_eq!(summary.replaced, ["a"]);
+    assert_eq!(summary.removed, ["b"]);
+    let same = generations.apply(parse(&next)).unwrap();
+    assert_eq!((same.kept, same.added.len(), same.removed.len()), (2, 0, 0));
+}
+
+#[tokio::test]
+async fn static_keys_show_no_expiry_and_fallback_series_start_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = tokenpool::sim::Sim::start().await.unwrap();
+    let path = dir.path().join("tokenpool.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[refresh]\nprovider = \"static\"\n\
+             [[tokens]]\nname = \"k\"\ntier = \"shared\"\ntoken = \"sk-static-1\"\n",
+            sim.url()
+        ),
+    )
+    .unwrap();
+    let p = crate::harness::Proxy::start(&path).await;
+    let v = p.pool().await;
+    assert_eq!(
+        v["tokens"][0]["access_token_expires_at"],
+        serde_json::Value::Null
+    );
+    let m = p.metrics().await;
+    assert!(
+        m.contains("tokenpool_tier_fallbacks_total{from_tier=\"personal\",to_tier=\"shared\"} 0"),
+        "fallback series exist before the first fallback"
+    );
+    assert!(!m.contains("tokenpool_token_access_expiry_timestamp_seconds{"));
+}
+
+/// Runs `tokenpool status ARGS`, which must succeed.
+async fn status(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tokenpool"))
+            .arg("status")
+            .args(&args)
+            .env_remove("TOKENPOOL_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

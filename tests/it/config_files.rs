@@ -94,7 +94,7 @@ fn invalid_fixtures_are_rejected_where_they_are_wrong() {
 fn the_example_config_passes_with_its_secrets_set() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let env = |name: &str| {
-        name.starts_with("TOKENPOOL_")
+        (name.starts_with("TOKENPOOL_") || name == "WARP_FIREBASE_API_KEY")
             .then(|| format!("value-of-{name}"))
             .or_else(|| {
                 name.starts_with("WARP_TOKEN_")
@@ -105,6 +105,15 @@ fn the_example_config_passes_with_its_secrets_set() {
     assert_eq!(c.tokens.len(), 3);
     assert_eq!(c.upstream.url.to_string(), "https://app.warp.dev/");
     assert!(c.state.path.is_some());
+    assert_eq!(
+        c.refresh.url.as_deref(),
+        Some("https://app.warp.dev/proxy/token?key=value-of-WARP_FIREBASE_API_KEY")
+    );
+    assert_eq!(c.server.api_keys[0].name.as_ref(), "team-a");
+    // Only the relative state path is worth a word.
+    let warnings = c.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("[state] path"));
     // Without its env secrets it names the first one missing, with its place.
     let err = Config::load(&example, &|_| None).unwrap_err().to_string();
     assert!(

@@ -45,8 +45,10 @@ impl Setup {
         setup
     }
 
-    /// The config text for `tokens` against this simulator.
+    /// The config text for `tokens` against this simulator; `{dir}` in
+    /// `extra` stands for the setup's folder.
     pub fn config(&self, tokens: &[(&str, &str)], pool: &str, extra: &str) -> String {
+        let extra = extra.replace("{dir}", &self.dir.path().display().to_string());
         let mut text = format!(
             r#"[server]
 listen = "127.0.0.1:0"
@@ -58,6 +60,7 @@ shutdown_grace = "10s"
 listen = "127.0.0.1:0"
 
 [upstream]
+preset = "warp"
 url = "{url}"
 idle_timeout = "5s"
 headers = {{ "x-warp-client-version" = "sim-test" }}

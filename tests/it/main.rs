@@ -4,6 +4,7 @@
 mod admin;
 mod config_files;
 mod conformance;
+mod deploy;
 mod downstream;
 mod faults;
 mod hardening;

@@ -127,7 +127,7 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     let s = Setup::new(
         tokens,
         "max_attempts = 10",
-        "[state]\npath = \"state.json\"",
+        "[state]\npath = \"{dir}/state.json\"",
     )
     .await;
     let admin_token = "admin-token-4b9d0f";
@@ -135,7 +135,7 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
         &s.config(
             tokens,
             "max_attempts = 10",
-            "[state]\npath = \"state.json\"",
+            "[state]\npath = \"{dir}/state.json\"",
         )
         .replace(
             "[admin]\nlisten = \"127.0.0.1:0\"",
@@ -421,4 +421,195 @@ async fn a_reload_never_opens_a_keyed_proxy_or_runs_on_an_empty_file() {
     for secret in [CLIENT_KEY, admin_token, &rt("a"), "sim-web-api-key"] {
         assert!(!logs.contains(secret), "a secret is in the log");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_tells_which_tokens_a_request_tried() {
+    let tokens = &[("q", "personal"), ("b", "personal"), ("g", "shared")];
+    let s = Setup::new(tokens, "max_attempts = 3\nfailure_threshold = 1", "").await;
+    let named = s
+        .config(tokens, "max_attempts = 3\nfailure_threshold = 1", "")
+        .replace(
+            &format!("api_keys = [\"{CLIENT_KEY}\"]"),
+            &format!("api_keys = [{{ name = \"team-a\", key = \"{CLIENT_KEY}\" }}]"),
+        );
+    assert!(named.contains("team-a"));
+    s.write(&named);
+    s.sim.set_ai("q", AiBehaviour::Quota);
+    s.sim.set_ai("b", AiBehaviour::Blocked);
+    let mut run = Running::spawn(&s.path);
+    let proxy = run.addr("proxy listening", "proxy_addr").await;
+    let admin = run.addr("admin listening", "admin_addr").await;
+    let client = reqwest::Client::new();
+
+    let r = send(
+        client
+            .post(format!("http://{proxy}/ai/multi-agent?sig=query-secret"))
+            .header("x-request-id", "req-failover-1")
+            .body("x"),
+        CLIENT_KEY,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "req-failover-1");
+    let body = r.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"));
+    let upstream_ids: Vec<String> = s
+        .sim
+        .seen()
+        .iter()
+        .filter_map(|(_, h)| {
+            h.get("x-request-id")
+                .map(|v| v.to_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(
+        upstream_ids, ["req-failover-1"; 3],
+        "every attempt carries it"
+    );
+
+    let line = run.wait_for("req-failover-1").await;
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["target"], "tokenpool::access");
+    assert_eq!(v["level"], "INFO");
+    let f = &v["fields"];
+    assert_eq!(f["method"], "POST");
+    assert_eq!(f["path"], "/ai/multi-agent");
+    assert_eq!(f["client"], "team-a");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["error"], "-");
+    assert_eq!(f["tried"], "q/personal,b/personal,g/shared");
+    assert_eq!(f["token"], "g");
+    assert_eq!(f["attempts"], 3);
+    assert_eq!(f["upstream_status"], 200);
+    assert_eq!(f["bytes"].as_u64(), Some(body.len() as u64));
+    assert!(f["head_ms"].as_f64().unwrap() <= f["total_ms"].as_f64().unwrap());
+    assert!(!line.contains("query-secret"), "no query string: {line}");
+
+    // Both failovers were token state changes, each said at WARN.
+    let logs = run.lines.lock().unwrap().join("\n");
+    for (token, to, reason) in [
+        ("q", "cooling_down", "quota_exhausted"),
+        ("b", "disabled", "forbidden"),
+    ] {
+        let changed = logs
+            .lines()
+            .filter(|l| l.contains("token state changed"))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["fields"]["token"] == token)
+            .unwrap_or_else(|| panic!("no state change for {token}:\n{logs}"));
+        assert_eq!(changed["level"], "WARN");
+        assert_eq!(changed["fields"]["from"], "active");
+        assert_eq!(changed["fields"]["to"], to);
+        assert_eq!(changed["fields"]["reason"], reason);
+        assert!(
+            changed["fields"]["back"].as_str().unwrap().contains('T'),
+            "when it comes back: {changed}"
+        );
+    }
+
+    // A refused request has a line too, with no client and no token.
+    let r = client
+        .post(format!("http://{proxy}/ai/multi-agent"))
+        .header("x-request-id", "req-refused-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["x-request-id"], "req-refused-2");
+    let line = run.wait_for("req-refused-2").await;
+    let f: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let f = &f["fields"];
+    assert_eq!(
+        (
+            f["status"].as_u64(),
+            f["error"].as_str(),
+            f["client"].as_str()
+        ),
+        (Some(401), Some("unauthorized"), Some("-"))
+    );
+    assert_eq!(
+        (f["tried"].as_str(), f["attempts"].as_u64()),
+        (Some("-"), Some(0))
+    );
+
+    let m = scrape(&client, &admin).await;
+    assert_eq!(
+        metric(
+            &m,
+            "tokenpool_client_requests_total{client=\"team-a\",outcome=\"success\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tokenpool_client_requests_total{client=\"-\",outcome=\"rejected\"}"
+        ),
+        1.0
+    );
+    for secret in [CLIENT_KEY, "sim-web-api-key", &rt("g")] {
+        assert!(!logs.contains(secret), "a secret is in the log");
+    }
+}
+
+#[tokio::test]
+async fn fatal_errors_name_what_failed_in_the_chosen_format() {
+    // A listener that cannot be bound: the error names it and its address.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenpool.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[refresh]\nprovider = \"static\"\n"),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_tokenpool");
+    let out = tokio::process::Command::new(bin)
+        .args(["serve", "-c"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot bind the proxy listener ([server] listen = 127.0.0.1:{port})"
+        )),
+        "{stderr}"
+    );
+    // Logs for a file or a collector carry no colour codes.
+    assert!(!stderr.contains('\u{1b}'), "colour codes in {stderr:?}");
+
+    // Under --log-format json, fatal errors are JSON lines too.
+    let error = fatal_json(&path).await;
+    assert!(error.contains("proxy listener"), "{error}");
+    drop(taken);
+    // So are config errors.
+    std::fs::write(&path, "[pool]\ncooldown = \"5M\"\n").unwrap();
+    let error = fatal_json(&path).await;
+    assert!(
+        error.contains(":2:12: [pool] cooldown = \"5M\" is not a duration"),
+        "{error}"
+    );
+}
+
+/// Runs `serve -c path` under `--log-format json`, which must fail; the
+/// error of its last line, which must be a JSON log line at ERROR.
+async fn fatal_json(path: &std::path::Path) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenpool"))
+        .args(["--log-format", "json", "serve", "-c"])
+        .arg(path)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"));
+    assert_eq!(v["level"], "ERROR");
+    v["fields"]["error"].as_str().unwrap().to_string()
 }

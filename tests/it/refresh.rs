@@ -75,7 +75,12 @@ fn background_pass(p: &crate::harness::Proxy) {
 
 #[tokio::test]
 async fn a_rotated_refresh_token_survives_a_restart() {
-    let s = Setup::new(&[("a", "personal")], "", "[state]\npath = \"state.json\"").await;
+    let s = Setup::new(
+        &[("a", "personal")],
+        "",
+        "[state]\npath = \"{dir}/state.json\"",
+    )
+    .await;
     s.sim.set_refresh("a", RefreshBehaviour::Rotate);
     let p = s.proxy().await;
     assert_eq!(p.ai_text().await.0, 200);
@@ -159,12 +164,15 @@ async fn an_outage_longer_than_the_access_token_recovers_within_seconds() {
 #[tokio::test]
 async fn valid_access_tokens_keep_serving_while_refresh_fails() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
-    // margin above the JWT life: the background refresher retries every second.
+    // A margin above the JWT's life is cut to half of it: with 6 s JWTs the
+    // background refresher starts trying after about 3 s, and retries every
+    // second while the token stays valid.
     s.write_replacing(
         &[("a", "personal")],
         "timeout = \"2s\"",
         "timeout = \"2s\"\nmargin = \"2h\"",
     );
+    s.sim.set_jwt_ttl(Duration::from_secs(6));
     let p = s.proxy().await;
     assert_eq!(p.ai_text().await.0, 200);
     s.sim.set_refresh_mode(RefreshMode::Down);
@@ -284,4 +292,34 @@ async fn one_tokens_refresh_failing_leaves_the_others_serving() {
             "tokenpool_refreshes_total{outcome=\"unavailable\",tier=\"personal\"}"
         ) >= 1.0
     );
+}
+
+#[tokio::test]
+async fn the_simulator_refuses_refresh_calls_without_warps_key_or_client_headers() {
+    let s = Setup::new(&[("a", "personal")], "failure_threshold = 5", "").await;
+    // The key left out of the refresh URL: Warp answers 400, and so does
+    // the simulator.
+    let keyless = s.sim.refresh_url().replace("?key=sim-web-api-key", "");
+    s.write_replacing(&[("a", "personal")], &s.sim.refresh_url(), &keyless);
+    let p = s.proxy().await;
+    assert_eq!(p.ai_text().await.0, 503);
+    assert_eq!(
+        s.sim.refresh_calls("a"),
+        0,
+        "refused before the token was read"
+    );
+    let m = p.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "tokenpool_refreshes_total{outcome=\"failed\",tier=\"personal\"}"
+        ) >= 1.0
+    );
+    drop(p);
+    // Without the preset's client headers, the same.
+    let s = Setup::new(&[("a", "personal")], "failure_threshold = 5", "").await;
+    s.write_replacing(&[("a", "personal")], "preset = \"warp\"\n", "");
+    let p = s.proxy().await;
+    assert_eq!(p.ai_text().await.0, 503);
+    assert_eq!(s.sim.refresh_calls("a"), 0);
 }

@@ -35,6 +35,7 @@ api_keys = ["{CLIENT_KEY}"]
 [admin]
 listen = "127.0.0.1:0"
 [upstream]
+preset = "warp"
 url = "{url}"
 idle_timeout = "5s"
 {upstream_extra}
@@ -194,7 +195,10 @@ async fn a_ca_file_without_certificates_is_a_config_error() {
         text.contains("ca_file") && text.contains("no certificate"),
         "{text}"
     );
-    assert!(text.contains(":9:"), "the error points at the line: {text}");
+    assert!(
+        text.contains(":10:"),
+        "the error points at the line: {text}"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,574 @@
+//! Validation: the file as written ([`super::raw`]) becomes a checked
+//! [`Config`], or an error at the `LINE:COL` of the value that is wrong.
+//! Presets and the Warp2Api environment variables are applied here too.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+use toml::Spanned;
+
+use super::raw::{unplaced, Preset, RawClientKey, RawConfig};
+use super::{
+    duration, guard, AdminConfig, ClientKey, Config, ConfigError, EnvLookup, LogConfig, PoolConfig,
+    Provider, RefreshConfig, Secret, SecretSource, ServerConfig, StateConfig, Tier, TokenConfig,
+    TokenOrigin, UpstreamConfig,
+};
+
+/// Warp's AI API.
+const WARP_UPSTREAM: &str = "https://app.warp.dev";
+/// Warp's refresh endpoint, without its `key=`.
+const WARP_REFRESH_URL: &str = "https://app.warp.dev/proxy/token";
+/// The client headers Warp's endpoints expect (`docs/warp.md`); explicit
+/// `[upstream] headers` and `[refresh] headers` win over them.
+const WARP_CLIENT_HEADERS: [(&str, &str); 5] = [
+    ("x-warp-client-version", "v0.2025.10.29.08.12.stable_01"),
+    ("x-warp-os-category", "Linux"),
+    ("x-warp-os-name", "Debian"),
+    ("x-warp-os-version", "12"),
+    ("x-warp-client-id", "warp-app"),
+];
+
+/// Environment variables of env-only mode, besides the Warp2Api tokens.
+pub(super) const ENV_LISTEN: &str = "TOKENPOOL_LISTEN";
+pub(super) const ENV_API_KEY: &str = "TOKENPOOL_API_KEY";
+pub(super) const ENV_REFRESH_URL: &str = "TOKENPOOL_REFRESH_URL";
+pub(super) const ENV_WARP_API_KEY: &str = "TOKENPOOL_WARP_API_KEY";
+
+/// Name a token or client key may have: it appears in metric labels,
+/// logs and admin URLs.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The default name of a token: `<tier>-<first 8 hex of sha256(token)>`.
+pub fn default_token_name(tier: Tier, secret: &Secret) -> String {
+    format!("{}-{}", tier.as_str(), &secret.fingerprint()[..8])
+}
+
+/// The configuration of env-only mode: Warp's preset, and what the
+/// environment sets (`docs/migration.md`).
+pub(super) fn env_only(env: EnvLookup) -> RawConfig {
+    let mut raw = RawConfig::default();
+    raw.upstream.preset = Some(unplaced(Preset::Warp));
+    if let Some(listen) = env(ENV_LISTEN) {
+        raw.server.listen = unplaced(listen);
+    }
+    if env(ENV_API_KEY).is_some() {
+        raw.server.api_keys = vec![unplaced(RawClientKey::Bare(SecretSource::Env(
+            ENV_API_KEY.into(),
+        )))];
+    }
+    if let Some(url) = env(ENV_REFRESH_URL) {
+        raw.refresh.url = Some(unplaced(url));
+    }
+    if env(ENV_WARP_API_KEY).is_some() {
+        raw.refresh.key = Some(unplaced(SecretSource::Env(ENV_WARP_API_KEY.into())));
+    }
+    raw
+}
+
+pub(super) struct Builder<'a> {
+    pub base: &'a Path,
+    pub env: EnvLookup<'a>,
+    pub located: &'a dyn Fn(Option<Range<usize>>, String) -> ConfigError,
+}
+
+impl Builder<'_> {
+    fn err<T>(&self, span: Range<usize>, message: impl Into<String>) -> Result<T, ConfigError> {
+        // A default value carries the empty span 0..0: no position to show.
+        let span = if span.is_empty() && span.start == 0 {
+            None
+        } else {
+            Some(span)
+        };
+        Err((self.located)(span, message.into()))
+    }
+
+    fn secret(&self, src: &Spanned<SecretSource>) -> Result<Secret, ConfigError> {
+        src.get_ref()
+            .resolve(self.base, self.env)
+            .or_else(|msg| self.err(src.span(), msg))
+    }
+
+    /// A duration, written as [`duration::parse`] reads it.
+    fn duration(&self, value: &Spanned<String>, what: &str) -> Result<Duration, ConfigError> {
+        duration::parse(value.get_ref()).or_else(|e| {
+            self.err(
+                value.span(),
+                format!("{what} = {} {e}", super::shown(value.get_ref())),
+            )
+        })
+    }
+
+    /// A duration that must be more than zero.
+    fn positive(&self, value: &Spanned<String>, what: &str) -> Result<Duration, ConfigError> {
+        let d = self.duration(value, what)?;
+        if d.is_zero() {
+            return self.err(value.span(), format!("{what} must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    /// The certificates of a PEM file (relative to the config's folder).
+    fn ca_certs(
+        &self,
+        file: &Spanned<String>,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        let path = self.base.join(file.get_ref());
+        let certs: Result<Vec<_>, _> =
+            rustls::pki_types::CertificateDer::pem_file_iter(&path).and_then(Iterator::collect);
+        match certs {
+            Ok(certs) if !certs.is_empty() => Ok(certs),
+            Ok(_) => self.err(
+                file.span(),
+                format!("[upstream] ca_file {} holds no certificate", path.display()),
+            ),
+            Err(e) => self.err(
+                file.span(),
+                format!("[upstream] ca_file {}: {e}", path.display()),
+            ),
+        }
+    }
+
+    fn listen(&self, value: &Spanned<String>, what: &str) -> Result<SocketAddr, ConfigError> {
+        value.get_ref().parse().or_else(|_| {
+            self.err(
+                value.span(),
+                format!(
+                    "{what} must be IP:PORT (for example 127.0.0.1:8080), not {}",
+                    super::shown(value.get_ref())
+                ),
+            )
+        })
+    }
+
+    /// The headers of `map`, on top of `defaults` (a map's header replaces
+    /// a default of the same name).
+    fn headers(
+        &self,
+        map: &Spanned<HashMap<String, String>>,
+        defaults: &[(&'static str, &'static str)],
+        what: &str,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, ConfigError> {
+        let mut out = Vec::with_capacity(map.get_ref().len() + defaults.len());
+        let mut keys: Vec<&String> = map.get_ref().keys().collect();
+        keys.sort();
+        for key in keys {
+            let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
+                return self.err(
+                    map.span(),
+                    format!("{what}: `{key}` is not a valid header name"),
+                );
+            };
+            let Ok(value) = HeaderValue::from_str(&map.get_ref()[key]) else {
+                return self.err(
+                    map.span(),
+                    format!("{what}: the value of `{key}` is not a valid header value"),
+                );
+            };
+            out.push((name, value));
+        }
+        for (name, value) in defaults {
+            let name = HeaderName::from_static(name);
+            if !out.iter().any(|(n, _)| *n == name) {
+                out.push((name, HeaderValue::from_static(value)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn http_url(&self, value: &Spanned<String>, what: &str) -> Result<Uri, ConfigError> {
+        let text = value.get_ref();
+        let uri: Uri = match text.parse() {
+            Ok(uri) => uri,
+            Err(e) => return self.err(value.span(), format!("{what} is not a valid URL: {e}")),
+        };
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => {
+                return self.err(
+                    value.span(),
+                    format!("{what} must start with http:// or https://"),
+                )
+            }
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return self.err(value.span(), format!("{what} has no host"));
+        }
+        Ok(uri)
+    }
+
+    /// `[server] api_keys`: named, unique by name and by secret.
+    fn client_keys(&self, raw: &[Spanned<RawClientKey>]) -> Result<Vec<ClientKey>, ConfigError> {
+        let mut keys: Vec<ClientKey> = Vec::with_capacity(raw.len());
+        for (i, entry) in raw.iter().enumerate() {
+            let (name, secret) = match entry.get_ref() {
+                RawClientKey::Bare(source) => {
+                    let secret = source
+                        .resolve(self.base, self.env)
+                        .or_else(|msg| self.err(entry.span(), msg))?;
+                    (format!("key-{}", i + 1), secret)
+                }
+                RawClientKey::Named { name, key } => {
+                    if !valid_name(name.get_ref()) {
+                        return self.err(
+                            name.span(),
+                            format!(
+                                "client key name `{}` must be 1–64 characters of A-Z a-z 0-9 - _ .",
+                                name.get_ref()
+                            ),
+                        );
+                    }
+                    (name.get_ref().clone(), self.secret(key)?)
+                }
+            };
+            if keys.iter().any(|k| *k.name == *name) {
+                return self.err(entry.span(), format!("duplicate client key name `{name}`"));
+            }
+            if keys.iter().any(|k| k.secret == secret) {
+                return self.err(
+                    entry.span(),
+                    format!("client key `{name}` is the same key as an earlier one"),
+                );
+            }
+            keys.push(ClientKey {
+                name: Arc::from(name),
+                secret,
+            });
+        }
+        Ok(keys)
+    }
+
+    pub(super) fn build(
+        &self,
+        raw: RawConfig,
+        path: Option<&Path>,
+        env: EnvLookup,
+    ) -> Result<Config, ConfigError> {
+        // [server]
+        let listen = self.listen(&raw.server.listen, "[server] listen")?;
+        let api_keys = self.client_keys(&raw.server.api_keys)?;
+        if api_keys.is_empty() && !listen.ip().is_loopback() && !raw.server.allow_unauthenticated {
+            return self.err(
+                raw.server.listen.span(),
+                format!(
+                    "[server] listen = {listen} is not a loopback address and no api_keys are set: \
+                     add api_keys, or set allow_unauthenticated = true to serve anyone who can connect"
+                ),
+            );
+        }
+        let max_body = &raw.server.max_request_body_bytes;
+        if *max_body.get_ref() == 0 {
+            return self.err(
+                max_body.span(),
+                "[server] max_request_body_bytes must be greater than zero",
+            );
+        }
+        let server = ServerConfig {
+            listen,
+            api_keys,
+            max_request_body_bytes: *max_body.get_ref(),
+            allow_unauthenticated: raw.server.allow_unauthenticated,
+            shutdown_grace: self.duration(&raw.server.shutdown_grace, "[server] shutdown_grace")?,
+            header_read_timeout: self.positive(
+                &raw.server.header_read_timeout,
+                "[server] header_read_timeout",
+            )?,
+            body_read_timeout: self
+                .positive(&raw.server.body_read_timeout, "[server] body_read_timeout")?,
+        };
+
+        // [admin]
+        let admin_listen = self.listen(&raw.admin.listen, "[admin] listen")?;
+        if guard::same_socket(admin_listen, listen) {
+            return self.err(
+                raw.admin.listen.span(),
+                format!("[admin] listen = {admin_listen} is the proxy's address too: give each listener its own"),
+            );
+        }
+        let admin = AdminConfig {
+            listen: admin_listen,
+            token: raw
+                .admin
+                .token
+                .as_ref()
+                .map(|t| self.secret(t))
+                .transpose()?,
+        };
+
+        // [upstream]
+        let preset = raw.upstream.preset.as_ref().map(|p| *p.get_ref());
+        let warp = preset == Some(Preset::Warp);
+        let client_headers: &[(&'static str, &'static str)] =
+            if warp { &WARP_CLIENT_HEADERS } else { &[] };
+        let default_url = unplaced(WARP_UPSTREAM.to_string());
+        let url_value = raw.upstream.url.as_ref().unwrap_or(&default_url);
+        let upstream_url = self.http_url(url_value, "[upstream] url")?;
+        if upstream_url.query().is_some() {
+            return self.err(
+                url_value.span(),
+                "[upstream] url must not have a query string",
+            );
+        }
+        let upstream = UpstreamConfig {
+            url: upstream_url,
+            connect_timeout: self
+                .positive(&raw.upstream.connect_timeout, "[upstream] connect_timeout")?,
+            idle_timeout: self.positive(&raw.upstream.idle_timeout, "[upstream] idle_timeout")?,
+            headers: self.headers(&raw.upstream.headers, client_headers, "[upstream] headers")?,
+            ca_certs: match &raw.upstream.ca_file {
+                Some(file) => self.ca_certs(file)?,
+                None => Vec::new(),
+            },
+        };
+
+        // [refresh]
+        let r = &raw.refresh;
+        let provider = r.provider;
+        let key = r.key.as_ref().map(|k| self.secret(k)).transpose()?;
+        let refresh_url = match (&r.url, provider) {
+            (Some(url), _) => {
+                self.http_url(url, "[refresh] url")?;
+                if key.is_some() {
+                    return self.err(
+                        url.span(),
+                        "[refresh] key goes into the preset's refresh URL: with a full url, put the key in it",
+                    );
+                }
+                Some(url.get_ref().clone())
+            }
+            (None, Provider::Firebase) => Some(match &key {
+                Some(key) => {
+                    let mut url = format!("{WARP_REFRESH_URL}?key=");
+                    super::form_encode(key.expose(), &mut url);
+                    url
+                }
+                // env-only mode starts without one and says so (`warnings`).
+                None if warp && path.is_some() => {
+                    let at = raw.upstream.preset.as_ref().map_or(0..0, |p| p.span());
+                    return self.err(
+                        at,
+                        "preset \"warp\" needs [refresh] key (Warp's Firebase web API key), \
+                         or a whole [refresh] url",
+                    );
+                }
+                None => WARP_REFRESH_URL.to_string(),
+            }),
+            (None, Provider::Oauth2) => {
+                return self.err(0..0, "[refresh] url is required for provider \"oauth2\"")
+            }
+            (None, Provider::Static) => None,
+        };
+        if provider != Provider::Oauth2 && (r.client_id.is_some() || r.client_secret.is_some()) {
+            let at = r.client_secret.as_ref().map_or(0..0, |s| s.span());
+            return self.err(
+                at,
+                "[refresh] client_id and client_secret are for provider \"oauth2\" only",
+            );
+        }
+        let refresh = RefreshConfig {
+            provider,
+            url: refresh_url,
+            headers: self.headers(&r.headers, client_headers, "[refresh] headers")?,
+            timeout: self.positive(&r.timeout, "[refresh] timeout")?,
+            margin: self.duration(&r.margin, "[refresh] margin")?,
+            client_id: r.client_id.clone(),
+            client_secret: r
+                .client_secret
+                .as_ref()
+                .map(|s| self.secret(s))
+                .transpose()?,
+        };
+
+        // [pool]
+        let p = &raw.pool;
+        let order = p.order.get_ref().clone();
+        if order.is_empty() {
+            return self.err(p.order.span(), "[pool] order must name at least one tier");
+        }
+        let unique: HashSet<Tier> = order.iter().copied().collect();
+        if unique.len() != order.len() {
+            return self.err(p.order.span(), "[pool] order names a tier twice");
+        }
+        if *p.failure_threshold.get_ref() == 0 {
+            return self.err(
+                p.failure_threshold.span(),
+                "[pool] failure_threshold must be at least 1",
+            );
+        }
+        if *p.max_attempts.get_ref() == 0 {
+            return self.err(
+                p.max_attempts.span(),
+                "[pool] max_attempts must be at least 1",
+            );
+        }
+        let quota_pattern = match regex::Regex::new(p.quota_pattern.get_ref()) {
+            Ok(re) => re,
+            Err(e) => {
+                let first = e.to_string();
+                let first = first.lines().last().unwrap_or("invalid").trim().to_string();
+                return self.err(
+                    p.quota_pattern.span(),
+                    format!("[pool] quota_pattern does not compile: {first}"),
+                );
+            }
+        };
+        let pool = PoolConfig {
+            order,
+            failure_threshold: *p.failure_threshold.get_ref(),
+            cooldown: self.positive(&p.cooldown, "[pool] cooldown")?,
+            quota_cooldown: self.positive(&p.quota_cooldown, "[pool] quota_cooldown")?,
+            max_cooldown: self.positive(&p.max_cooldown, "[pool] max_cooldown")?,
+            recovery_backoff: self.positive(&p.recovery_backoff, "[pool] recovery_backoff")?,
+            max_recovery_backoff: self
+                .positive(&p.max_recovery_backoff, "[pool] max_recovery_backoff")?,
+            max_attempts: *p.max_attempts.get_ref(),
+            quota_pattern,
+        };
+        if pool.max_cooldown < pool.cooldown || pool.max_cooldown < pool.quota_cooldown {
+            return self.err(
+                p.max_cooldown.span(),
+                "[pool] max_cooldown must be at least cooldown and quota_cooldown",
+            );
+        }
+        if pool.max_recovery_backoff < pool.recovery_backoff {
+            return self.err(
+                p.max_recovery_backoff.span(),
+                "[pool] max_recovery_backoff must be at least recovery_backoff",
+            );
+        }
+
+        // [state]: a relative path is relative to the working directory
+        // (the config's folder may be a read-only mount).
+        let state = StateConfig {
+            path: raw.state.path.as_ref().map(|p| p.get_ref().clone()),
+        };
+
+        // [log]
+        let log = LogConfig {
+            access: raw.log.access,
+        };
+
+        // [[tokens]]
+        let mut tokens = Vec::new();
+        let mut read_files: Vec<PathBuf> = raw
+            .upstream
+            .ca_file
+            .iter()
+            .map(|f| self.base.join(f.get_ref()))
+            .collect();
+        let mut names: HashSet<String> = HashSet::new();
+        let mut secrets: HashSet<Secret> = HashSet::new();
+        for entry in &raw.tokens {
+            let t = entry.get_ref();
+            let secret = self.secret(&t.token)?;
+            if let Some(file) = t.token.get_ref().file(self.base) {
+                read_files.push(file);
+            }
+            let name = match &t.name {
+                Some(name) => {
+                    if !valid_name(name.get_ref()) {
+                        return self.err(
+                            name.span(),
+                            format!(
+                                "token name `{}` must be 1–64 characters of A-Z a-z 0-9 - _ .",
+                                name.get_ref()
+                            ),
+                        );
+                    }
+                    name.get_ref().clone()
+                }
+                None => default_token_name(t.tier, &secret),
+            };
+            let span = t.name.as_ref().map_or_else(|| entry.span(), |n| n.span());
+            if !names.insert(name.clone()) {
+                return self.err(span, format!("duplicate token name `{name}`"));
+            }
+            if !secrets.insert(secret.clone()) {
+                return self.err(
+                    t.token.span(),
+                    format!("token `{name}` has the same secret as an earlier token"),
+                );
+            }
+            if !pool.order.contains(&t.tier) {
+                return self.err(
+                    entry.span(),
+                    format!(
+                        "token `{name}` is in tier {} which [pool] order leaves out",
+                        t.tier
+                    ),
+                );
+            }
+            tokens.push(TokenConfig {
+                name,
+                tier: t.tier,
+                secret,
+                origin: TokenOrigin::File,
+            });
+        }
+        for (tier, secret) in env_tokens(env) {
+            if !pool.order.contains(&tier) || !secrets.insert(secret.clone()) {
+                // Already configured in the file, or a tier the order leaves out.
+                continue;
+            }
+            let name = default_token_name(tier, &secret);
+            if !names.insert(name.clone()) {
+                continue;
+            }
+            tokens.push(TokenConfig {
+                name,
+                tier,
+                secret,
+                origin: TokenOrigin::Env,
+            });
+        }
+
+        Ok(Config {
+            path: path.map(Path::to_path_buf),
+            server,
+            admin,
+            upstream,
+            refresh,
+            pool,
+            state,
+            log,
+            tokens,
+            read_files,
+        })
+    }
+}
+
+/// The tokens named by the Warp2Api environment variables, in order.
+fn env_tokens(env: EnvLookup) -> Vec<(Tier, Secret)> {
+    let mut out = Vec::new();
+    let mut one = |var: &str, tier: Tier, list: bool| {
+        if let Some(value) = env(var) {
+            let parts: Vec<&str> = if list {
+                value.split(',').collect()
+            } else {
+                vec![value.as_str()]
+            };
+            for part in parts {
+                let part = part.trim();
+                if !part.is_empty() {
+                    out.push((tier, Secret::new(part)));
+                }
+            }
+        }
+    };
+    one("WARP_REFRESH_TOKEN", Tier::Personal, false);
+    one("WARP_PERSONAL_TOKENS", Tier::Personal, true);
+    one("WARP_SHARED_TOKENS", Tier::Shared, true);
+    one("WARP_ANONYMOUS_TOKEN", Tier::Anonymous, false);
+    out
+}
