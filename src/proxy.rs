@@ -91,15 +91,18 @@ async fn respond(
 }
 
 /// Whether an HTTP/1 connection cannot serve another request after
-/// `response`: hyper will not read the rest of an unread request body, and
-/// an HTTP/1.0 client cannot be sent chunks, so an answer of unknown length
-/// runs to the close (hyper would still echo its keep-alive).
+/// `response`: hyper will not read the rest of an unread request body; the
+/// bytes after a body's trailers are not trusted (see
+/// [`ConnState::had_trailers`]); and an HTTP/1.0 client cannot be sent
+/// chunks, so an answer of unknown length runs to the close (hyper would
+/// still echo its keep-alive).
 fn ends_connection(version: Version, response: &Response<ProxyBody>, conn: &ConnState) -> bool {
+    let unsure =
+        conn.body_unread.load(Ordering::Relaxed) || conn.had_trailers.load(Ordering::Relaxed);
     match version {
-        Version::HTTP_11 => conn.body_unread.load(Ordering::Relaxed),
+        Version::HTTP_11 => unsure,
         Version::HTTP_10 | Version::HTTP_09 => {
-            conn.body_unread.load(Ordering::Relaxed)
-                || response.body().size_hint().exact().is_none()
+            unsure || response.body().size_hint().exact().is_none()
         }
         _ => false,
     }
@@ -136,7 +139,8 @@ async fn forward(
         conn,
     )
     .await?;
-    generation.upstream.prepare(&mut parts.headers);
+    let from_h2 = parts.version == Version::HTTP_2;
+    generation.upstream.prepare(&mut parts.headers, from_h2);
     parts
         .headers
         .insert(exchange::REQUEST_ID, request_id.clone());

@@ -134,9 +134,10 @@ impl Upstream {
     }
 
     /// Makes a client's headers ready to go upstream (once per request,
-    /// whatever the attempts): see [`headers::prepare`].
-    pub fn prepare(&self, client: &mut HeaderMap) {
-        headers::prepare(client, &self.headers);
+    /// whatever the attempts): see [`headers::prepare`]. `from_h2`: the
+    /// request came over HTTP/2, whose cookies go on as one field.
+    pub fn prepare(&self, client: &mut HeaderMap, from_h2: bool) {
+        headers::prepare(client, &self.headers, from_h2);
     }
 
     /// Sends a request upstream with `authorization` (the token's `Bearer

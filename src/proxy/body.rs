@@ -51,7 +51,10 @@ pub(super) async fn read_request(
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(data) = frame.into_data() else {
-            continue; // trailers: not forwarded
+            // Trailers: not forwarded, and on HTTP/1 the end of this
+            // connection (see `ConnState::had_trailers`).
+            conn.had_trailers.store(true, Ordering::Relaxed);
+            continue;
         };
         total = total.saturating_add(data.len());
         if total > limit {

@@ -258,6 +258,16 @@ async fn send(
                 tracing::warn!(token = token.name(), "upstream switched protocols unasked");
                 return Err(ProxyError::UpstreamUnreachable);
             }
+            if !headers::chunked_at_most(response.headers()) {
+                // hyper undoes the chunks only; a body still under another
+                // transfer coding (gzip) would reach the client as if it
+                // were plain.
+                tracing::warn!(
+                    token = token.name(),
+                    "the upstream's answer has a transfer coding the proxy cannot undo"
+                );
+                return Err(ProxyError::UpstreamUnreachable);
+            }
             Ok(response)
         }
         Err(e) => {

@@ -67,6 +67,11 @@ pub(super) struct ConnState {
     /// Set while the current request's body is not read to its end: if the
     /// connection closes now, the close lingers.
     pub(super) body_unread: AtomicBool,
+    /// Set when an HTTP/1 request body ended in trailers: hyper's reading
+    /// of them is lenient (a bare LF can end them, or a request line be
+    /// taken in as one), so the bytes after them are not trusted to be the
+    /// next request, and the connection ends after this answer.
+    pub(super) had_trailers: AtomicBool,
     /// The open requests of an HTTP/2 connection (`None` for HTTP/1).
     pub(super) activity: Option<Arc<Activity>>,
 }
@@ -171,6 +176,7 @@ impl Server {
                 let activity = Arc::new(Activity::default());
                 let state = Arc::new(ConnState {
                     body_unread: AtomicBool::new(false),
+                    had_trailers: AtomicBool::new(false),
                     activity: Some(Arc::clone(&activity)),
                 });
                 let io = ClientIo::new(stream, read, Arc::clone(&state));

@@ -14,6 +14,7 @@ use http::uri::Authority;
 use http::{Method, Version};
 
 use crate::error::ProxyError;
+use crate::upstream::headers;
 
 fn bad(detail: &'static str) -> ProxyError {
     ProxyError::BadRequest { detail }
@@ -35,7 +36,10 @@ pub(super) fn check(parts: &Parts) -> Result<(), ProxyError> {
     if !(path.starts_with('/') || asterisk) {
         return Err(bad("the request target must be a path (origin-form)"));
     }
-    if !chunked_at_most(&parts.headers) {
+    if !uri.path_and_query().is_none_or(|pq| pq.as_str().is_ascii()) {
+        return Err(bad("the request target has bytes outside ASCII"));
+    }
+    if !headers::chunked_at_most(&parts.headers) {
         // hyper reads the chunks and passes any other coding through
         // undone; the upstream would then get a body that means something
         // else (RFC 9112 §6.1 allows 501; a coding applied twice is invalid).
@@ -49,20 +53,6 @@ pub(super) fn check(parts: &Parts) -> Result<(), ProxyError> {
         }
         (Some(host), None) if !valid_host(host) => Err(bad("the Host header is not a valid host")),
         _ => Ok(()),
-    }
-}
-
-/// Whether the request's `Transfer-Encoding`, if any, is one `chunked`.
-fn chunked_at_most(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii);
-    match (codings.next(), codings.next()) {
-        (None, _) => true,
-        (Some(only), None) => only.eq_ignore_ascii_case(b"chunked"),
-        (Some(_), Some(_)) => false,
     }
 }
 

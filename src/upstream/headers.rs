@@ -31,7 +31,10 @@ static HOP_BY_HOP: [HeaderName; HOPS] = [
 ///
 /// Most requests carry nothing to remove: one look at each name, and no
 /// allocation.
-pub fn prepare(headers: &mut HeaderMap, extra: &[(HeaderName, HeaderValue)]) {
+pub fn prepare(headers: &mut HeaderMap, extra: &[(HeaderName, HeaderValue)], join_cookies: bool) {
+    if join_cookies {
+        join_cookie_fields(headers);
+    }
     let listed_by_connection = headers.contains_key(header::CONNECTION);
     let dropped = |name: &HeaderName| {
         !forwardable(name)
@@ -45,6 +48,35 @@ pub fn prepare(headers: &mut HeaderMap, extra: &[(HeaderName, HeaderValue)]) {
     }
     for (name, value) in extra {
         headers.insert(name.clone(), value.clone());
+    }
+}
+
+/// HTTP/2 sends each cookie as a field of its own; one going on over
+/// HTTP/1.1 must be one `Cookie` field, joined with `; ` (RFC 9113 §8.2.3).
+fn join_cookie_fields(headers: &mut HeaderMap) {
+    let cookies = headers.get_all(header::COOKIE);
+    if cookies.iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = cookies.iter().map(HeaderValue::as_bytes).collect();
+    if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+/// Whether a message's `Transfer-Encoding`, if any, is one `chunked`:
+/// the only coding hyper undoes. Another (gzip, or chunked applied twice)
+/// would pass through undone, and the body mean something else.
+pub fn chunked_at_most(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(only), None) => only.eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => false,
     }
 }
 
@@ -194,7 +226,7 @@ mod tests {
         ] {
             h.append(k, HeaderValue::from_static(v));
         }
-        prepare(&mut h, &extra);
+        prepare(&mut h, &extra, false);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         // Host and Authorization are replaced by each attempt.
@@ -215,8 +247,36 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("content-type", HeaderValue::from_static("application/json"));
         h.insert("authorization", HeaderValue::from_static("Bearer k"));
-        prepare(&mut h, &[]);
+        prepare(&mut h, &[], false);
         assert_eq!(h.len(), 2);
+
+        // Cookies of an HTTP/2 request become one field.
+        let mut h = HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("a=1"));
+        h.append("cookie", HeaderValue::from_static("b=2"));
+        prepare(&mut h, &[], true);
+        assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+    }
+
+    #[test]
+    fn only_one_chunked_coding_is_undone() {
+        for (codings, ok) in [
+            (&[][..], true),
+            (&["chunked"][..], true),
+            (&["Chunked "][..], true),
+            (&["chunked, chunked"][..], false),
+            (&["gzip, chunked"][..], false),
+            (&["chunked, gzip"][..], false),
+            (&["chunked", "chunked"][..], false),
+            (&["gzip"][..], false),
+            (&[""][..], false),
+        ] {
+            let mut h = HeaderMap::new();
+            for c in codings {
+                h.append("transfer-encoding", HeaderValue::from_static(c));
+            }
+            assert_eq!(chunked_at_most(&h), ok, "{codings:?}");
+        }
     }
 
     #[test]
