@@ -24,6 +24,14 @@
 #
 #   CALLGRIND=1 DURATION=10s bash benches/load.sh
 #   CALLGRIND=1 KIND=sse DURATION=10s bash benches/load.sh
+#
+# CLUSTER=1 compares tokenpool alone with tokenpool in cluster mode
+# ([cluster] against a redis-server on the load core), 100 keys each
+# (TOKENS), instead of nginx with tokenpool; it also counts the commands
+# Redis served per proxied request (redis-cli info commandstats). It needs
+# redis-server and redis-cli (Debian: apt-get install redis-server).
+#
+#   CLUSTER=1 DURATION=10s bash benches/load.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +44,8 @@ case "$KIND" in
   *) echo "load.sh: KIND is json or sse, not $KIND" >&2; exit 1 ;;
 esac
 CALLGRIND=${CALLGRIND:-0}
+CLUSTER=${CLUSTER:-0}
+if [ "$CLUSTER" = 1 ]; then TOKENS=${TOKENS:-100}; else TOKENS=${TOKENS:-3}; fi
 if [ "${ACCESS_LOG:-0}" = 1 ]; then ACCESS_LOG_ON=true; else ACCESS_LOG_ON=false; fi
 LOAD_CORE=${LOAD_CORE:-0}
 PROXY_CORE=${PROXY_CORE:-1}
@@ -43,6 +53,11 @@ PROXY_CORE=${PROXY_CORE:-1}
 for tool in nginx wrk taskset curl python3; do
   command -v "$tool" >/dev/null || { echo "load.sh: $tool is not installed (Debian: apt-get install nginx wrk util-linux curl)" >&2; exit 1; }
 done
+if [ "$CLUSTER" = 1 ]; then
+  for tool in redis-server redis-cli; do
+    command -v "$tool" >/dev/null || { echo "load.sh: $tool is not installed (Debian: apt-get install redis-server)" >&2; exit 1; }
+  done
+fi
 if [ "$CALLGRIND" = 1 ]; then
   command -v valgrind >/dev/null || { echo "load.sh: valgrind is not installed (Debian: apt-get install valgrind)" >&2; exit 1; }
   # Under valgrind each proxy is one process, and starts far slower.
@@ -76,6 +91,9 @@ UP_PORT=$(free_port)
 NGINX_PORT=$(free_port)
 TP_PORT=$(free_port)
 TP_ADMIN=$(free_port)
+TPC_PORT=$(free_port)
+TPC_ADMIN=$(free_port)
+REDIS_PORT=$(free_port)
 
 # The SSE answer: 20 events, as an SSE upstream sends them.
 python3 - "$WORK/sse.txt" <<'PY'
@@ -130,12 +148,16 @@ http {
   }
 }
 EOF
-cat >"$WORK/tokenpool.toml" <<EOF
+# tokenpool: the static provider, TOKENS keys (the upstream takes any);
+# with CLUSTER=1, SECTION adds [cluster].
+tokenpool_config() {
+  local port=$1 admin=$2 section=${3:-}
+  cat <<EOF
 [server]
-listen = "127.0.0.1:$TP_PORT"
+listen = "127.0.0.1:$port"
 api_keys = ["load-client-key"]
 [admin]
-listen = "127.0.0.1:$TP_ADMIN"
+listen = "127.0.0.1:$admin"
 [upstream]
 url = "http://127.0.0.1:$UP_PORT"
 [refresh]
@@ -144,19 +166,21 @@ provider = "static"
 # nginx runs with access_log off: compare like with like (ACCESS_LOG=1
 # turns tokenpool's on).
 access = ${ACCESS_LOG_ON:-false}
-[[tokens]]
-name = "k1"
-tier = "shared"
-token = "sk-load-key-1"
-[[tokens]]
-name = "k2"
-tier = "shared"
-token = "sk-load-key-2"
-[[tokens]]
-name = "k3"
-tier = "shared"
-token = "sk-load-key-3"
+$section
 EOF
+  for i in $(seq "$TOKENS"); do
+    printf '[[tokens]]\nname = "k%d"\ntier = "shared"\ntoken = "sk-load-key-%d"\n' "$i" "$i"
+  done
+}
+tokenpool_config "$TP_PORT" "$TP_ADMIN" >"$WORK/tokenpool.toml"
+if [ "$CLUSTER" = 1 ]; then
+  taskset -c "$LOAD_CORE" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$WORK" \
+    --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  tokenpool_config "$TPC_PORT" "$TPC_ADMIN" "$(printf '[cluster]\nredis = "redis://127.0.0.1:%s/0"\nkey_prefix = "load"\nnode = "load"' "$REDIS_PORT")" \
+    >"$WORK/tokenpool-cluster.toml"
+fi
 
 taskset -c "$LOAD_CORE" nginx -c "$WORK/up/nginx.conf" -p "$WORK/up" &
 PIDS+=($!)
@@ -174,6 +198,17 @@ RUST_LOG=warn taskset -c "$PROXY_CORE" ${TP_UNDER[@]+"${TP_UNDER[@]}"} \
   "$BIN" serve -c "$WORK/tokenpool.toml" 2>"$WORK/tokenpool.log" &
 PIDS+=($!)
 TP_PID=$!
+if [ "$CLUSTER" = 1 ]; then
+  RUST_LOG=warn taskset -c "$PROXY_CORE" "$BIN" serve -c "$WORK/tokenpool-cluster.toml" \
+    2>"$WORK/tokenpool-cluster.log" &
+  PIDS+=($!)
+  TPC_PID=$!
+  wait_http "http://127.0.0.1:$TPC_ADMIN/healthz"
+  for _ in $(seq 100); do
+    curl -s "http://127.0.0.1:$TPC_ADMIN/metrics" | grep -q '^tokenpool_cluster_up 1' && break
+    sleep 0.1
+  done
+fi
 wait_http "http://127.0.0.1:$UP_PORT/v1/chat"
 wait_http "http://127.0.0.1:$NGINX_PORT/v1/chat"
 wait_http "http://127.0.0.1:$TP_ADMIN/healthz"
@@ -248,16 +283,33 @@ if [ "$CALLGRIND" = 1 ]; then
   exit 0
 fi
 
-echo "# load.sh: $(nproc) cores, wrk + upstream on core $LOAD_CORE, proxy on core $PROXY_CORE, $DURATION per run, $ROUNDS rounds"
+echo "# load.sh: $(nproc) cores, wrk + upstream on core $LOAD_CORE, proxy on core $PROXY_CORE, $DURATION per run, $ROUNDS rounds, $TOKENS keys"
 printf '%-10s %-5s %4s %10s %9s %9s %10s %8s %8s\n' proxy kind conn "req/s" "p50 µs" "p99 µs" "CPU µs/req" "user" "sys"
+if [ "$CLUSTER" = 1 ]; then
+  A=(tokenpool "$TP_PID" "$TP_PORT")
+  B=(tp-cluster "$TPC_PID" "$TPC_PORT")
+  redis_calls() { redis-cli -p "$REDIS_PORT" info commandstats | grep -oE 'calls=[0-9]+' | cut -d= -f2 | awk '{ s += $1 } END { printf "%d", s }'; }
+  served() { curl -s "http://127.0.0.1:$TPC_ADMIN/metrics" | awk '/^tokenpool_requests_total/ { s += $2 } END { printf "%d", s }'; }
+  CALLS_BEFORE=$(redis_calls)
+  SERVED_BEFORE=$(served)
+else
+  A=(nginx "$NGINX_WORKER_PID" "$NGINX_PORT")
+  B=(tokenpool "$TP_PID" "$TP_PORT")
+fi
 for round in $(seq "$ROUNDS"); do
   for conns in 64 1; do
-    run nginx json "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/chat" "$conns" | tee -a "$WORK/rows"
-    run tokenpool json "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/chat" "$conns" | tee -a "$WORK/rows"
+    run "${A[0]}" json "${A[1]}" "http://127.0.0.1:${A[2]}/v1/chat" "$conns" | tee -a "$WORK/rows"
+    run "${B[0]}" json "${B[1]}" "http://127.0.0.1:${B[2]}/v1/chat" "$conns" | tee -a "$WORK/rows"
   done
-  run nginx sse "$NGINX_WORKER_PID" "http://127.0.0.1:$NGINX_PORT/v1/stream" 64 | tee -a "$WORK/rows"
-  run tokenpool sse "$TP_PID" "http://127.0.0.1:$TP_PORT/v1/stream" 64 | tee -a "$WORK/rows"
+  run "${A[0]}" sse "${A[1]}" "http://127.0.0.1:${A[2]}/v1/stream" 64 | tee -a "$WORK/rows"
+  run "${B[0]}" sse "${B[1]}" "http://127.0.0.1:${B[2]}/v1/stream" 64 | tee -a "$WORK/rows"
 done
+if [ "$CLUSTER" = 1 ]; then
+  # (The commandstats call itself is counted too: one per reading.)
+  CALLS=$(( $(redis_calls) - CALLS_BEFORE ))
+  SERVED=$(( $(served) - SERVED_BEFORE ))
+  python3 -c "import sys; c, s = int(sys.argv[1]), int(sys.argv[2]); print(f'\nRedis: {c} commands while tp-cluster served {s} requests (warm-ups included): {c / max(s, 1):.6f} per request')" "$CALLS" "$SERVED"
+fi
 
 python3 - "$WORK/rows" <<'PY'
 import statistics, sys
@@ -270,9 +322,11 @@ print("\nmedians of the rounds")
 print(f"{'proxy':<10} {'kind':<5} {'conn':>4} {'req/s':>10} {'p50 µs':>9} {'p99 µs':>9} {'CPU µs/req':>10} {'user':>8} {'sys':>8}")
 for (name, kind, conns), m in sorted(med.items(), key=lambda kv: (kv[0][1], -int(kv[0][2]), kv[0][0])):
     print(f"{name:<10} {kind:<5} {conns:>4} {m[0]:>10.0f} {m[1]:>9.0f} {m[2]:>9.0f} {m[3]:>10.1f} {m[4]:>8.1f} {m[5]:>8.1f}")
-print("\nratio tokenpool / nginx, medians (req/s higher is better; p99 and CPU lower is better)")
+names = sorted({k[0] for k in med})
+base, other = ("tokenpool", "tp-cluster") if "tp-cluster" in names else ("nginx", "tokenpool")
+print(f"\nratio {other} / {base}, medians (req/s higher is better; p99 and CPU lower is better)")
 for (kind, conns) in [("json", "64"), ("json", "1"), ("sse", "64")]:
-    n, t = med.get(("nginx", kind, conns)), med.get(("tokenpool", kind, conns))
+    n, t = med.get((base, kind, conns)), med.get((other, kind, conns))
     if n and t:
         print(f"  {kind:<5} {conns:>3} conns: req/s x{t[0] / n[0]:.2f}   p99 x{t[2] / max(n[2], 1):.2f}   CPU/req x{t[3] / max(n[3], 0.001):.2f} (user x{t[4] / max(n[4], 0.001):.2f}, sys x{t[5] / max(n[5], 0.001):.2f})")
 PY

@@ -149,6 +149,23 @@ panel("timeseries", "Upstream time to headers by tier",
       [(f'histogram_quantile(0.99, sum by (le, tier) (rate(tokenpool_upstream_response_seconds_bucket{{{SEL_TIER}}}[$__rate_interval])))', "p99 {{tier}}")], "s")
 end_row()
 
+row("Cluster")
+panel("stat", "Replicas sharing the pool",
+      "Replicas connected to the cluster's Redis, out of those exporting `tokenpool_cluster_up` (only with `[cluster]`). A replica at 0 serves on its local state.",
+      [(f'sum(tokenpool_cluster_up{{{SEL}}})', "connected"),
+       (f'count(tokenpool_cluster_up{{{SEL}}})', "replicas")], "short", w=4,
+      extra={"options": {"graphMode": "none", "reduceOptions": {"calcs": ["lastNotNull"]}}})
+panel("timeseries", "Connected to Redis",
+      "1 while a replica shares the pool; 0 while it serves on local state and reconnects.",
+      [(f'max by (instance) (tokenpool_cluster_up{{{SEL}}})', "{{instance}}")], "short", w=6)
+panel("timeseries", "Exchanges with Redis",
+      "Reads and writes of shared state per second, by result; errors mean Redis was away, slow or refused.",
+      [(f'sum by (result) (rate(tokenpool_cluster_sync_total{{{SEL}}}[$__rate_interval]))', "{{result}}")], "ops", w=7, stack=True)
+panel("timeseries", "Token changes shared",
+      "Token changes (state, refresh token, access token) sent to and taken from other replicas, per second.",
+      [(f'sum by (direction) (rate(tokenpool_cluster_events_total{{{SEL}}}[$__rate_interval]))', "{{direction}}")], "ops", w=7)
+end_row()
+
 row("Configuration and process")
 panel("timeseries", "Config reloads",
       "Reloads by result; a failure keeps the previous configuration serving.",

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # End-to-end check of the monitoring: a live tokenpool (the demo, whose
-# simulated upstream has a revoked and an out-of-quota token), a real
+# simulated upstream has a revoked and an out-of-quota token, in cluster
+# mode against a redis-server started here), a real
 # Prometheus scraping it every second with the repo's alert rules, a real
 # Alertmanager delivering to a webhook receiver run here, and every query
 # of the Grafana dashboard run against that Prometheus.
 #
-# Needs: prometheus, prometheus-alertmanager, promtool (Debian packages of
-# those names), python3, curl, and a built target/debug/tokenpool.
+# Needs: prometheus, prometheus-alertmanager, promtool, redis-server (Debian
+# packages of those names), python3, curl, and a built target/debug/tokenpool.
 # Everything listens on 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for tool in prometheus prometheus-alertmanager promtool python3 curl; do
+for tool in prometheus prometheus-alertmanager promtool redis-server python3 curl; do
   command -v "$tool" >/dev/null || { echo "e2e: $tool is not installed" >&2; exit 1; }
 done
 BIN=target/debug/tokenpool
@@ -45,8 +46,15 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
-echo "== tokenpool demo"
-"$BIN" demo >"$WORK/demo.out" 2>"$WORK/demo.log" &
+echo "== redis-server"
+REDIS_PORT=$(free_port)
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$WORK" --save "" --appendonly no \
+  >"$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+wait_for "grep -q 'Ready to accept connections' '$WORK/redis.log'" 30 || fail "redis-server did not start"
+
+echo "== tokenpool demo (in cluster mode)"
+"$BIN" demo --redis "redis://127.0.0.1:$REDIS_PORT/0" >"$WORK/demo.out" 2>"$WORK/demo.log" &
 PIDS+=($!)
 wait_for "grep -q 'Ctrl-C' '$WORK/demo.out'" 30 || fail "demo did not start"
 PROXY=$(grep -o 'http://127.0.0.1:[0-9]*/ai/multi-agent' "$WORK/demo.out" | head -1 | sed 's|/ai/multi-agent||')
@@ -68,6 +76,7 @@ sleep 1
 echo "== promtool check metrics (live scrape)"
 curl -sf "$ADMIN/metrics" >"$WORK/scrape.txt" || fail "cannot scrape $ADMIN/metrics"
 promtool check metrics <"$WORK/scrape.txt" || fail "promtool check metrics"
+wait_for "curl -sf '$ADMIN/metrics' | grep -q '^tokenpool_cluster_up 1'" 30 || fail "the demo did not join the cluster"
 
 echo "== promtool check rules / test rules"
 promtool check rules dashboards/alerts.yml || fail "promtool check rules"

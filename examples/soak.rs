@@ -186,7 +186,7 @@ async fn main() {
             45 => sim.set_refresh(name, RefreshBehaviour::Ok),
             _ => {}
         }
-        if round % 30 == 0 {
+        if round.is_multiple_of(30) {
             // Heal everything so long runs do not drift into all-broken.
             for n in ACCOUNTS {
                 sim.set_ai(n, AiBehaviour::Ok);

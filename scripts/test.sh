@@ -5,7 +5,8 @@
 #
 #   scripts/test.sh
 #
-# Runs `cargo test` (unit tests and the integration binary), then
+# Runs `cargo test` (unit tests and the integration binary, whose cluster
+# tests start Debian's redis-server themselves), then
 # deploy/check.sh (hadolint, kubernetes-validate, tokenpool check on the
 # shipped config, systemd-analyze verify; the validators go in a venv under
 # target/).
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests run, by the command that shows they are there.
 declare -A packages=(
   [systemd-analyze]=systemd
+  [redis-server]=redis-server
 )
 missing=()
 for command in "${!packages[@]}"; do
@@ -29,6 +31,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
+    # The package may start its own server; the tests start theirs.
+    pkill -x redis-server 2>/dev/null || true
   else
     echo "scripts/test.sh: missing: ${missing[*]} (Debian: sudo apt-get install ${missing[*]})" >&2
     exit 1

@@ -262,6 +262,7 @@ pub fn pool_json(generations: &Generations) -> Value {
         "loaded_at": rfc3339(Some(generation.loaded_at)),
         "order": pool.order().map(|t| t.as_str()).collect::<Vec<_>>(),
         "tiers": tiers,
+        "cluster": generations.cluster().map(|c| c.status()),
         "tokens": snapshots.iter().map(token_json).collect::<Vec<_>>(),
     })
 }

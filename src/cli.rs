@@ -74,7 +74,12 @@ pub enum Command {
         output: StatusOutput,
     },
     /// Run a simulated upstream and a proxy in front of it, on loopback.
-    Demo,
+    Demo {
+        /// Join a cluster at this Redis (`redis://127.0.0.1:6379`): run it
+        /// twice to see two replicas share one pool.
+        #[arg(long)]
+        redis: Option<String>,
+    },
 }
 
 /// Sets up `tracing` on stderr, level from `RUST_LOG` (default `info`).
@@ -162,8 +167,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(status(&admin, token.as_deref(), output))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => {
-            runtime()?.block_on(demo())?;
+        Command::Demo { redis } => {
+            runtime()?.block_on(demo(redis))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -229,7 +234,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// The demo: a simulated Warp upstream and a proxy in front of it.
-async fn demo() -> anyhow::Result<()> {
+async fn demo(redis: Option<String>) -> anyhow::Result<()> {
     let sim = Sim::start().await?;
     for (id, rt) in [
         ("alice", "demo-rt-alice"),
@@ -255,6 +260,7 @@ url = "{refresh}"
 [pool]
 cooldown = "30s"
 quota_cooldown = "2m"
+{cluster}
 [[tokens]]
 name = "alice"
 tier = "personal"
@@ -273,7 +279,14 @@ tier = "anonymous"
 token = "demo-rt-dave"
 "#,
         url = sim.url(),
-        refresh = sim.refresh_url()
+        refresh = sim.refresh_url(),
+        cluster = match &redis {
+            Some(url) => format!(
+                "[cluster]\nredis = {url:?}\nkey_prefix = \"tokenpool-demo\"\nnode = \"demo-{}\"\n",
+                std::process::id()
+            ),
+            None => String::new(),
+        },
     );
     let config = Config::parse(&text, None, &|_| None)?;
     let listeners = Listeners::bind(&config).await?;
@@ -284,7 +297,7 @@ token = "demo-rt-dave"
 tokenpool demo — a simulated Warp upstream at {upstream} and a proxy in front of it.
 Tokens: alice (personal, healthy), bob (personal, out of quota), carol (shared,
 revoked refresh token), dave (anonymous, healthy).
-
+{cluster_note}
 Try:
   curl -N -X POST http://{proxy}/ai/multi-agent -H 'content-type: application/x-protobuf' -H 'accept: text/event-stream' --data-binary 'hello'
   curl -s http://{admin}/admin/pool
@@ -294,6 +307,12 @@ Try:
 Ctrl-C stops it.
 "#,
         upstream = sim.url(),
+        cluster_note = if redis.is_some() {
+            "In cluster mode: it shares its pool through Redis (key prefix tokenpool-demo);\n\
+             start a second demo with the same --redis to see two replicas share one pool.\n"
+        } else {
+            ""
+        },
     );
     let (trigger, shutdown) = shutdown_pair();
     tokio::spawn(async move {
@@ -391,9 +410,21 @@ pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
         }
     }
     let mut out = String::new();
+    let cluster = match doc["cluster"].as_object() {
+        Some(c) => format!(
+            "  cluster {} {}",
+            c.get("node").and_then(|n| n.as_str()).unwrap_or("-"),
+            if c.get("connected").and_then(|v| v.as_bool()) == Some(true) {
+                "connected"
+            } else {
+                "DISCONNECTED (serving on local state)"
+            }
+        ),
+        None => String::new(),
+    };
     let _ = writeln!(
         out,
-        "generation {}  loaded {}  order {}",
+        "generation {}  loaded {}  order {}{cluster}",
         doc["generation"],
         doc["loaded_at"].as_str().unwrap_or("-"),
         doc["order"]

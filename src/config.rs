@@ -108,6 +108,8 @@ pub struct Config {
     pub state: StateConfig,
     /// The access log.
     pub log: LogConfig,
+    /// Replicas sharing one pool through Redis; `None`: one process alone.
+    pub cluster: Option<ClusterConfig>,
     /// Every token, file tokens first, then environment tokens.
     pub tokens: Vec<TokenConfig>,
     /// Files the config reads besides itself (`{ file = … }` secrets and
@@ -219,6 +221,25 @@ pub struct StateConfig {
 pub struct LogConfig {
     /// One line per proxied request on the `tokenpool::access` target.
     pub access: bool,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// The Redis URL (`redis://` or `rediss://`, maybe with a password):
+    /// a secret.
+    pub redis: Secret,
+    /// Prefix of every key, so that several pools may share one Redis.
+    pub key_prefix: String,
+    /// This replica's name in logs, leases and `/admin/pool`.
+    pub node: String,
+    /// Longest time another replica's change may take to show here.
+    pub sync_interval: Duration,
+    /// Seals every stored refresh and access token (AES-256-GCM).
+    pub encryption_key: Option<Secret>,
+    /// CA certificates (PEM) trusted for `rediss://` instead of the
+    /// built-in web roots (`ca_file`).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Where a token was configured.
@@ -412,6 +433,20 @@ impl Config {
             "refresh:   {} {refresh_url}",
             self.refresh.provider.as_str()
         );
+        if let Some(c) = &self.cluster {
+            let sealed = if c.encryption_key.is_some() {
+                "tokens sealed"
+            } else {
+                "tokens in clear"
+            };
+            let _ = writeln!(
+                out,
+                "cluster:   node {}, key prefix {}, sync every {} ({sealed}; the Redis URL is a secret)",
+                c.node,
+                c.key_prefix,
+                humantime::format_duration(c.sync_interval)
+            );
+        }
         let order: Vec<&str> = self.pool.order.iter().map(|t| t.as_str()).collect();
         let _ = writeln!(out, "order:     {}", order.join(" > "));
         let _ = writeln!(out, "tokens:    {}", self.tokens.len());
@@ -768,5 +803,68 @@ mod tests {
                 "for {text:?}\n got: {got}\nwant: {want}"
             );
         }
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_and_the_url_is_never_shown() {
+        let c = parse("[cluster]\nredis = \"redis://:pw-7d1f@10.0.0.5:6379/2\"\n").unwrap();
+        let cluster = c.cluster.as_ref().unwrap();
+        assert_eq!(cluster.key_prefix, "tokenpool");
+        assert_eq!(cluster.sync_interval, Duration::from_secs(1));
+        assert!(!cluster.node.is_empty(), "the host name by default");
+        assert!(cluster.encryption_key.is_none());
+        assert!(c.warnings().iter().any(|w| w.contains("no encryption_key")));
+        let summary = c.summary();
+        assert!(summary.contains("cluster:"), "{summary}");
+        assert!(!summary.contains("pw-7d1f") && !format!("{c:?}").contains("pw-7d1f"));
+
+        for (text, want) in [
+            ("[cluster]\n", "missing field `redis`"),
+            (
+                "[cluster]\nredis = \"http://:pw-7d1f@h:1\"\n",
+                "not a redis:// or rediss:// URL",
+            ),
+            (
+                "[cluster]\nredis = \"redis://:pw-7d1f@h:notaport\"\n",
+                "not a redis:// or rediss:// URL",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nkey_prefix = \"a b\"\n",
+                "key_prefix",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nnode = \"\"\n",
+                "[cluster] node",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nsync_interval = \"10ms\"\n",
+                "between 100ms and 1h",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nencryption_key = \"short\"\n",
+                "at least 16 characters",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nport = 1\n",
+                "unknown field",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(!e.contains("pw-7d1f"), "the URL was shown: {e}");
+            assert!(!e.contains("short\""), "the key was shown: {e}");
+        }
+        let c = parse(
+            "[cluster]\nredis = \"rediss://h:6380\"\nkey_prefix = \"pool-a\"\nnode = \"replica-1\"\n\
+             sync_interval = \"250ms\"\nencryption_key = \"0123456789abcdef0123\"\n",
+        )
+        .unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(
+            (cluster.key_prefix.as_str(), cluster.node.as_str()),
+            ("pool-a", "replica-1")
+        );
+        assert_eq!(cluster.sync_interval, Duration::from_millis(250));
+        assert!(cluster.encryption_key.is_some());
     }
 }

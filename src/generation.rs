@@ -15,6 +15,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use crate::cluster::Cluster;
 use crate::config::{check_reload, Bound, Config, ConfigError, Provider};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -74,6 +75,8 @@ pub struct Generations {
     pub metrics: Arc<Metrics>,
     /// The state file, if configured (its path needs a restart to change).
     state: Option<Arc<StateStore>>,
+    /// The cluster, with `[cluster]` (a restart to change).
+    cluster: Option<Arc<Cluster>>,
     /// The config file reloads read; `None` in env-only mode.
     config_path: Option<PathBuf>,
     env: Env,
@@ -103,6 +106,11 @@ impl Generations {
         if let Some(store) = &state {
             store.check_writable()?;
         }
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(|c| Cluster::new(c, &metrics).map(Arc::new))
+            .transpose()?;
         let pool = Arc::new(Pool::new(
             &config.pool,
             &config.tokens,
@@ -119,6 +127,7 @@ impl Generations {
             &config.refresh,
             Arc::clone(&metrics),
             state.clone(),
+            cluster.clone(),
         )?);
         refresher.prime(&pool);
         let upstream = Upstream::new(&config.upstream, None)
@@ -137,6 +146,7 @@ impl Generations {
             current: ArcSwap::from_pointee(generation),
             metrics,
             state,
+            cluster,
             env,
             reload_lock: Mutex::new(()),
             next_id: AtomicU64::new(2),
@@ -157,6 +167,11 @@ impl Generations {
     /// The state file, if one is configured.
     pub fn state(&self) -> Option<&Arc<StateStore>> {
         self.state.as_ref()
+    }
+
+    /// The cluster, with `[cluster]`.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Records where the listeners are bound (once; later calls are ignored).
@@ -220,6 +235,10 @@ impl Generations {
             needs_restart.push("[state] path".to_string());
             config.state.path = old.config.state.path.clone();
         }
+        if config.cluster != old.config.cluster {
+            needs_restart.push("[cluster]".to_string());
+            config.cluster = old.config.cluster.clone();
+        }
         let bound = self.bound.get().copied().unwrap_or(Bound {
             proxy: old.config.server.listen,
             admin: old.config.admin.listen,
@@ -248,6 +267,7 @@ impl Generations {
                     &config.refresh,
                     Arc::clone(&self.metrics),
                     self.state.clone(),
+                    self.cluster.clone(),
                 )
                 .map_err(|e| config.error(format!("cannot build the refresh client: {e}")))?,
             )

@@ -16,6 +16,7 @@
 //!   refresher, upstream) behind an atomic swap, and how the next one is
 //!   made.
 //! - [`refresh`]: turning refresh tokens into access tokens, single flight.
+//! - [`cluster`]: replicas sharing one pool through Redis (`[cluster]`).
 //! - [`upstream`]: where a request goes and how: URL, header rules,
 //!   connection pool, TLS.
 //! - [`state`]: the state file that survives restarts.
@@ -32,6 +33,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod generation;

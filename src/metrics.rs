@@ -58,6 +58,49 @@ pub mod refresh_outcome {
     pub const RATE_LIMITED: &str = "rate_limited";
 }
 
+/// Results of `tokenpool_cluster_sync_total`.
+pub mod cluster_result {
+    /// Redis answered.
+    pub const OK: &str = "ok";
+    /// Redis could not be reached, timed out or answered an error.
+    pub const ERROR: &str = "error";
+    /// Every result.
+    pub const ALL: [&str; 2] = [OK, ERROR];
+}
+
+/// The cluster's metrics.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// 1 while connected.
+    pub up: IntGauge,
+    /// Exchanges with Redis by result.
+    pub sync: IntCounterVec,
+    /// Changes by direction (`sent`, `received`).
+    pub events: IntCounterVec,
+}
+
+impl ClusterMetrics {
+    /// Counts an exchange with Redis.
+    pub fn exchange(&self, ok: bool) {
+        let result = if ok {
+            cluster_result::OK
+        } else {
+            cluster_result::ERROR
+        };
+        self.sync.with_label_values(&[result]).inc();
+    }
+
+    /// Counts changes sent to other replicas.
+    pub fn sent(&self, n: u64) {
+        self.events.with_label_values(&["sent"]).inc_by(n);
+    }
+
+    /// Counts changes taken from other replicas.
+    pub fn received(&self, n: u64) {
+        self.events.with_label_values(&["received"]).inc_by(n);
+    }
+}
+
 /// Status codes below this have their `upstream_requests_total` series
 /// handle cached per tier.
 const CACHED_CODES: usize = 600;
@@ -375,6 +418,47 @@ impl Metrics {
                 self.token_failures
                     .remove_label_values(&[tier.as_str(), token, reason.as_str()]);
         }
+    }
+
+    /// Registers the cluster's families (only with `[cluster]`: without
+    /// it there is no `tokenpool_cluster_up` to alert on).
+    pub fn cluster(&self) -> ClusterMetrics {
+        let up = IntGauge::with_opts(opts(
+            "cluster_up",
+            "1 while this replica is connected to the cluster's Redis and shares its pool.",
+        ))
+        .expect("metric definition is valid");
+        let sync = IntCounterVec::new(
+            opts(
+                "cluster_sync_total",
+                "Exchanges with the cluster's Redis (reads and writes of shared state), by result.",
+            ),
+            &["result"],
+        )
+        .expect("metric definition is valid");
+        let events = IntCounterVec::new(
+            opts(
+                "cluster_events_total",
+                "Token changes sent to other replicas, and received from them.",
+            ),
+            &["direction"],
+        )
+        .expect("metric definition is valid");
+        for m in [
+            Box::new(up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(sync.clone()),
+            Box::new(events.clone()),
+        ] {
+            // Registered once per process; a second cluster would be a bug.
+            let _ = self.registry.register(m);
+        }
+        for result in cluster_result::ALL {
+            sync.with_label_values(&[result]);
+        }
+        for direction in ["sent", "received"] {
+            events.with_label_values(&[direction]);
+        }
+        ClusterMetrics { up, sync, events }
     }
 
     /// Records the result of a config load or reload.

@@ -16,9 +16,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-pub use token::{AccessToken, Outcome, Reason, Restored, Snapshot, Token, TokenState};
+pub use token::{
+    AccessToken, Outcome, Reason, Restored, SharedState, Snapshot, Stamp, Token, TokenState,
+};
 
 use crate::config::{PoolConfig, Tier, TokenConfig};
 
@@ -175,6 +178,9 @@ pub struct Pool {
     /// Clock reading until which the refresh endpoint must not be called
     /// (it answered 429); shared across generations.
     refresh_gate: Arc<AtomicU64>,
+    /// Woken when a token changes in a way other replicas should learn;
+    /// shared across generations.
+    changes: Arc<Notify>,
 }
 
 impl Pool {
@@ -188,6 +194,7 @@ impl Pool {
     ) -> Pool {
         let clock = previous.map_or_else(Clock::new, |p| p.clock);
         let refresh_gate = previous.map_or_else(Default::default, |p| Arc::clone(&p.refresh_gate));
+        let changes = previous.map_or_else(Default::default, |p| Arc::clone(&p.changes));
         let mut all = Vec::with_capacity(tokens.len());
         let mut by_name = HashMap::with_capacity(tokens.len());
         for t in tokens {
@@ -195,7 +202,7 @@ impl Pool {
                 .and_then(|p| p.get(&t.name))
                 .filter(|old| old.same_as(t))
                 .cloned()
-                .unwrap_or_else(|| Arc::new(Token::new(t, clock)));
+                .unwrap_or_else(|| Arc::new(Token::new(t, clock, Arc::clone(&changes))));
             by_name.insert(Arc::from(t.name.as_str()), all.len());
             all.push(token);
         }
@@ -216,7 +223,14 @@ impl Pool {
             by_name,
             refreshes,
             refresh_gate,
+            changes,
         }
+    }
+
+    /// Woken when a token changes in a way other replicas should learn
+    /// (the cluster's sync task waits on it).
+    pub fn changes(&self) -> &Arc<Notify> {
+        &self.changes
     }
 
     /// The pool's clock.

@@ -20,10 +20,12 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::cluster::{Cluster, Coordination};
 use crate::config::{form_encode, Provider, RefreshConfig, Secret};
 use crate::metrics::{refresh_outcome, Metrics};
+use crate::pool::token::short_fingerprint;
 use crate::pool::token::{Flight, RefreshResult};
-use crate::pool::{AccessToken, Outcome, Pool, Reason, Token};
+use crate::pool::{AccessToken, Outcome, Pool, Reason, Token, TokenState};
 use crate::state::StateStore;
 use provider::{Grant, RefreshError};
 
@@ -50,6 +52,10 @@ pub struct Refresher {
     client: reqwest::Client,
     metrics: Arc<Metrics>,
     state: Option<Arc<StateStore>>,
+    /// The cluster, in cluster mode: one refresh per token across replicas.
+    cluster: Option<Arc<Cluster>>,
+    /// How long one call may take (and a refresh lease lasts, plus a second).
+    timeout: Duration,
     /// Consecutive 429s from the endpoint, for the doubling pause.
     rate_limit_level: AtomicU32,
 }
@@ -68,6 +74,7 @@ impl Refresher {
         config: &RefreshConfig,
         metrics: Arc<Metrics>,
         state: Option<Arc<StateStore>>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Result<Refresher, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -88,6 +95,8 @@ impl Refresher {
             client,
             metrics,
             state,
+            cluster,
+            timeout: config.timeout,
             rate_limit_level: AtomicU32::new(0),
         })
     }
@@ -157,14 +166,39 @@ impl Refresher {
         rx
     }
 
-    /// One refresh call and everything that follows from its answer.
+    /// A refresh of `token`: in a cluster, first what other replicas did
+    /// (a fresh access token, or a refresh under way elsewhere), then the
+    /// call under the token's lease.
     async fn run(&self, pool: &Arc<Pool>, token: &Arc<Token>) -> RefreshResult {
-        let tier = token.tier().as_str();
         if pool.refresh_blocked_until(Instant::now()).is_some() {
             return RefreshResult::Unavailable;
         }
+        let Some(cluster) = &self.cluster else {
+            return self.call_and_apply(pool, token).await;
+        };
+        let lease_ttl = self.timeout + Duration::from_secs(1);
+        match cluster.coordinate(token, lease_ttl).await {
+            Coordination::Fresh => RefreshResult::Refreshed,
+            Coordination::Out => match token.snapshot().state {
+                TokenState::Revoked => RefreshResult::Failed(Reason::Revoked),
+                _ => RefreshResult::Unavailable,
+            },
+            Coordination::Busy => RefreshResult::Unavailable,
+            Coordination::Alone => self.call_and_apply(pool, token).await,
+            Coordination::Leader(lease) => {
+                let result = self.call_and_apply(pool, token).await;
+                cluster.release(lease).await;
+                result
+            }
+        }
+    }
+
+    /// One refresh call and everything that follows from its answer.
+    async fn call_and_apply(&self, pool: &Arc<Pool>, token: &Arc<Token>) -> RefreshResult {
+        let tier = token.tier().as_str();
+        let used = token.refresh_token();
         let started = Instant::now();
-        let result = self.call(&token.refresh_token()).await;
+        let result = self.call(&used).await;
         self.metrics
             .refresh_duration
             .with_label_values(&[tier])
@@ -183,9 +217,17 @@ impl Refresher {
         match result {
             Ok(grant) => {
                 self.rate_limit_level.store(0, Ordering::Relaxed);
-                self.install(pool, token, grant).await;
+                let rotated = self.install(pool, token, grant).await;
+                if let Some(cluster) = &self.cluster {
+                    cluster.finish(token, rotated).await;
+                }
                 tracing::debug!(token = token.name(), "access token refreshed");
                 RefreshResult::Refreshed
+            }
+            Err(RefreshError::Revoked { .. })
+                if self.superseded(token, &short_fingerprint(&used)).await =>
+            {
+                RefreshResult::Unavailable
             }
             Err(RefreshError::Revoked { code }) => {
                 tracing::warn!(
@@ -234,12 +276,24 @@ impl Refresher {
         }
     }
 
+    /// In a cluster, whether the refresh token the endpoint rejected
+    /// (`used`, a fingerprint) was already replaced by another replica's:
+    /// then the token is not revoked, and the newer one is in use.
+    async fn superseded(&self, token: &Token, used: &str) -> bool {
+        match &self.cluster {
+            Some(cluster) => cluster.superseded(token, used).await,
+            None => false,
+        }
+    }
+
     /// Installs a grant: a rotated refresh token first, persisted before
-    /// the new access token is used.
-    async fn install(&self, pool: &Arc<Pool>, token: &Arc<Token>, grant: Grant) {
+    /// the new access token is used. Returns whether it rotated.
+    async fn install(&self, pool: &Arc<Pool>, token: &Arc<Token>, grant: Grant) -> bool {
+        let mut rotated_now = false;
         if let Some(rotated) = grant.rotated {
             if rotated != token.refresh_token() {
                 token.rotate(rotated);
+                rotated_now = true;
                 tracing::info!(token = token.name(), "refresh token rotated");
                 if let Some(store) = &self.state {
                     let store = Arc::clone(store);
@@ -255,6 +309,7 @@ impl Refresher {
             }
         }
         token.set_access(AccessToken::new(grant.bearer.expose(), grant.ttl));
+        rotated_now
     }
 
     /// The HTTP call.
@@ -396,12 +451,20 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, reqwes
 }
 
 /// Starts the background refresh loop: once a second it looks at the
-/// current generation (through `current`) and refreshes what is due.
-pub fn spawn_refresh_loop<F>(current: F) -> tokio::task::JoinHandle<()>
+/// current generation (through `current`) and refreshes what is due. In a
+/// cluster, it starts once the first connection to Redis was tried (at
+/// most 5 s), so that it sees what other replicas refreshed.
+pub fn spawn_refresh_loop<F>(
+    current: F,
+    cluster: Option<Arc<Cluster>>,
+) -> tokio::task::JoinHandle<()>
 where
     F: Fn() -> (Arc<Refresher>, Arc<Pool>) + Send + 'static,
 {
     tokio::spawn(async move {
+        if let Some(cluster) = cluster {
+            cluster.settled(Duration::from_secs(5)).await;
+        }
         let limit = Arc::new(Semaphore::new(BACKGROUND_CONCURRENCY));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -436,6 +499,7 @@ mod tests {
         let refresher = Refresher::new(
             &config.refresh,
             Arc::new(crate::metrics::Metrics::new()),
+            None,
             None,
         )
         .unwrap();

@@ -71,11 +71,18 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
         );
     }
 
-    let current = Arc::clone(&generations);
-    let refresh_loop = crate::refresh::spawn_refresh_loop(move || {
-        let g = current.current();
-        (Arc::clone(&g.refresher), Arc::clone(&g.pool))
+    let cluster_sync = generations.cluster().map(|cluster| {
+        let current = Arc::clone(&generations);
+        cluster.spawn(move || Arc::clone(&current.current().pool))
     });
+    let current = Arc::clone(&generations);
+    let refresh_loop = crate::refresh::spawn_refresh_loop(
+        move || {
+            let g = current.current();
+            (Arc::clone(&g.refresher), Arc::clone(&g.pool))
+        },
+        generations.cluster().cloned(),
+    );
     let saver = generations.state().map(|store| {
         let current = Arc::clone(&generations);
         crate::state::spawn_saver(Arc::clone(store), move || {
@@ -102,6 +109,18 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
     reloader.abort();
     if let Some(saver) = saver {
         saver.abort();
+    }
+    if let Some(cluster) = generations.cluster() {
+        // What changed in the last moments, for the other replicas.
+        cluster
+            .flush(
+                &generations.current().pool,
+                std::time::Duration::from_secs(1),
+            )
+            .await;
+    }
+    if let Some(sync) = cluster_sync {
+        sync.abort();
     }
     let _ = admin.await;
     generations.save_state().await;

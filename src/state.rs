@@ -69,6 +69,10 @@ struct TokenRecord {
     /// A rotated refresh token replacing the configured one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token: Option<String>,
+    /// How many rotations since the configured one (cluster mode keeps the
+    /// refresh token with the most).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    rotation: u64,
     state: TokenState,
     #[serde(default)]
     reason: Option<Reason>,
@@ -79,6 +83,10 @@ struct TokenRecord {
     backoff_level: u32,
     #[serde(default)]
     quota_level: u32,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Reads and writes the state file. Writes are serialised.
@@ -155,6 +163,7 @@ impl StateStore {
             }
             token.restore(Restored {
                 refresh_token: record.refresh_token.as_deref().map(Secret::new),
+                rotation: record.rotation,
                 state: Some(record.state),
                 reason: record.reason,
                 until: record.until.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
@@ -217,6 +226,7 @@ impl StateStore {
                     refresh_token: token
                         .rotated_refresh_token()
                         .map(|s| s.expose().to_string()),
+                    rotation: token.rotation(),
                     state: s.state,
                     reason: s.reason,
                     until: s.cooldown_until.map(|u| {

@@ -12,11 +12,11 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 use toml::Spanned;
 
-use super::raw::{unplaced, Preset, RawClientKey, RawConfig};
+use super::raw::{unplaced, Preset, RawClientKey, RawCluster, RawConfig};
 use super::{
-    duration, guard, AdminConfig, ClientKey, Config, ConfigError, EnvLookup, LogConfig, PoolConfig,
-    Provider, RefreshConfig, Secret, SecretSource, ServerConfig, StateConfig, Tier, TokenConfig,
-    TokenOrigin, UpstreamConfig,
+    duration, guard, AdminConfig, ClientKey, ClusterConfig, Config, ConfigError, EnvLookup,
+    LogConfig, PoolConfig, Provider, RefreshConfig, Secret, SecretSource, ServerConfig,
+    StateConfig, Tier, TokenConfig, TokenOrigin, UpstreamConfig,
 };
 
 /// Warp's AI API.
@@ -122,6 +122,7 @@ impl Builder<'_> {
     fn ca_certs(
         &self,
         file: &Spanned<String>,
+        what: &str,
     ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
         use rustls::pki_types::pem::PemObject;
         let path = self.base.join(file.get_ref());
@@ -131,12 +132,9 @@ impl Builder<'_> {
             Ok(certs) if !certs.is_empty() => Ok(certs),
             Ok(_) => self.err(
                 file.span(),
-                format!("[upstream] ca_file {} holds no certificate", path.display()),
+                format!("{what} {} holds no certificate", path.display()),
             ),
-            Err(e) => self.err(
-                file.span(),
-                format!("[upstream] ca_file {}: {e}", path.display()),
-            ),
+            Err(e) => self.err(file.span(), format!("{what} {}: {e}", path.display())),
         }
     }
 
@@ -327,7 +325,7 @@ impl Builder<'_> {
             idle_timeout: self.positive(&raw.upstream.idle_timeout, "[upstream] idle_timeout")?,
             headers: self.headers(&raw.upstream.headers, client_headers, "[upstream] headers")?,
             ca_certs: match &raw.upstream.ca_file {
-                Some(file) => self.ca_certs(file)?,
+                Some(file) => self.ca_certs(file, "[upstream] ca_file")?,
                 None => Vec::new(),
             },
         };
@@ -459,14 +457,31 @@ impl Builder<'_> {
             access: raw.log.access,
         };
 
+        // [cluster]
+        let cluster = raw
+            .cluster
+            .as_ref()
+            .map(|c| self.cluster(c, env))
+            .transpose()?;
+
         // [[tokens]]
         let mut tokens = Vec::new();
         let mut read_files: Vec<PathBuf> = raw
             .upstream
             .ca_file
             .iter()
+            .chain(raw.cluster.iter().flat_map(|c| c.ca_file.iter()))
             .map(|f| self.base.join(f.get_ref()))
             .collect();
+        for source in [
+            raw.cluster.as_ref().map(|c| &c.redis),
+            raw.cluster.as_ref().and_then(|c| c.encryption_key.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            read_files.extend(source.get_ref().file(self.base));
+        }
         let mut names: HashSet<String> = HashSet::new();
         let mut secrets: HashSet<Secret> = HashSet::new();
         for entry in &raw.tokens {
@@ -542,9 +557,119 @@ impl Builder<'_> {
             pool,
             state,
             log,
+            cluster,
             tokens,
             read_files,
         })
+    }
+
+    /// `[cluster]`. The URL is a secret: what is wrong with it is said
+    /// without showing it.
+    fn cluster(&self, c: &RawCluster, env: EnvLookup) -> Result<ClusterConfig, ConfigError> {
+        let redis = self.secret(&c.redis)?;
+        let url = redis.expose();
+        let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+        if !scheme_ok || redis::IntoConnectionInfo::into_connection_info(url).is_err() {
+            return self.err(
+                c.redis.span(),
+                "[cluster] redis is not a redis:// or rediss:// URL \
+                 (redis://[user:password@]host:port/db); the value is a secret and is not shown",
+            );
+        }
+        let prefix = c.key_prefix.get_ref();
+        let prefix_ok = !prefix.is_empty()
+            && prefix.len() <= 64
+            && prefix
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.' | ':'));
+        if !prefix_ok {
+            return self.err(
+                c.key_prefix.span(),
+                format!(
+                    "[cluster] key_prefix `{prefix}` must be 1–64 characters of A-Z a-z 0-9 - _ . :"
+                ),
+            );
+        }
+        let node = match &c.node {
+            Some(node) => {
+                if !valid_name(node.get_ref()) {
+                    return self.err(
+                        node.span(),
+                        format!(
+                            "[cluster] node `{}` must be 1–64 characters of A-Z a-z 0-9 - _ .",
+                            node.get_ref()
+                        ),
+                    );
+                }
+                node.get_ref().clone()
+            }
+            None => host_name(env),
+        };
+        let sync_interval = self.positive(&c.sync_interval, "[cluster] sync_interval")?;
+        if sync_interval < Duration::from_millis(100) || sync_interval > Duration::from_secs(3600) {
+            return self.err(
+                c.sync_interval.span(),
+                "[cluster] sync_interval must be between 100ms and 1h",
+            );
+        }
+        let encryption_key = c
+            .encryption_key
+            .as_ref()
+            .map(|k| {
+                let key = self.secret(k)?;
+                if key.expose().len() < 16 {
+                    return self.err(
+                        k.span(),
+                        "[cluster] encryption_key must be at least 16 characters \
+                         (32 random ones, as `openssl rand -base64 32` makes, are best)",
+                    );
+                }
+                Ok(key)
+            })
+            .transpose()?;
+        let ca_pem = match &c.ca_file {
+            Some(file) => {
+                // Checked as the upstream's is; redis-rs takes the PEM itself.
+                self.ca_certs(file, "[cluster] ca_file")?;
+                let path = self.base.join(file.get_ref());
+                Some(std::fs::read(&path).or_else(|e| {
+                    self.err(
+                        file.span(),
+                        format!("[cluster] ca_file {}: {e}", path.display()),
+                    )
+                })?)
+            }
+            None => None,
+        };
+        Ok(ClusterConfig {
+            redis,
+            key_prefix: prefix.clone(),
+            node,
+            sync_interval,
+            encryption_key,
+            ca_pem,
+        })
+    }
+}
+
+/// This machine's name (a pod's name in Kubernetes), as a node name:
+/// the kernel's host name, else `$HOSTNAME`, else `tokenpool`; cut to 64
+/// characters of the allowed set.
+fn host_name(env: EnvLookup) -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| env("HOSTNAME"))
+        .unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "tokenpool".to_string()
+    } else {
+        name
     }
 }
 

@@ -82,6 +82,16 @@ impl Config {
                     .to_string(),
             );
         }
+        if let Some(cluster) = &self.cluster {
+            if cluster.encryption_key.is_none() {
+                out.push(format!(
+                    "[cluster] has no encryption_key: the refresh and access tokens this pool \
+                     shares are stored in Redis in clear (under {}:*); protect that Redis like \
+                     the token files, or set encryption_key",
+                    cluster.key_prefix
+                ));
+            }
+        }
         if let Some(path) = self.state.path.as_deref().filter(|p| p.is_relative()) {
             out.push(format!(
                 "[state] path = {} is relative: it is resolved against the working directory, \

@@ -39,6 +39,7 @@ pub(super) struct RawConfig {
     pub state: RawState,
     #[serde(default)]
     pub log: RawLog,
+    pub cluster: Option<RawCluster>,
     #[serde(default)]
     pub tokens: Vec<Spanned<RawToken>>,
 }
@@ -258,6 +259,28 @@ impl Default for RawLog {
     fn default() -> Self {
         RawLog { access: true }
     }
+}
+
+/// `[cluster]`: `redis` is required once the section is there.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub redis: Spanned<SecretSource>,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: Spanned<String>,
+    pub node: Option<Spanned<String>>,
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: Spanned<String>,
+    pub encryption_key: Option<Spanned<SecretSource>>,
+    pub ca_file: Option<Spanned<String>>,
+}
+
+fn default_key_prefix() -> Spanned<String> {
+    unplaced("tokenpool".into())
+}
+
+fn default_sync_interval() -> Spanned<String> {
+    unplaced("1s".into())
 }
 
 #[derive(Deserialize)]

@@ -16,11 +16,15 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::HeaderValue;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::{Clock, PoolSettings};
 use crate::config::{Secret, Tier, TokenConfig};
+
+mod shared;
+
+pub use shared::{accepts, short_fingerprint, SharedState, Stamp};
 
 /// Gate value of a token that nothing but an operator (or a config change)
 /// brings back.
@@ -153,9 +157,25 @@ pub struct AccessToken {
     pub expires_at_wall: SystemTime,
     /// How long it was valid for when it was made.
     pub lifetime: Duration,
+    /// Tells it from another access token without holding it (the first
+    /// 8 bytes of its SHA-256): two minted in the same second may expire
+    /// at the same time.
+    pub id: u64,
 }
 
 impl AccessToken {
+    /// Wraps a bearer valid until `expires_at` (wall-clock time), made to
+    /// live `lifetime`: one another replica obtained.
+    pub fn until(bearer: &str, expires_at: SystemTime, lifetime: Duration) -> AccessToken {
+        let left = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let mut access = AccessToken::new(bearer, left);
+        access.expires_at_wall = expires_at;
+        access.lifetime = lifetime;
+        access
+    }
+
     /// Wraps a bearer valid for `ttl` from now.
     pub fn new(bearer: &str, ttl: Duration) -> AccessToken {
         let mut value = Vec::with_capacity(7 + bearer.len());
@@ -167,8 +187,11 @@ impl AccessToken {
                 v.set_sensitive(true);
                 v
             });
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(bearer.as_bytes());
+        let id = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
         AccessToken {
             authorization,
+            id,
             expires_at: Instant::now() + ttl,
             expires_at_wall: SystemTime::now() + ttl,
             lifetime: ttl,
@@ -179,6 +202,15 @@ impl AccessToken {
     /// one. A secret: never log it.
     pub fn authorization(&self) -> Option<&HeaderValue> {
         self.authorization.as_ref()
+    }
+
+    /// The bearer itself (the `Authorization` value without `Bearer `),
+    /// to share with other replicas. A secret: never log it.
+    pub fn bearer(&self) -> Option<&str> {
+        self.authorization
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
     }
 
     /// Whether it is still valid at `now`.
@@ -229,7 +261,17 @@ struct Inner {
     refresh_token: Secret,
     /// Set when `refresh_token` came from a rotation.
     rotated: bool,
+    /// Rotations since the configured refresh token (0: it is in use). Of
+    /// two refresh tokens of one token, the one with more rotations is
+    /// the newer: replicas keep it, whoever rotated.
+    rotation: u64,
     last_error: Option<String>,
+    /// Wall-clock time (Unix ms) of the last change replicas share; 0
+    /// before the first.
+    stamp: u64,
+    /// The last shared change was an operator's enable: on every replica
+    /// it lifts a revocation.
+    enabled: bool,
 }
 
 /// One configured token and everything the proxy knows about it.
@@ -248,7 +290,14 @@ pub struct Token {
     last_used_ms: AtomicU64,
     /// Set when a transition happened that the state file should record.
     dirty: std::sync::atomic::AtomicBool,
+    /// Set when a change happened that other replicas should learn.
+    shared_dirty: AtomicBool,
+    /// Woken on such a change (the pool's, shared by every token).
+    changes: Arc<Notify>,
     access: ArcSwapOption<AccessToken>,
+    /// The id of the last access token dropped (after a 401): the same one
+    /// from another replica is not taken back.
+    dropped_access: AtomicU64,
     flight: Mutex<Option<Flight>>,
     inner: Mutex<Inner>,
     /// Whether a success would change nothing in `inner` (see
@@ -343,6 +392,8 @@ pub struct Snapshot {
 pub struct Restored {
     /// A rotated refresh token that replaces the configured one.
     pub refresh_token: Option<Secret>,
+    /// Its rotation count (at least 1 when `refresh_token` is set).
+    pub rotation: u64,
     /// The state it was in.
     pub state: Option<TokenState>,
     /// Why.
@@ -356,8 +407,9 @@ pub struct Restored {
 }
 
 impl Token {
-    /// A fresh, active token.
-    pub fn new(config: &TokenConfig, clock: Clock) -> Token {
+    /// A fresh, active token; `changes` is woken whenever it changes in a
+    /// way other replicas should learn.
+    pub fn new(config: &TokenConfig, clock: Clock, changes: Arc<Notify>) -> Token {
         Token {
             name: Arc::from(config.name.as_str()),
             tier: config.tier,
@@ -367,7 +419,10 @@ impl Token {
             requests: AtomicU64::new(0),
             last_used_ms: AtomicU64::new(0),
             dirty: std::sync::atomic::AtomicBool::new(false),
+            shared_dirty: AtomicBool::new(false),
+            changes,
             access: ArcSwapOption::empty(),
+            dropped_access: AtomicU64::new(0),
             flight: Mutex::new(None),
             clean: AtomicBool::new(true),
             inner: Mutex::new(Inner {
@@ -381,7 +436,10 @@ impl Token {
                 refresh_level: 0,
                 refresh_token: config.secret.clone(),
                 rotated: false,
+                rotation: 0,
                 last_error: None,
+                stamp: 0,
+                enabled: false,
             }),
         }
     }
@@ -430,7 +488,13 @@ impl Token {
         let mut inner = self.lock();
         inner.refresh_token = new;
         inner.rotated = true;
+        inner.rotation += 1;
         self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Rotations since the configured refresh token (0: it is in use).
+    pub fn rotation(&self) -> u64 {
+        self.lock().rotation
     }
 
     /// The rotated refresh token, if the current one came from a rotation.
@@ -479,7 +543,9 @@ impl Token {
 
     /// Forgets the access token (after a 401, or when the secret changed).
     pub fn drop_access(&self) {
-        self.access.store(None);
+        if let Some(old) = self.access.swap(None) {
+            self.dropped_access.store(old.id, Ordering::Relaxed);
+        }
     }
 
     /// The refresh in flight for this token, or a new one to start.
@@ -603,6 +669,7 @@ impl Token {
         let now = Instant::now();
         let mut inner = self.lock();
         let before = persisted(&inner);
+        let failures_before = inner.consecutive_failures;
         let trial = std::mem::take(&mut inner.trial);
         match outcome {
             Outcome::Success => {
@@ -672,6 +739,9 @@ impl Token {
         let after = persisted(&inner);
         if after != before {
             self.dirty.store(true, Ordering::Release);
+        }
+        if after != before || inner.consecutive_failures != failures_before {
+            self.mark_shared(&mut inner, false);
         }
         drop(inner);
         self.log_change((before.0, before.1), (after.0, after.1), after.2);
@@ -760,6 +830,7 @@ impl Token {
         inner.cooldown_until = None;
         self.gate.store(CLOSED, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
+        self.mark_shared(&mut inner, false);
         drop(inner);
         self.log_change(from, (TokenState::Disabled, Some(Reason::Manual)), None);
     }
@@ -777,6 +848,7 @@ impl Token {
         inner.last_error = None;
         self.activate(&mut inner);
         self.dirty.store(true, Ordering::Release);
+        self.mark_shared(&mut inner, true);
         drop(inner);
         self.log_change(from, (TokenState::Active, None), None);
     }
@@ -787,6 +859,7 @@ impl Token {
         if let Some(rt) = restored.refresh_token {
             inner.refresh_token = rt;
             inner.rotated = true;
+            inner.rotation = restored.rotation.max(1);
         }
         inner.backoff_level = restored.backoff_level;
         inner.quota_level = restored.quota_level;
@@ -816,6 +889,10 @@ impl Token {
                 }
             }
             _ => {}
+        }
+        if inner.state != TokenState::Active {
+            // Shared as older than any change a replica makes while running.
+            inner.stamp = 1;
         }
     }
 

@@ -2,6 +2,7 @@
 //! in-process simulated upstream, everything on 127.0.0.1 port 0.
 
 mod admin;
+mod cluster;
 mod config_files;
 mod conformance;
 mod deploy;
@@ -13,6 +14,7 @@ mod metrics;
 mod process;
 mod proxy;
 mod raw;
+mod redis_server;
 mod refresh;
 mod reload;
 mod upstream;

@@ -15,14 +15,14 @@ use tokenpool::sim::{AiBehaviour, RefreshBehaviour, RefreshMode};
 
 use crate::harness::{metric, rt, Setup, CLIENT_KEY};
 
-struct Running {
-    child: Child,
+pub(crate) struct Running {
+    pub(crate) child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     rx: mpsc::UnboundedReceiver<String>,
 }
 
 impl Running {
-    fn spawn(config: &std::path::Path) -> Running {
+    pub(crate) fn spawn(config: &std::path::Path) -> Running {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tokenpool"))
             .args(["--log-format", "json", "serve", "-c"])
             .arg(config)
@@ -48,7 +48,7 @@ impl Running {
     }
 
     /// Waits for a log line containing `needle`.
-    async fn wait_for(&mut self, needle: &str) -> String {
+    pub(crate) async fn wait_for(&mut self, needle: &str) -> String {
         let found = tokio::time::timeout(Duration::from_secs(20), async {
             while let Some(line) = self.rx.recv().await {
                 if line.contains(needle) {
@@ -65,6 +65,11 @@ impl Running {
                 self.lines.lock().unwrap().join("\n")
             ),
         }
+    }
+
+    /// Every line logged so far.
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
     }
 
     /// The address logged in field `field` of a line containing `needle`.

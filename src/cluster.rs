@@ -1,0 +1,532 @@
+//! Cluster mode (`[cluster]`, `docs/operations.md#replicas`): replicas
+//! share one pool through Redis.
+//!
+//! Shared, per token: its current refresh token (the one with the most
+//! rotations wins), its access token (the one that lives longest wins)
+//! and its state (the newest change wins; `revoked` is sticky). Not
+//! shared: round-robin cursors, request counters, metrics.
+//!
+//! The request path never waits on Redis, except a request that needs a
+//! refresh: [`Cluster::coordinate`] then takes another replica's fresh
+//! access token, or the token's lease (one refresh across the cluster), or
+//! waits for the replica that holds it. Everything else moves in the
+//! background (`cluster::sync`): local changes are written as they happen, other
+//! replicas' changes arrive by pub/sub and, for what pub/sub missed, by a
+//! check every `sync_interval`. Redis away or slow: every replica serves
+//! on its local state, and writes what changed meanwhile when it is back.
+//!
+//! `cluster::store` holds the key layout and the Lua scripts; [`seal`] the
+//! encryption of stored tokens.
+
+pub mod seal;
+mod store;
+mod sync;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::config::{ClusterConfig, Secret};
+use crate::metrics::{ClusterMetrics, Metrics};
+use crate::pool::token::short_fingerprint;
+use crate::pool::{AccessToken, Pool, SharedState, Stamp, Token, TokenState};
+use seal::{SealError, Sealer};
+use store::{GrantWrite, Record, StateWrite, Store};
+
+/// Longest wait for one Redis answer; past it the replica goes on alone.
+const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest wait to connect to Redis.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a replica waiting for another's refresh looks again.
+const LEASE_POLL: Duration = Duration::from_millis(100);
+
+/// What `/admin/pool` says of the cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    /// This replica's name.
+    pub node: String,
+    /// Whether it shares the pool now (false: serving on local state).
+    pub connected: bool,
+}
+
+/// How a refresh goes in a cluster.
+#[derive(Debug)]
+pub enum Coordination {
+    /// Another replica's access token (not the one held, which may have
+    /// met a 401, and not one that expires sooner) is installed: no
+    /// refresh needed.
+    Fresh,
+    /// This replica holds the token's lease: refresh, then
+    /// [`Cluster::finish`] and [`Cluster::release`].
+    Leader(Lease),
+    /// Redis is away or slow: refresh alone.
+    Alone,
+    /// While waiting, another replica took the token out of rotation.
+    Out,
+    /// Another replica's refresh did not end in time.
+    Busy,
+}
+
+/// A token's refresh lease, held by this replica.
+#[derive(Debug)]
+pub struct Lease {
+    id: String,
+    value: String,
+}
+
+/// One replica's link to the cluster.
+pub struct Cluster {
+    node: String,
+    sync_interval: Duration,
+    client: redis::Client,
+    store: Store,
+    sealer: Sealer,
+    /// The connection while connected.
+    conn: ArcSwapOption<MultiplexedConnection>,
+    connected: AtomicBool,
+    /// Woken when a request's exchange with Redis failed: the sync task
+    /// reconnects.
+    lost: Notify,
+    /// True once the first connection attempt ended, either way.
+    settled: watch::Sender<bool>,
+    metrics: ClusterMetrics,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A token's id in the cluster: its name and the fingerprint of its
+/// configured secret, so that an operator's new secret starts afresh.
+pub fn token_id(token: &Token) -> String {
+    format!(
+        "{}:{}",
+        token.name(),
+        short_fingerprint(token.configured_secret())
+    )
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Cluster {
+    /// A link for `config`; nothing is connected until [`Cluster::spawn`].
+    pub fn new(config: &ClusterConfig, metrics: &Metrics) -> anyhow::Result<Cluster> {
+        let url = config.redis.expose();
+        let client = match &config.ca_pem {
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "[cluster] redis: cannot use this URL ({})",
+                store::describe(&e)
+            )
+        })?;
+        let metrics = metrics.cluster();
+        metrics.up.set(0);
+        Ok(Cluster {
+            node: config.node.clone(),
+            sync_interval: config.sync_interval,
+            client,
+            store: Store::new(&config.key_prefix, &config.node),
+            sealer: Sealer::new(config.encryption_key.as_ref()),
+            conn: ArcSwapOption::empty(),
+            connected: AtomicBool::new(false),
+            lost: Notify::new(),
+            settled: watch::Sender::new(false),
+            metrics,
+        })
+    }
+
+    /// This replica's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the pool is shared now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// What `/admin/pool` shows.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            node: self.node.clone(),
+            connected: self.connected(),
+        }
+    }
+
+    /// Starts the task that keeps this replica's pool and the cluster's
+    /// in step, on the pool `current` gives (it changes with reloads).
+    pub fn spawn<F>(self: &Arc<Self>, current: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn() -> Arc<Pool> + Send + Sync + 'static,
+    {
+        tokio::spawn(sync::Syncer::new(Arc::clone(self), current).run())
+    }
+
+    /// Waits, at most `within`, until the first connection attempt ended:
+    /// the background refresher starts after it, so that replicas that
+    /// start together do not all refresh every token.
+    pub async fn settled(&self, within: Duration) {
+        let mut rx = self.settled.subscribe();
+        let _ = tokio::time::timeout(within, rx.wait_for(|s| *s)).await;
+    }
+
+    /// Writes every change not yet shared (at shutdown), within `within`.
+    pub async fn flush(&self, pool: &Pool, within: Duration) {
+        let Some(mut conn) = self.conn() else {
+            return;
+        };
+        let dirty: Vec<&Arc<Token>> = pool
+            .tokens()
+            .iter()
+            .filter(|t| t.take_shared_dirty())
+            .collect();
+        let writes = async {
+            for token in dirty {
+                if self.write_state(&mut conn, token).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, writes).await;
+    }
+
+    fn conn(&self) -> Option<MultiplexedConnection> {
+        if !self.connected() {
+            return None;
+        }
+        self.conn.load_full().map(|c| (*c).clone())
+    }
+
+    fn set_up(&self, conn: MultiplexedConnection) {
+        self.conn.store(Some(Arc::new(conn)));
+        self.connected.store(true, Ordering::Release);
+        self.metrics.up.set(1);
+    }
+
+    fn set_down(&self) {
+        self.connected.store(false, Ordering::Release);
+        self.conn.store(None);
+        self.metrics.up.set(0);
+    }
+
+    /// A request's exchange with Redis failed: go on alone, and have the
+    /// sync task reconnect (it says so in the log).
+    fn lost(&self, e: &redis::RedisError) {
+        tracing::debug!(error = %store::describe(e), "a refresh's exchange with Redis failed");
+        self.metrics.exchange(false);
+        self.set_down();
+        self.lost.notify_waiters();
+    }
+
+    /// Decides how `token`'s refresh goes: see [`Coordination`]. `ttl` is
+    /// how long a lease lasts (the refresh timeout and a second).
+    pub async fn coordinate(&self, token: &Token, ttl: Duration) -> Coordination {
+        let Some(mut conn) = self.conn() else {
+            return Coordination::Alone;
+        };
+        let id = token_id(token);
+        let held = token.access().map(|a| a.id);
+        // A live holder is done within its lease; a dead one's expires.
+        let give_up = Instant::now() + ttl + LEASE_POLL * 2;
+        loop {
+            let record = match self.store.records(&mut conn, &[&id]).await {
+                Ok(mut records) => records.pop().unwrap_or_default(),
+                Err(e) => {
+                    self.lost(&e);
+                    return Coordination::Alone;
+                }
+            };
+            self.metrics.exchange(true);
+            match self.take(token, &id, &record) {
+                Ok(n) => self.metrics.received(n),
+                Err(e) => {
+                    tracing::warn!(token = token.name(), error = %e, "refreshing alone");
+                    return Coordination::Alone;
+                }
+            }
+            if token
+                .access()
+                .is_some_and(|a| Some(a.id) != held && a.valid_at(Instant::now()))
+            {
+                return Coordination::Fresh;
+            }
+            if token.is_out_for_good() {
+                return Coordination::Out;
+            }
+            let value = format!("{} {:016x}", self.node, fastrand::u64(..));
+            let ttl_ms = ttl.as_millis().max(1) as u64;
+            match self.store.take_lease(&mut conn, &id, &value, ttl_ms).await {
+                Ok(true) => return Coordination::Leader(Lease { id, value }),
+                Ok(false) => {}
+                Err(e) => {
+                    self.lost(&e);
+                    return Coordination::Alone;
+                }
+            }
+            if Instant::now() >= give_up {
+                return Coordination::Busy;
+            }
+            // Another replica refreshes: its result shows in the record.
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+    }
+
+    /// Shares what a refresh of `token` brought: its access token, and its
+    /// refresh token if `rotated`. Without Redis, it is shared on return.
+    pub async fn finish(&self, token: &Token, rotated: bool) {
+        let Some(mut conn) = self.conn() else {
+            return;
+        };
+        if let Err(e) = self.write_grant(&mut conn, token, rotated, true).await {
+            self.lost(&e);
+        }
+    }
+
+    /// Gives a lease back (it expires by itself if this fails).
+    pub async fn release(&self, lease: Lease) {
+        if let Some(mut conn) = self.conn() {
+            if let Err(e) = self
+                .store
+                .release_lease(&mut conn, &lease.id, &lease.value)
+                .await
+            {
+                self.lost(&e);
+            }
+        }
+    }
+
+    /// Before `token` is revoked because the refresh endpoint rejected
+    /// `used` (the fingerprint of the refresh token sent): whether another
+    /// replica holds a newer refresh token, now taken here. A rejection
+    /// of a superseded refresh token is no revocation.
+    pub async fn superseded(&self, token: &Token, used: &str) -> bool {
+        let Some(mut conn) = self.conn() else {
+            return false;
+        };
+        let id = token_id(token);
+        let record = match self.store.records(&mut conn, &[&id]).await {
+            Ok(mut records) => records.pop().unwrap_or_default(),
+            Err(e) => {
+                self.lost(&e);
+                return false;
+            }
+        };
+        let Some(fp) = record.get("rt_fp").filter(|fp| *fp != used) else {
+            return false;
+        };
+        let Some(stored) = record.get("rt") else {
+            return false;
+        };
+        let rotation = field(&record, "rt_gen");
+        match self.sealer.open(&id, "rt", stored) {
+            Ok(rt) => {
+                let taken = token.adopt_refresh_token(Secret::new(rt), rotation, true);
+                tracing::info!(
+                    token = token.name(),
+                    stored = %fp,
+                    "the refresh endpoint rejected a refresh token another replica has replaced; taking the newer one"
+                );
+                taken
+            }
+            Err(e) => {
+                tracing::warn!(token = token.name(), error = %e, "cannot read the cluster's refresh token");
+                false
+            }
+        }
+    }
+
+    /// Takes what `record` holds that is newer than `token` has: refresh
+    /// token, state, access token. Returns how many were taken.
+    fn take(&self, token: &Token, id: &str, record: &Record) -> Result<u64, SealError> {
+        let node = record.get("node").map_or("?", String::as_str);
+        let mut taken = 0;
+        if let (Some(stored), Some(fp)) = (record.get("rt"), record.get("rt_fp")) {
+            let rotation = field(record, "rt_gen");
+            if rotation > token.rotation() && *fp != token.refresh_fingerprint() {
+                let rt = self.sealer.open(id, "rt", stored)?;
+                if token.adopt_refresh_token(Secret::new(rt), rotation, false) {
+                    tracing::info!(
+                        token = token.name(),
+                        node,
+                        "refresh token rotated by another replica"
+                    );
+                    taken += 1;
+                }
+            }
+        }
+        if let Some(json) = record.get("st") {
+            match serde_json::from_str::<SharedState>(json) {
+                Ok(mut state) => {
+                    state.stamp = Stamp {
+                        at: field(record, "stamp"),
+                        revoked: state.state == TokenState::Revoked,
+                        enabled: record.get("enabled").is_some_and(|e| e == "1"),
+                    };
+                    if token.apply_shared(&state, node) {
+                        taken += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(token = token.name(), error = %e, "a shared token state does not parse; ignored")
+                }
+            }
+        }
+        if let Some(stored) = record.get("at") {
+            let expires = field(record, "at_exp");
+            let held = token.access().map_or(0, |a| unix_ms(a.expires_at_wall));
+            if expires >= held && expires > unix_ms(SystemTime::now()) && !token.is_out_for_good() {
+                let bearer = self.sealer.open(id, "at", stored)?;
+                let access = AccessToken::until(
+                    &bearer,
+                    UNIX_EPOCH + Duration::from_millis(expires),
+                    Duration::from_millis(field(record, "at_life")),
+                );
+                if token.adopt_access(access) {
+                    taken += 1;
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Writes `token`'s state, if it ever changed; whether it was taken.
+    async fn write_state(
+        &self,
+        conn: &mut MultiplexedConnection,
+        token: &Token,
+    ) -> redis::RedisResult<bool> {
+        let state = token.shared_state();
+        if state.stamp.at == 0 {
+            return Ok(false);
+        }
+        let json = serde_json::to_string(&state).expect("a token state serialises");
+        let revoked_fp = if state.stamp.revoked {
+            state.refresh_fp.as_str()
+        } else {
+            ""
+        };
+        let id = token_id(token);
+        let configured_fp = short_fingerprint(token.configured_secret());
+        let version = self
+            .store
+            .put_state(
+                conn,
+                &StateWrite {
+                    id: &id,
+                    stamp: state.stamp.at,
+                    revoked_fp,
+                    enabled: state.stamp.enabled,
+                    json: &json,
+                    configured_fp: &configured_fp,
+                },
+            )
+            .await?;
+        self.metrics.exchange(true);
+        if version > 0 {
+            self.metrics.sent(1);
+        }
+        Ok(version > 0)
+    }
+
+    /// Writes `token`'s access token (`fresh`: just obtained) and, with
+    /// `rotated` (or on return from an outage), its refresh token. A
+    /// refresh token refused because another replica's is as new is
+    /// replaced by that one here.
+    async fn write_grant(
+        &self,
+        conn: &mut MultiplexedConnection,
+        token: &Token,
+        rotated: bool,
+        fresh: bool,
+    ) -> redis::RedisResult<bool> {
+        let id = token_id(token);
+        let rotation = token.rotation();
+        let refresh = (rotated && rotation > 0).then(|| {
+            let rt = token.refresh_token();
+            (
+                short_fingerprint(&rt),
+                self.sealer.seal(&id, "rt", rt.expose()),
+            )
+        });
+        let access = token.valid_access(Instant::now()).and_then(|a| {
+            a.bearer().map(|b| {
+                (
+                    self.sealer.seal(&id, "at", b),
+                    unix_ms(a.expires_at_wall),
+                    a.lifetime.as_millis() as u64,
+                )
+            })
+        });
+        if refresh.is_none() && access.is_none() {
+            return Ok(false);
+        }
+        let (outcome, version) = self
+            .store
+            .grant(
+                conn,
+                &GrantWrite {
+                    id: &id,
+                    rotated: refresh
+                        .as_ref()
+                        .map(|(fp, sealed)| (rotation, fp.as_str(), sealed.as_str())),
+                    access: access
+                        .as_ref()
+                        .map(|(sealed, exp, life)| (sealed.as_str(), *exp, *life)),
+                    fresh,
+                },
+            )
+            .await?;
+        self.metrics.exchange(true);
+        if version > 0 {
+            self.metrics.sent(1);
+        }
+        if outcome < 0 {
+            let record = self
+                .store
+                .records(conn, &[&id])
+                .await?
+                .pop()
+                .unwrap_or_default();
+            if let Some(stored) = record.get("rt") {
+                if let Ok(rt) = self.sealer.open(&id, "rt", stored) {
+                    let stored_rotation = field(&record, "rt_gen");
+                    if token.adopt_refresh_token(Secret::new(rt), stored_rotation, true) {
+                        tracing::warn!(
+                            token = token.name(),
+                            "another replica rotated this refresh token at the same time; \
+                             every replica now uses the one it stored"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(version > 0)
+    }
+}
+
+/// A numeric field of a record (0 when missing or not a number).
+fn field(record: &Record, name: &str) -> u64 {
+    record.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+}

@@ -1,0 +1,450 @@
+//! What replicas share of a token (cluster mode): its state as a
+//! [`SharedState`] stamped with the time of the change, the rule by which
+//! a change made elsewhere is taken ([`accepts`]), and taking a refresh or
+//! access token another replica obtained.
+//!
+//! The pool knows nothing of Redis: the cluster module moves these values.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{AccessToken, Inner, Reason, Token, TokenState, CLOSED};
+use crate::config::Secret;
+
+/// How a shared change is ordered against another.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stamp {
+    /// Wall-clock time of the change, Unix ms (0: no change yet).
+    pub at: u64,
+    /// The change revoked the token.
+    pub revoked: bool,
+    /// The change was an operator's enable.
+    pub enabled: bool,
+}
+
+/// Whether a change stamped `remote` replaces the state stamped `local`.
+///
+/// The newer change wins, except that `revoked` is sticky: a newer change
+/// lifts a revocation only if it is an operator's enable, and an older
+/// revocation still wins over a newer change that is not one (the refresh
+/// token is dead, whatever happened to the token since). The cluster's
+/// Redis script applies the same rule to what it stores.
+pub fn accepts(local: Stamp, remote: Stamp) -> bool {
+    if remote.at > local.at {
+        !local.revoked || remote.revoked || remote.enabled
+    } else {
+        remote.revoked && !local.revoked && !local.enabled
+    }
+}
+
+/// A token's state as replicas share it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedState {
+    /// Its state.
+    pub state: TokenState,
+    /// Why it is not active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// When its cooldown or recovery wait ends, Unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
+    /// Consecutive token-fault failures.
+    #[serde(default)]
+    pub failures: u32,
+    /// Failed recovery trials.
+    #[serde(default)]
+    pub backoff_level: u32,
+    /// Consecutive quota cooldowns.
+    #[serde(default)]
+    pub quota_level: u32,
+    /// Fingerprint of the refresh token in use when the change was made:
+    /// a revocation is of that refresh token, and of no later one.
+    pub refresh_fp: String,
+    /// When and what kind of change it was (kept beside the value in
+    /// Redis, where the merge script reads it).
+    #[serde(skip)]
+    pub stamp: Stamp,
+}
+
+/// The short fingerprint (16 hex digits of SHA-256) that names a refresh
+/// token in shared records without revealing it.
+pub fn short_fingerprint(secret: &Secret) -> String {
+    let mut fp = secret.fingerprint();
+    fp.truncate(16);
+    fp
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Token {
+    /// Records a change other replicas should learn: stamps it (never
+    /// twice with the same time) and wakes the cluster's sync task.
+    pub(super) fn mark_shared(&self, inner: &mut Inner, enabled: bool) {
+        inner.stamp = unix_ms(SystemTime::now()).max(inner.stamp + 1);
+        inner.enabled = enabled;
+        self.shared_dirty.store(true, Ordering::Release);
+        self.changes.notify_one();
+    }
+
+    /// Whether a change other replicas should learn happened since the
+    /// last call.
+    pub fn take_shared_dirty(&self) -> bool {
+        self.shared_dirty.swap(false, Ordering::AcqRel)
+    }
+
+    /// Marks the token's state as not yet shared (a write that failed).
+    pub fn mark_shared_dirty(&self) {
+        self.shared_dirty.store(true, Ordering::Release);
+    }
+
+    /// Its state as replicas share it.
+    pub fn shared_state(&self) -> SharedState {
+        let inner = self.lock();
+        let now = Instant::now();
+        let now_wall = SystemTime::now();
+        let until = inner.cooldown_until.map(|u| {
+            if u >= now {
+                unix_ms(now_wall + (u - now))
+            } else {
+                unix_ms(now_wall).saturating_sub((now - u).as_millis() as u64)
+            }
+        });
+        SharedState {
+            state: inner.state,
+            reason: inner.reason,
+            until,
+            failures: inner.consecutive_failures,
+            backoff_level: inner.backoff_level,
+            quota_level: inner.quota_level,
+            refresh_fp: short_fingerprint(&inner.refresh_token),
+            stamp: Stamp {
+                at: inner.stamp,
+                revoked: inner.state == TokenState::Revoked,
+                enabled: inner.enabled,
+            },
+        }
+    }
+
+    /// Takes a change made on replica `node`, if [`accepts`] says so and,
+    /// for a revocation, it is of the refresh token this replica uses.
+    /// Returns whether it was taken.
+    pub fn apply_shared(&self, remote: &SharedState, node: &str) -> bool {
+        let mut inner = self.lock();
+        let local = Stamp {
+            at: inner.stamp,
+            revoked: inner.state == TokenState::Revoked,
+            enabled: inner.enabled,
+        };
+        if !accepts(local, remote.stamp) {
+            return false;
+        }
+        if remote.state == TokenState::Revoked
+            && remote.refresh_fp != short_fingerprint(&inner.refresh_token)
+        {
+            // It revoked a refresh token this replica has replaced since.
+            return false;
+        }
+        let from = (inner.state, inner.reason);
+        let now = Instant::now();
+        let now_wall = SystemTime::now();
+        let until = remote.until.map(|ms| {
+            let at = UNIX_EPOCH + Duration::from_millis(ms);
+            match at.duration_since(now_wall) {
+                Ok(ahead) => now + ahead,
+                Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
+            }
+        });
+        inner.state = remote.state;
+        inner.reason = remote.reason;
+        inner.cooldown_until = match remote.state {
+            TokenState::Active | TokenState::Revoked => None,
+            _ => until,
+        };
+        inner.consecutive_failures = remote.failures;
+        inner.backoff_level = remote.backoff_level;
+        inner.quota_level = remote.quota_level;
+        inner.trial = false;
+        inner.stamp = remote.stamp.at;
+        inner.enabled = remote.stamp.enabled;
+        if remote.stamp.enabled {
+            inner.refresh_level = 0;
+        }
+        inner.last_error = match (remote.state, remote.reason) {
+            (_, Some(Reason::Manual)) => inner.last_error.take(),
+            (TokenState::Active, _) if remote.failures == 0 => None,
+            (_, Some(reason)) => Some(reason.as_str().to_string()),
+            (_, None) => inner.last_error.take(),
+        };
+        let gate = match (remote.state, remote.reason) {
+            (TokenState::Active, _) => 0,
+            (TokenState::Revoked, _) | (TokenState::Disabled, Some(Reason::Manual)) => CLOSED,
+            _ => self.clock.millis(inner.cooldown_until.unwrap_or(now)),
+        };
+        self.gate.store(gate, Ordering::Release);
+        self.dirty.store(true, Ordering::Release);
+        drop(inner);
+        if remote.state == TokenState::Revoked {
+            self.drop_access();
+        }
+        if from != (remote.state, remote.reason) {
+            tracing::info!(
+                token = self.name(),
+                tier = self.tier.as_str(),
+                from = from.0.as_str(),
+                to = remote.state.as_str(),
+                reason = remote.reason.map_or("-", Reason::as_str),
+                node,
+                "token state changed on another replica"
+            );
+        }
+        true
+    }
+
+    /// The short fingerprint of the refresh token in use.
+    pub fn refresh_fingerprint(&self) -> String {
+        short_fingerprint(&self.lock().refresh_token)
+    }
+
+    /// Takes the refresh token another replica rotated to, if it is newer
+    /// (more rotations; on a tie, only when `tie` says the other one won).
+    /// A revocation seen here was of the token it replaced, so it is
+    /// lifted. Returns whether anything changed.
+    pub fn adopt_refresh_token(&self, refresh_token: Secret, rotation: u64, tie: bool) -> bool {
+        let mut inner = self.lock();
+        let newer = rotation > inner.rotation || (tie && rotation == inner.rotation);
+        if !newer || inner.refresh_token == refresh_token {
+            return false;
+        }
+        inner.rotated = refresh_token != self.configured;
+        inner.refresh_token = refresh_token;
+        inner.rotation = rotation;
+        self.dirty.store(true, Ordering::Release);
+        let lifted = inner.state == TokenState::Revoked;
+        if lifted {
+            inner.state = TokenState::Active;
+            inner.reason = None;
+            inner.cooldown_until = None;
+            inner.consecutive_failures = 0;
+            inner.last_error = None;
+            self.gate.store(0, Ordering::Release);
+        }
+        drop(inner);
+        if lifted {
+            tracing::info!(
+                token = self.name(),
+                tier = self.tier.as_str(),
+                "token back in rotation: another replica holds a newer refresh token"
+            );
+        }
+        true
+    }
+
+    /// Installs an access token another replica obtained, unless it is
+    /// the one held, expires before it, or is the one this replica dropped
+    /// after a 401. Returns whether it was installed.
+    pub fn adopt_access(&self, access: AccessToken) -> bool {
+        if access.id == self.dropped_access.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.access.load().as_ref().is_some_and(|held| {
+            held.id == access.id || held.expires_at_wall > access.expires_at_wall
+        }) {
+            return false;
+        }
+        self.set_access(access);
+        true
+    }
+
+    /// Whether only an operator (or a new secret, or a newer refresh
+    /// token from another replica) brings it back: revoked, or disabled
+    /// by hand.
+    pub fn is_out_for_good(&self) -> bool {
+        self.gate.load(Ordering::Acquire) == CLOSED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Tier, TokenConfig, TokenOrigin};
+    use crate::pool::{Clock, Outcome, PoolSettings};
+    use std::sync::Arc;
+
+    fn stamp(at: u64, revoked: bool, enabled: bool) -> Stamp {
+        Stamp {
+            at,
+            revoked,
+            enabled,
+        }
+    }
+
+    #[test]
+    fn the_newer_change_wins_and_revoked_is_sticky() {
+        let plain = |at| stamp(at, false, false);
+        let revoked = |at| stamp(at, true, false);
+        let enable = |at| stamp(at, false, true);
+        for (local, remote, taken) in [
+            (plain(1), plain(2), true),
+            (plain(2), plain(1), false),
+            (plain(2), plain(2), false),
+            (plain(0), revoked(5), true),
+            // An older revocation still wins over a newer plain change...
+            (plain(9), revoked(5), true),
+            // ...but not over a newer enable.
+            (enable(9), revoked(5), false),
+            // A newer plain change does not lift a revocation; an enable does.
+            (revoked(5), plain(9), false),
+            (revoked(5), enable(9), true),
+            (revoked(5), enable(3), false),
+            (revoked(5), revoked(9), true),
+            (revoked(9), revoked(5), false),
+        ] {
+            assert_eq!(accepts(local, remote), taken, "{local:?} <- {remote:?}");
+        }
+    }
+
+    fn settings() -> PoolSettings {
+        PoolSettings {
+            failure_threshold: 3,
+            cooldown: Duration::from_secs(60),
+            quota_cooldown: Duration::from_secs(600),
+            max_cooldown: Duration::from_secs(3600),
+            recovery_backoff: Duration::from_secs(60),
+            max_recovery_backoff: Duration::from_secs(600),
+        }
+    }
+
+    fn token() -> Token {
+        let config = TokenConfig {
+            name: "alice".into(),
+            tier: Tier::Personal,
+            secret: Secret::new("rt-alice"),
+            origin: TokenOrigin::File,
+        };
+        Token::new(&config, Clock::new(), Arc::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_changes_are_shared_and_a_change_travels_whole() {
+        let a = token();
+        let s = settings();
+        a.report(Outcome::Success, &s);
+        assert!(
+            !a.take_shared_dirty(),
+            "a success on a healthy token is no change"
+        );
+        a.report(Outcome::QuotaExhausted, &s);
+        assert!(a.take_shared_dirty());
+        let shared = a.shared_state();
+        assert_eq!(shared.state, TokenState::CoolingDown);
+        assert_eq!(shared.reason, Some(Reason::QuotaExhausted));
+        assert!(shared.stamp.at > 0);
+
+        // Another replica's copy of the same token takes it, and is out
+        // of rotation until the same time.
+        let b = token();
+        assert!(b.apply_shared(&shared, "a"));
+        assert!(!b.take_shared_dirty(), "a change taken is not sent back");
+        let now_ms = b.clock.now_millis();
+        assert!(!b.try_acquire(now_ms, &s));
+        assert_eq!(b.shared_state().until, shared.until);
+        // Taken once only.
+        assert!(!b.apply_shared(&shared, "a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revocation_holds_until_an_enable_and_only_for_its_refresh_token() {
+        let s = settings();
+        let a = token();
+        a.report(Outcome::Revoked, &s);
+        let revoked = a.shared_state();
+        let b = token();
+        b.report(Outcome::Failure(Reason::Forbidden), &s);
+        let newer_failure = b.shared_state();
+        assert!(b.apply_shared(&revoked, "a"), "an older revocation wins");
+        assert!(b.is_out_for_good());
+        assert!(!b.apply_shared(&newer_failure, "b"));
+
+        // An operator's enable on a third replica lifts it everywhere.
+        let c = token();
+        c.apply_shared(&revoked, "a");
+        // Stamped after the revocation it lifts, whatever the wall clock says.
+        c.enable();
+        let enabled = c.shared_state();
+        assert!(enabled.stamp.enabled);
+        assert!(b.apply_shared(&enabled, "c"));
+        assert!(!b.is_out_for_good());
+
+        // A revocation of a refresh token another replica has replaced
+        // means nothing, and a newer refresh token lifts one seen here.
+        let d = token();
+        d.adopt_refresh_token(Secret::new("rt-alice-2"), 1, false);
+        assert!(!d.apply_shared(&revoked, "a"));
+        let e = token();
+        e.report(Outcome::Revoked, &s);
+        assert!(e.adopt_refresh_token(Secret::new("rt-alice-2"), 1, false));
+        assert!(!e.is_out_for_good());
+        assert!(!e.adopt_refresh_token(Secret::new("rt-alice-2"), 1, false));
+    }
+
+    #[test]
+    fn the_refresh_token_with_more_rotations_wins() {
+        let a = token();
+        a.rotate(Secret::new("rt-alice-2"));
+        a.rotate(Secret::new("rt-alice-3"));
+        assert_eq!(a.rotation(), 2);
+        // An older one from another replica is not taken...
+        assert!(!a.adopt_refresh_token(Secret::new("rt-alice-2"), 1, false));
+        // ...a rival of the same age only when it won in Redis...
+        assert!(!a.adopt_refresh_token(Secret::new("rt-alice-x"), 2, false));
+        assert!(a.adopt_refresh_token(Secret::new("rt-alice-x"), 2, true));
+        // ...a newer one always.
+        assert!(a.adopt_refresh_token(Secret::new("rt-alice-4"), 3, false));
+        assert_eq!(a.refresh_token(), Secret::new("rt-alice-4"));
+        assert_eq!(a.rotated_refresh_token(), Some(Secret::new("rt-alice-4")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_access_token_is_taken_only_if_it_outlives_the_one_held() {
+        let a = token();
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let sooner = SystemTime::now() + Duration::from_secs(60);
+        assert!(a.adopt_access(AccessToken::until(
+            "jwt-1",
+            later,
+            Duration::from_secs(3600)
+        )));
+        assert!(!a.adopt_access(AccessToken::until(
+            "jwt-0",
+            sooner,
+            Duration::from_secs(3600)
+        )));
+        assert!(!a.adopt_access(AccessToken::until(
+            "jwt-1",
+            later,
+            Duration::from_secs(3600)
+        )));
+        let held = a.valid_access(Instant::now()).unwrap();
+        assert_eq!(held.authorization().unwrap(), "Bearer jwt-1");
+        assert_eq!(held.lifetime, Duration::from_secs(3600));
+        // Dropped after a 401: the same one is not taken back.
+        a.drop_access();
+        assert!(!a.adopt_access(AccessToken::until(
+            "jwt-1",
+            later,
+            Duration::from_secs(3600)
+        )));
+        // Another one expiring in the same second is taken.
+        assert!(a.adopt_access(AccessToken::until(
+            "jwt-2",
+            later,
+            Duration::from_secs(3600)
+        )));
+    }
+}
