@@ -149,6 +149,22 @@ panel("timeseries", "Upstream time to headers by tier",
       [(f'histogram_quantile(0.99, sum by (le, tier) (rate(tokenpool_upstream_response_seconds_bucket{{{SEL_TIER}}}[$__rate_interval])))', "p99 {{tier}}")], "s")
 end_row()
 
+row("Quota")
+panel("timeseries", "Remaining quota by tier",
+      "Requests left in the tokens' quotas, summed by tier, as the upstream last said (answer headers, or `[quota]` polls), less those answered since. Tokens whose quota is unknown or unlimited are not counted.",
+      [(f'sum by (tier) (tokenpool_token_quota_remaining{{{SEL_TIER}}})', "{{tier}}")], "short", w=8)
+panel("timeseries", "Time to exhaustion by tier",
+      "Remaining quota of a tier divided by the rate its tokens are answered (2xx) over the last hour: when the tier runs dry at this pace.",
+      [(f'sum by (tier) (tokenpool_token_quota_remaining{{{SEL_TIER}}}) / sum by (tier) (rate(tokenpool_upstream_requests_total{{{SEL_TIER}, code=~"2.."}}[1h]))', "{{tier}}")], "s", w=8)
+panel("timeseries", "Remaining quota by token",
+      "Requests left per token; a token at 0 rests until its quota refills.",
+      [(f'max by (token) (tokenpool_token_quota_remaining{{{SEL_TOKEN}}})', "{{token}}")], "short", w=8)
+panel("timeseries", "Quota polls and session affinity",
+      "Polls of the quota endpoint by result; requests of sessions (`[pool] affinity_header`) by how they were placed: hit (on their token), moved (it was unavailable), none (no session header).",
+      [(f'sum by (result) (rate(tokenpool_quota_polls_total{{{SEL}}}[$__rate_interval]))', "poll {{result}}"),
+       (f'sum by (result) (rate(tokenpool_affinity_total{{{SEL}}}[$__rate_interval]))', "session {{result}}")], "ops", w=12)
+end_row()
+
 row("Cluster")
 panel("stat", "Replicas sharing the pool",
       "Replicas connected to the cluster's Redis, out of those exporting `tokenpool_cluster_up` (only with `[cluster]`). A replica at 0 serves on its local state.",

@@ -240,6 +240,12 @@ fn token_json(s: &Snapshot) -> Value {
         "requests": s.requests,
         "last_used_at": rfc3339(s.last_used_at),
         "last_error": s.last_error,
+        "quota": s.quota.map(|q| json!({
+            "limit": q.limit,
+            "remaining": q.remaining,
+            "resets_at": rfc3339(q.resets_at),
+            "unlimited": q.unlimited,
+        })),
     })
 }
 

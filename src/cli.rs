@@ -13,7 +13,7 @@ use crate::config::{process_env, Config};
 use crate::generation::Generations;
 use crate::run::Listeners;
 use crate::shutdown::shutdown_pair;
-use crate::sim::{AiBehaviour, RefreshBehaviour, Sim};
+use crate::sim::{RefreshBehaviour, Sim};
 
 /// tokenpool: a reverse proxy that puts a pooled upstream credential on
 /// every request.
@@ -244,7 +244,12 @@ async fn demo(redis: Option<String>) -> anyhow::Result<()> {
     ] {
         sim.add_account(id, rt);
     }
-    sim.set_ai("bob", AiBehaviour::Quota);
+    // Monthly quotas, as Warp's: alice has most of hers, bob none left
+    // (the quota poll tells, so he rests without a failed request), dave
+    // (anonymous) has no limit here.
+    let refill = std::time::SystemTime::now() + Duration::from_secs(20 * 24 * 3600);
+    sim.set_quota("alice", 150, 12, refill);
+    sim.set_quota("bob", 150, 150, refill);
     sim.set_refresh("carol", RefreshBehaviour::Revoked);
     let text = format!(
         r#"
@@ -260,6 +265,8 @@ url = "{refresh}"
 [pool]
 cooldown = "30s"
 quota_cooldown = "2m"
+[quota]
+provider = "warp"
 {cluster}
 [[tokens]]
 name = "alice"
@@ -380,6 +387,19 @@ pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
         serde_json::Value::Null => "-".to_string(),
         other => other.to_string(),
     };
+    // What is left of a quota: "12/150", "12" without a known limit,
+    // "unlimited", or "-".
+    let quota = |q: &serde_json::Value| -> String {
+        if q["unlimited"] == true {
+            return "unlimited".into();
+        }
+        match (q["remaining"].as_u64(), q["limit"].as_u64()) {
+            (Some(r), Some(l)) => format!("{r}/{l}"),
+            (Some(r), None) => r.to_string(),
+            (None, Some(l)) => format!("?/{l}"),
+            (None, None) => "-".into(),
+        }
+    };
     let header = [
         "NAME",
         "TIER",
@@ -388,9 +408,11 @@ pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
         "FAILS",
         "BACK IN",
         "EXPIRES IN",
+        "QUOTA",
+        "REFILLS IN",
         "REQUESTS",
     ];
-    let mut rows: Vec<[String; 8]> = Vec::new();
+    let mut rows: Vec<[String; 10]> = Vec::new();
     for t in doc["tokens"].as_array().into_iter().flatten() {
         rows.push([
             text(&t["name"]),
@@ -400,6 +422,8 @@ pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
             text(&t["consecutive_failures"]),
             left(&t["cooldown_until"]),
             left(&t["access_token_expires_at"]),
+            quota(&t["quota"]),
+            left(&t["quota"]["resets_at"]),
             text(&t["requests"]),
         ]);
     }
@@ -440,7 +464,7 @@ pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
         let mut l = String::new();
         for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
             // Counts are right-aligned, words left-aligned.
-            let right = matches!(i, 4 | 7);
+            let right = matches!(i, 4 | 7 | 9);
             let pad = w.saturating_sub(cell.chars().count());
             if i > 0 {
                 l.push_str("  ");
@@ -475,7 +499,8 @@ mod tests {
             "tokens": [
                 {"name": "a", "tier": "personal", "state": "active", "reason": null,
                  "consecutive_failures": 0, "cooldown_until": null,
-                 "access_token_expires_at": "2026-11-30T11:00:00Z", "requests": 12},
+                 "access_token_expires_at": "2026-11-30T11:00:00Z", "requests": 12,
+                 "quota": {"limit": 150, "remaining": 138, "resets_at": "2026-12-01T00:00:00Z", "unlimited": false}},
                 {"name": "a-much-longer-name", "tier": "shared", "state": "cooling_down",
                  "reason": "quota_exhausted", "consecutive_failures": 2,
                  "cooldown_until": "2026-11-30T10:30:00Z", "access_token_expires_at": null,
@@ -498,6 +523,11 @@ mod tests {
         assert_eq!(col(lines[1], 1), col(lines[2], 1), "{table}");
         assert_eq!(col(lines[1], 1), col(lines[3], 1), "{table}");
         assert!(lines[2].contains("1h"), "{table}");
+        assert!(
+            lines[2].contains("138/150") && lines[2].contains("14h"),
+            "{table}"
+        );
+        assert!(lines[1].contains("QUOTA"), "{table}");
         assert!(lines[3].contains("30m"), "{table}");
         // A static key never expires: "-", not "9years 11months".
         assert!(lines[3].contains("quota_exhausted"));

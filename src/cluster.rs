@@ -45,6 +45,13 @@ const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a replica waiting for another's refresh looks again.
 const LEASE_POLL: Duration = Duration::from_millis(100);
+/// How long a refresh lease lasts unless its holder renews it (every third
+/// of it, while its call runs): a dead holder's lease is gone this soon.
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How long a refresh waits at start for the first connection to Redis,
+/// rather than refresh alone with a refresh token the cluster may have
+/// replaced.
+const STARTUP_WAIT: Duration = Duration::from_secs(3);
 
 /// What `/admin/pool` says of the cluster.
 #[derive(Debug, Clone, Serialize)]
@@ -62,8 +69,8 @@ pub enum Coordination {
     /// met a 401, and not one that expires sooner) is installed: no
     /// refresh needed.
     Fresh,
-    /// This replica holds the token's lease: refresh, then
-    /// [`Cluster::finish`] and [`Cluster::release`].
+    /// This replica holds the token's lease: refresh ([`Cluster::holding`]
+    /// it), then [`Cluster::finish`] and [`Cluster::release`].
     Leader(Lease),
     /// Redis is away or slow: refresh alone.
     Alone,
@@ -87,8 +94,10 @@ pub struct Cluster {
     client: redis::Client,
     store: Store,
     sealer: Sealer,
-    /// The connection while connected.
-    conn: ArcSwapOption<MultiplexedConnection>,
+    /// The connection while connected, with its number: a failure on an
+    /// older connection does not end a newer one.
+    conn: ArcSwapOption<(u64, MultiplexedConnection)>,
+    connections: std::sync::atomic::AtomicU64,
     connected: AtomicBool,
     /// Woken when a request's exchange with Redis failed: the sync task
     /// reconnects.
@@ -150,6 +159,7 @@ impl Cluster {
             store: Store::new(&config.key_prefix, &config.node),
             sealer: Sealer::new(config.encryption_key.as_ref()),
             conn: ArcSwapOption::empty(),
+            connections: std::sync::atomic::AtomicU64::new(0),
             connected: AtomicBool::new(false),
             lost: Notify::new(),
             settled: watch::Sender::new(false),
@@ -194,7 +204,7 @@ impl Cluster {
 
     /// Writes every change not yet shared (at shutdown), within `within`.
     pub async fn flush(&self, pool: &Pool, within: Duration) {
-        let Some(mut conn) = self.conn() else {
+        let Some((_, mut conn)) = self.conn() else {
             return;
         };
         let dirty: Vec<&Arc<Token>> = pool
@@ -212,15 +222,16 @@ impl Cluster {
         let _ = tokio::time::timeout(within, writes).await;
     }
 
-    fn conn(&self) -> Option<MultiplexedConnection> {
+    fn conn(&self) -> Option<(u64, MultiplexedConnection)> {
         if !self.connected() {
             return None;
         }
-        self.conn.load_full().map(|c| (*c).clone())
+        self.conn.load_full().map(|c| (c.0, c.1.clone()))
     }
 
     fn set_up(&self, conn: MultiplexedConnection) {
-        self.conn.store(Some(Arc::new(conn)));
+        let number = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        self.conn.store(Some(Arc::new((number, conn))));
         self.connected.store(true, Ordering::Release);
         self.metrics.up.set(1);
     }
@@ -231,33 +242,55 @@ impl Cluster {
         self.metrics.up.set(0);
     }
 
-    /// A request's exchange with Redis failed: go on alone, and have the
-    /// sync task reconnect (it says so in the log).
-    fn lost(&self, e: &redis::RedisError) {
+    /// A refresh's exchange with Redis on connection `number` failed: go
+    /// on alone, and have the sync task reconnect (it says so in the log).
+    fn lost(&self, number: u64, e: &redis::RedisError) {
         tracing::debug!(error = %store::describe(e), "a refresh's exchange with Redis failed");
         self.metrics.exchange(false);
-        self.set_down();
-        self.lost.notify_waiters();
+        if self.conn.load().as_ref().is_some_and(|c| c.0 == number) {
+            self.set_down();
+            self.lost.notify_waiters();
+        }
     }
 
-    /// Decides how `token`'s refresh goes: see [`Coordination`]. `ttl` is
-    /// how long a lease lasts (the refresh timeout and a second).
-    pub async fn coordinate(&self, token: &Token, ttl: Duration) -> Coordination {
-        let Some(mut conn) = self.conn() else {
+    /// Decides how `token`'s refresh goes: see [`Coordination`]. `held`
+    /// is the access token the replica had when it decided to refresh (a
+    /// different valid one, from another replica, makes the refresh
+    /// needless); `patience` is how long to wait for another replica's
+    /// refresh. Redis gets 500 ms in all to answer; slower, the replica
+    /// refreshes alone.
+    pub async fn coordinate(
+        &self,
+        token: &Token,
+        held: Option<u64>,
+        patience: Duration,
+    ) -> Coordination {
+        if !self.connected() && !*self.settled.borrow() {
+            // At start, the cluster's refresh token may be newer than this
+            // replica's: wait a little for the first connection.
+            self.settled(STARTUP_WAIT).await;
+        }
+        let Some((number, mut conn)) = self.conn() else {
             return Coordination::Alone;
         };
         let id = token_id(token);
-        let held = token.access().map(|a| a.id);
-        // A live holder is done within its lease; a dead one's expires.
-        let give_up = Instant::now() + ttl + LEASE_POLL * 2;
+        let give_up = Instant::now() + patience;
+        let mut waited = Duration::ZERO;
+        let fresh = || {
+            token
+                .access()
+                .is_some_and(|a| Some(a.id) != held && a.valid_at(Instant::now()))
+        };
         loop {
+            let asked = Instant::now();
             let record = match self.store.records(&mut conn, &[&id]).await {
                 Ok(mut records) => records.pop().unwrap_or_default(),
                 Err(e) => {
-                    self.lost(&e);
+                    self.lost(number, &e);
                     return Coordination::Alone;
                 }
             };
+            waited += asked.elapsed();
             self.metrics.exchange(true);
             match self.take(token, &id, &record) {
                 Ok(n) => self.metrics.received(n),
@@ -266,24 +299,39 @@ impl Cluster {
                     return Coordination::Alone;
                 }
             }
-            if token
-                .access()
-                .is_some_and(|a| Some(a.id) != held && a.valid_at(Instant::now()))
-            {
+            if fresh() {
                 return Coordination::Fresh;
             }
             if token.is_out_for_good() {
                 return Coordination::Out;
             }
             let value = format!("{} {:016x}", self.node, fastrand::u64(..));
-            let ttl_ms = ttl.as_millis().max(1) as u64;
+            let ttl_ms = LEASE_TTL.as_millis() as u64;
+            let asked = Instant::now();
             match self.store.take_lease(&mut conn, &id, &value, ttl_ms).await {
-                Ok(true) => return Coordination::Leader(Lease { id, value }),
+                Ok(true) => {
+                    let lease = Lease { id, value };
+                    // The holder before may have written its result and let
+                    // go just before: look again before calling.
+                    if let Ok(mut records) = self.store.records(&mut conn, &[&lease.id]).await {
+                        let record = records.pop().unwrap_or_default();
+                        if self.take(token, &lease.id, &record).is_ok() && fresh() {
+                            self.release(lease).await;
+                            return Coordination::Fresh;
+                        }
+                    }
+                    return Coordination::Leader(lease);
+                }
                 Ok(false) => {}
                 Err(e) => {
-                    self.lost(&e);
+                    self.lost(number, &e);
                     return Coordination::Alone;
                 }
+            }
+            waited += asked.elapsed();
+            if waited > ANSWER_TIMEOUT {
+                tracing::debug!(token = token.name(), "Redis is slow; refreshing alone");
+                return Coordination::Alone;
             }
             if Instant::now() >= give_up {
                 return Coordination::Busy;
@@ -293,26 +341,49 @@ impl Cluster {
         }
     }
 
+    /// Runs `call` (the refresh) while renewing `lease`, so that the lease
+    /// outlives a long call but not a dead holder.
+    pub async fn holding<F: std::future::Future>(&self, lease: &Lease, call: F) -> F::Output {
+        tokio::pin!(call);
+        let mut renew = tokio::time::interval(LEASE_TTL / 3);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                out = &mut call => return out,
+                _ = renew.tick() => {
+                    if let Some((number, mut conn)) = self.conn() {
+                        let ttl_ms = LEASE_TTL.as_millis() as u64;
+                        match self.store.renew_lease(&mut conn, &lease.id, &lease.value, ttl_ms).await {
+                            Ok(true) => {}
+                            Ok(false) => tracing::debug!("a refresh lease expired under its holder"),
+                            Err(e) => self.lost(number, &e),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Shares what a refresh of `token` brought: its access token, and its
     /// refresh token if `rotated`. Without Redis, it is shared on return.
     pub async fn finish(&self, token: &Token, rotated: bool) {
-        let Some(mut conn) = self.conn() else {
+        let Some((number, mut conn)) = self.conn() else {
             return;
         };
         if let Err(e) = self.write_grant(&mut conn, token, rotated, true).await {
-            self.lost(&e);
+            self.lost(number, &e);
         }
     }
 
     /// Gives a lease back (it expires by itself if this fails).
     pub async fn release(&self, lease: Lease) {
-        if let Some(mut conn) = self.conn() {
+        if let Some((number, mut conn)) = self.conn() {
             if let Err(e) = self
                 .store
                 .release_lease(&mut conn, &lease.id, &lease.value)
                 .await
             {
-                self.lost(&e);
+                self.lost(number, &e);
             }
         }
     }
@@ -322,14 +393,14 @@ impl Cluster {
     /// replica holds a newer refresh token, now taken here. A rejection
     /// of a superseded refresh token is no revocation.
     pub async fn superseded(&self, token: &Token, used: &str) -> bool {
-        let Some(mut conn) = self.conn() else {
+        let Some((number, mut conn)) = self.conn() else {
             return false;
         };
         let id = token_id(token);
         let record = match self.store.records(&mut conn, &[&id]).await {
             Ok(mut records) => records.pop().unwrap_or_default(),
             Err(e) => {
-                self.lost(&e);
+                self.lost(number, &e);
                 return false;
             }
         };
@@ -382,7 +453,7 @@ impl Cluster {
                     state.stamp = Stamp {
                         at: field(record, "stamp"),
                         revoked: state.state == TokenState::Revoked,
-                        enabled: record.get("enabled").is_some_and(|e| e == "1"),
+                        enabled_at: field(record, "enabled_at"),
                     };
                     if token.apply_shared(&state, node) {
                         taken += 1;
@@ -437,7 +508,7 @@ impl Cluster {
                     id: &id,
                     stamp: state.stamp.at,
                     revoked_fp,
-                    enabled: state.stamp.enabled,
+                    enabled_at: state.stamp.enabled_at,
                     json: &json,
                     configured_fp: &configured_fp,
                 },
@@ -509,21 +580,57 @@ impl Cluster {
                 .await?
                 .pop()
                 .unwrap_or_default();
-            if let Some(stored) = record.get("rt") {
-                if let Ok(rt) = self.sealer.open(&id, "rt", stored) {
-                    let stored_rotation = field(&record, "rt_gen");
-                    if token.adopt_refresh_token(Secret::new(rt), stored_rotation, true) {
-                        tracing::warn!(
-                            token = token.name(),
-                            "another replica rotated this refresh token at the same time; \
-                             every replica now uses the one it stored"
-                        );
-                    }
+            let stored_rotation = field(&record, "rt_gen");
+            if stored_rotation > rotation {
+                if let Some(Ok(rt)) = record.get("rt").map(|s| self.sealer.open(&id, "rt", s)) {
+                    token.adopt_refresh_token(Secret::new(rt), stored_rotation, false);
                 }
+            } else {
+                // Two refresh tokens of the same age: both were issued, and
+                // a provider that retires the old one on use would have
+                // refused one of the calls. Each replica keeps its own; a
+                // rejection later takes the cluster's (`superseded`).
+                tracing::warn!(
+                    token = token.name(),
+                    "another replica holds a different refresh token of the same age; keeping this one"
+                );
             }
         }
         Ok(version > 0)
     }
+}
+
+/// Runs the Redis script that merges token states, for the test that holds
+/// it to [`crate::pool::accepts`]: with a state stamped `stored` written
+/// first (if the script takes it), whether one stamped `incoming` is
+/// taken. A revocation is of the configured refresh token.
+#[doc(hidden)]
+pub async fn script_takes(
+    url: &str,
+    id: &str,
+    stored: Stamp,
+    incoming: Stamp,
+) -> redis::RedisResult<bool> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let store = Store::new("parity", "test");
+    let _: () = redis::cmd("DEL")
+        .arg(store.keys.token(id))
+        .query_async(&mut conn)
+        .await?;
+    let write = |s: Stamp| StateWrite {
+        id,
+        stamp: s.at,
+        revoked_fp: if s.revoked { "configured" } else { "" },
+        enabled_at: s.enabled_at,
+        json: "{}",
+        configured_fp: "configured",
+    };
+    if stored.at > 0 {
+        store.put_state(&mut conn, &write(stored)).await?;
+    }
+    Ok(store.put_state(&mut conn, &write(incoming)).await? > 0)
 }
 
 /// A numeric field of a record (0 when missing or not a number).

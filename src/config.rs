@@ -89,6 +89,29 @@ impl Provider {
     }
 }
 
+/// How a token is picked inside a tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// In turn.
+    #[default]
+    RoundRobin,
+    /// The token with the most known remaining quota (unknown counts as
+    /// full); ties in turn.
+    MostRemaining,
+}
+
+/// Where request quotas are polled from (`[quota] provider`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaProvider {
+    /// Nowhere: quotas are learned from answers' headers only.
+    #[default]
+    None,
+    /// Warp's `GetRequestLimitInfo` GraphQL query.
+    Warp,
+}
+
 /// A loaded, validated configuration: one generation's settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -110,6 +133,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Replicas sharing one pool through Redis; `None`: one process alone.
     pub cluster: Option<ClusterConfig>,
+    /// Quota polling.
+    pub quota: QuotaConfig,
     /// Every token, file tokens first, then environment tokens.
     pub tokens: Vec<TokenConfig>,
     /// Files the config reads besides itself (`{ file = … }` secrets and
@@ -206,6 +231,22 @@ pub struct PoolConfig {
     pub max_attempts: u32,
     /// Recognises a quota-exhausted 429 in its body or headers.
     pub quota_pattern: regex::Regex,
+    /// How a token is picked inside a tier.
+    pub strategy: Strategy,
+    /// Requests carrying the same value of this header go to the same
+    /// token while it is available; the header is not forwarded.
+    pub affinity_header: Option<HeaderName>,
+}
+
+/// `[quota]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaConfig {
+    /// Where quotas are polled from.
+    pub provider: QuotaProvider,
+    /// The endpoint (for `warp`: `<upstream>/graphql/v2?op=GetRequestLimitInfo`).
+    pub url: Option<String>,
+    /// How often each token's quota is polled.
+    pub interval: Duration,
 }
 
 /// `[state]`.

@@ -15,6 +15,7 @@
 //! - [`generation`]: the current [`generation::Generation`] (config, pool,
 //!   refresher, upstream) behind an atomic swap, and how the next one is
 //!   made.
+//! - [`quota`]: request quotas from answers' headers and a quota endpoint.
 //! - [`refresh`]: turning refresh tokens into access tokens, single flight.
 //! - [`cluster`]: replicas sharing one pool through Redis (`[cluster]`).
 //! - [`upstream`]: where a request goes and how: URL, header rules,
@@ -40,6 +41,7 @@ pub mod generation;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod quota;
 pub mod refresh;
 pub mod reload;
 pub mod run;

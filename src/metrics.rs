@@ -154,6 +154,10 @@ pub struct Metrics {
     pub client_requests: IntCounterVec,
     /// Reloads by result.
     pub reloads: IntCounterVec,
+    /// Quota polls by result.
+    pub quota_polls: IntCounterVec,
+    /// Requests of sessions by how their affinity went.
+    pub affinity: IntCounterVec,
     /// 1 when the last reload succeeded.
     pub last_reload_successful: IntGauge,
     /// Unix time of the last successful reload (or the first load).
@@ -280,6 +284,20 @@ impl Metrics {
                 opts("config_reloads_total", "Config reloads by result."),
                 &["result"]
             )),
+            quota_polls: reg!(IntCounterVec::new(
+                opts(
+                    "quota_polls_total",
+                    "Polls of the quota endpoint ([quota]) by result."
+                ),
+                &["result"]
+            )),
+            affinity: reg!(IntCounterVec::new(
+                opts(
+                    "affinity_total",
+                    "Requests by how their session affinity went: hit (on its token), moved (its token was unavailable), none (no session header)."
+                ),
+                &["result"]
+            )),
             last_reload_successful: reg!(IntGauge::with_opts(opts(
                 "config_last_reload_successful",
                 "1 when the last config reload succeeded."
@@ -340,6 +358,12 @@ impl Metrics {
         }
         for result in ["success", "failure"] {
             m.reloads.with_label_values(&[result]);
+        }
+        for result in ["ok", "failed"] {
+            m.quota_polls.with_label_values(&[result]);
+        }
+        for result in ["hit", "moved", "none"] {
+            m.affinity.with_label_values(&[result]);
         }
         // Every pair of tiers, so that the rate of fallbacks is 0, not
         // absent, before the first one.
@@ -461,6 +485,18 @@ impl Metrics {
         ClusterMetrics { up, sync, events }
     }
 
+    /// Counts a quota poll.
+    pub fn quota_poll(&self, ok: bool) {
+        self.quota_polls
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
+    }
+
+    /// Counts a request of a session (`hit`, `moved` or `none`).
+    pub fn affinity(&self, result: &str) {
+        self.affinity.with_label_values(&[result]).inc();
+    }
+
     /// Records the result of a config load or reload.
     pub fn reload_result(&self, ok: bool) {
         if ok {
@@ -537,6 +573,7 @@ fn token_families(pool: &Pool, snapshots: &[Snapshot]) -> Vec<MetricFamily> {
         Vec::with_capacity(n),
         Vec::new(),
     );
+    let (mut limit, mut remaining, mut reset) = (Vec::new(), Vec::new(), Vec::new());
     for (token, s) in pool.tokens().iter().zip(snapshots) {
         let tier = s.tier.as_str();
         let base = || vec![label("tier", tier), label("token", &s.name)];
@@ -562,6 +599,20 @@ fn token_families(pool: &Pool, snapshots: &[Snapshot]) -> Vec<MetricFamily> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
             expiry.push(gauge(base(), secs));
+        }
+        if let Some(q) = token.quota() {
+            if let Some(n) = q.limit {
+                limit.push(gauge(base(), n as f64));
+            }
+            if let Some(n) = q.remaining {
+                remaining.push(gauge(base(), n as f64));
+            }
+            if let Some(at) = q.resets_at {
+                let secs = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                reset.push(gauge(base(), secs));
+            }
         }
     }
     let mut out = vec![
@@ -595,6 +646,24 @@ fn token_families(pool: &Pool, snapshots: &[Snapshot]) -> Vec<MetricFamily> {
             expiry,
         ));
     }
+    out.push(family(
+        "token_quota_limit",
+        "Requests the token's quota allows per period, as the upstream last said.",
+        MetricType::GAUGE,
+        limit,
+    ));
+    out.push(family(
+        "token_quota_remaining",
+        "Requests left in the token's quota: as the upstream last said, less those answered since.",
+        MetricType::GAUGE,
+        remaining,
+    ));
+    out.push(family(
+        "token_quota_reset_timestamp_seconds",
+        "Unix time when the token's quota refills.",
+        MetricType::GAUGE,
+        reset,
+    ));
     // An empty family is not valid exposition.
     out.retain(|f| !f.get_metric().is_empty());
     out

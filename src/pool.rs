@@ -20,10 +20,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use token::{
-    AccessToken, Outcome, Reason, Restored, SharedState, Snapshot, Stamp, Token, TokenState,
+    AccessToken, Outcome, Quota, Reason, Restored, SharedState, Snapshot, Stamp, Token, TokenState,
 };
 
-use crate::config::{PoolConfig, Tier, TokenConfig};
+use crate::config::{PoolConfig, Strategy, Tier, TokenConfig};
 
 /// Milliseconds since a fixed instant, shared by every generation's pool so
 /// that tokens carried across a reload keep comparable gates.
@@ -78,6 +78,8 @@ pub struct PoolSettings {
     pub recovery_backoff: Duration,
     /// Cap for the recovery wait.
     pub max_recovery_backoff: Duration,
+    /// How a token is picked inside a tier.
+    pub strategy: Strategy,
 }
 
 impl PoolSettings {
@@ -90,6 +92,7 @@ impl PoolSettings {
             max_cooldown: c.max_cooldown,
             recovery_backoff: c.recovery_backoff,
             max_recovery_backoff: c.max_recovery_backoff,
+            strategy: c.strategy,
         }
     }
 
@@ -152,6 +155,16 @@ struct TierTokens {
     /// Every cursor starts at the first token: a pick is deterministic for
     /// whichever thread makes it.
     cursors: [Padded<AtomicUsize>; CURSORS],
+    /// For `most_remaining`: each token's remaining count as last read, in
+    /// tier order, so that a pick scans one packed array instead of
+    /// visiting every token. A count read as higher than it is, is read
+    /// again before it wins; all are read again every second (a count
+    /// that went up shows within it).
+    remaining: Box<[AtomicU64]>,
+    /// Clock reading of the last full read of `remaining`.
+    remaining_read_ms: AtomicU64,
+    /// Each token's name hash, in tier order, for session affinity.
+    hashes: Box<[u64]>,
 }
 
 /// A token picked for a request.
@@ -162,6 +175,176 @@ pub struct Selected<'a> {
     /// `(from, to)` when a lower tier was used because every token of the
     /// first tier with tokens was unavailable.
     pub fallback: Option<(Tier, Tier)>,
+    /// How the session's affinity went.
+    pub affinity: Affinity,
+}
+
+/// How a request of a session was placed (`tokenpool_affinity_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// No session (no affinity header, or none configured).
+    None,
+    /// On the session's own token.
+    Hit,
+    /// Its token was unavailable (resting, or already tried): elsewhere.
+    Moved,
+}
+
+impl Affinity {
+    /// The `result` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Affinity::None => "none",
+            Affinity::Hit => "hit",
+            Affinity::Moved => "moved",
+        }
+    }
+}
+
+/// FNV-1a of `bytes`: stable across processes and builds, so that every
+/// replica ranks a session's tokens alike.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The session key of an affinity header's value.
+pub fn session_key(value: &[u8]) -> u64 {
+    fnv1a(value)
+}
+
+/// A token's rendezvous weight for a session: a well-mixed function of
+/// both (the splitmix64 finaliser).
+fn weight(session: u64, token: u64) -> u64 {
+    let mut z = session ^ token.rotate_left(29);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Takes the token the scan chose; if another request moved its gate in
+/// the meantime, the scan runs again without it (a rare race).
+fn take<'a, F>(now_ms: u64, settings: &PoolSettings, mut choose: F) -> Option<&'a Arc<Token>>
+where
+    F: FnMut(&dyn Fn(&Arc<Token>) -> bool) -> Option<&'a Arc<Token>>,
+{
+    let mut lost: Vec<&Arc<Token>> = Vec::new();
+    loop {
+        let token = choose(&|t: &Arc<Token>| !lost.iter().any(|l| Arc::ptr_eq(l, t)))?;
+        if token.try_acquire(now_ms, settings) {
+            return Some(token);
+        }
+        lost.push(token);
+    }
+}
+
+/// In turn: the first available token from the tier's cursor on.
+fn round_robin<'a>(
+    tier: &'a TierTokens,
+    eligible: &dyn Fn(&Arc<Token>) -> bool,
+    now_ms: u64,
+    settings: &PoolSettings,
+) -> Option<&'a Arc<Token>> {
+    let n = tier.tokens.len();
+    let start = tier.cursors[stripe() % CURSORS].fetch_add(1, Ordering::Relaxed) % n;
+    for i in 0..n {
+        let idx = if start + i >= n {
+            start + i - n
+        } else {
+            start + i
+        };
+        let token = &tier.tokens[idx];
+        if eligible(token) && token.try_acquire(now_ms, settings) {
+            return Some(token);
+        }
+    }
+    None
+}
+
+/// The available token with the most known remaining quota (unknown
+/// counts as full, so the first such ends the scan); ties go in turn.
+///
+/// The scan reads the tier's packed copy of the counts; only a count that
+/// would win is checked against its token (available? really that high?),
+/// so a pick touches a handful of tokens however large the tier.
+fn most_remaining<'a>(
+    tier: &'a TierTokens,
+    eligible: &dyn Fn(&Arc<Token>) -> bool,
+    now_ms: u64,
+    settings: &PoolSettings,
+) -> Option<&'a Arc<Token>> {
+    let n = tier.tokens.len();
+    if now_ms.saturating_sub(tier.remaining_read_ms.load(Ordering::Relaxed)) >= 1000 {
+        tier.remaining_read_ms.store(now_ms, Ordering::Relaxed);
+        for (slot, token) in tier.remaining.iter().zip(&tier.tokens) {
+            slot.store(token.remaining_for_selection(), Ordering::Relaxed);
+        }
+    }
+    let start = tier.cursors[stripe() % CURSORS].fetch_add(1, Ordering::Relaxed) % n;
+    take(now_ms, settings, |not_lost| {
+        let mut best: Option<(&Arc<Token>, u64)> = None;
+        // From the cursor to the end, then from the start to the cursor:
+        // no division per token.
+        for range in [start..n, 0..start] {
+            for i in range {
+                let copy = tier.remaining[i].load(Ordering::Relaxed);
+                if best.is_some_and(|(_, b)| copy <= b) {
+                    continue;
+                }
+                let token = &tier.tokens[i];
+                let left = token.remaining_for_selection();
+                if left != copy {
+                    tier.remaining[i].store(left, Ordering::Relaxed);
+                    if best.is_some_and(|(_, b)| left <= b) {
+                        continue;
+                    }
+                }
+                if !token.gate_open(now_ms) || !eligible(token) || !not_lost(token) {
+                    continue;
+                }
+                best = Some((token, left));
+                if left == u64::MAX {
+                    return Some(token);
+                }
+            }
+        }
+        best.map(|(t, _)| t)
+    })
+}
+
+/// Rendezvous hashing: the available token that weighs most for the
+/// session; also returns the one that weighs most of all (its own). The
+/// weights come from the tier's packed name hashes; only a token that
+/// would win is checked for availability.
+fn rendezvous<'a>(
+    tier: &'a TierTokens,
+    session: u64,
+    eligible: &dyn Fn(&Arc<Token>) -> bool,
+    now_ms: u64,
+    settings: &PoolSettings,
+) -> (Option<&'a Arc<Token>>, Option<&'a Arc<Token>>) {
+    let mut top: Option<(usize, u64)> = None;
+    let picked = take(now_ms, settings, |not_lost| {
+        let mut best: Option<(usize, u64)> = None;
+        let mut heaviest: Option<(usize, u64)> = None;
+        for (i, &hash) in tier.hashes.iter().enumerate() {
+            let w = weight(session, hash);
+            if heaviest.is_none_or(|(_, h)| w > h) {
+                heaviest = Some((i, w));
+            }
+            if best.is_some_and(|(_, b)| w <= b) {
+                continue;
+            }
+            let token = &tier.tokens[i];
+            if token.gate_open(now_ms) && eligible(token) && not_lost(token) {
+                best = Some((i, w));
+            }
+        }
+        top = heaviest;
+        best.map(|(i, _)| &tier.tokens[i])
+    });
+    (picked, top.map(|(i, _)| &tier.tokens[i]))
 }
 
 /// All tokens of one generation, by tier, in the configured order.
@@ -209,10 +392,20 @@ impl Pool {
         let tiers = config
             .order
             .iter()
-            .map(|&tier| TierTokens {
-                tier,
-                tokens: all.iter().filter(|t| t.tier() == tier).cloned().collect(),
-                cursors: Default::default(),
+            .map(|&tier| {
+                let tokens: Vec<Arc<Token>> =
+                    all.iter().filter(|t| t.tier() == tier).cloned().collect();
+                TierTokens {
+                    tier,
+                    remaining: tokens
+                        .iter()
+                        .map(|t| AtomicU64::new(t.remaining_for_selection()))
+                        .collect(),
+                    remaining_read_ms: AtomicU64::new(clock.now_millis()),
+                    hashes: tokens.iter().map(|t| t.name_hash()).collect(),
+                    tokens,
+                    cursors: Default::default(),
+                }
             })
             .collect();
         Pool {
@@ -248,6 +441,11 @@ impl Pool {
         &self.tokens
     }
 
+    /// How tokens are picked inside a tier.
+    pub fn strategy(&self) -> Strategy {
+        self.settings.strategy
+    }
+
     /// The tier order.
     pub fn order(&self) -> impl Iterator<Item = Tier> + '_ {
         self.tiers.iter().map(|t| t.tier)
@@ -278,41 +476,69 @@ impl Pool {
     /// Picks a token for a request, skipping those in `tried`.
     ///
     /// Walks the tiers in order and takes the first tier with an available
-    /// token, round-robin inside it. A token is available when its gate has
-    /// passed and it has, or can get, an access token.
+    /// token: in turn inside it, or by `[pool] strategy`. A token is
+    /// available when its gate has passed and it has, or can get, an
+    /// access token.
     pub fn select(&self, tried: &[&Arc<Token>]) -> Option<Selected<'_>> {
+        self.select_for(tried, None)
+    }
+
+    /// [`Pool::select`] for a request of session `session` (the hash of
+    /// its affinity header, [`session_key`]): the tier's available token
+    /// that ranks highest for the session (rendezvous hashing), so that a
+    /// session stays on its token while it is available, and a token
+    /// coming or going moves only its own sessions.
+    pub fn select_for(&self, tried: &[&Arc<Token>], session: Option<u64>) -> Option<Selected<'_>> {
         let now = Instant::now();
         let now_ms = self.clock.millis(now);
         // While the refresh endpoint is backing off, a token without a valid
         // access token cannot get one.
         let refresh_blocked = self.refreshes && self.refresh_gate.load(Ordering::Relaxed) > now_ms;
+        // Whether a token may be taken, its gate aside (`try_acquire`
+        // reads it; the scans read it first).
+        let eligible = |token: &Arc<Token>| {
+            !tried.iter().any(|t| Arc::ptr_eq(t, token))
+                && (!refresh_blocked || token.has_valid_access(now))
+        };
         let mut first_tier: Option<Tier> = None;
+        // The session's own token: the highest-ranked of the first tier
+        // with tokens, available or not.
+        let mut home: Option<&Arc<Token>> = None;
         for tier in &self.tiers {
-            let n = tier.tokens.len();
-            if n == 0 {
+            if tier.tokens.is_empty() {
                 continue;
             }
+            let first = first_tier.is_none();
             first_tier.get_or_insert(tier.tier);
-            let start = tier.cursors[stripe() % CURSORS].fetch_add(1, Ordering::Relaxed) % n;
-            for i in 0..n {
-                let idx = if start + i >= n {
-                    start + i - n
-                } else {
-                    start + i
+            let picked = match session {
+                Some(key) => {
+                    let (picked, top) = rendezvous(tier, key, &eligible, now_ms, &self.settings);
+                    if first {
+                        home = top;
+                    }
+                    picked
+                }
+                None => match self.settings.strategy {
+                    Strategy::RoundRobin => round_robin(tier, &eligible, now_ms, &self.settings),
+                    Strategy::MostRemaining => {
+                        most_remaining(tier, &eligible, now_ms, &self.settings)
+                    }
+                },
+            };
+            if let Some(token) = picked {
+                let fallback = first_tier
+                    .filter(|&first| first != tier.tier)
+                    .map(|first| (first, tier.tier));
+                let affinity = match (session, home) {
+                    (None, _) => Affinity::None,
+                    (Some(_), Some(home)) if Arc::ptr_eq(home, token) => Affinity::Hit,
+                    (Some(_), _) => Affinity::Moved,
                 };
-                let token = &tier.tokens[idx];
-                if tried.iter().any(|t| Arc::ptr_eq(t, token)) {
-                    continue;
-                }
-                if refresh_blocked && !token.has_valid_access(now) {
-                    continue;
-                }
-                if token.try_acquire(now_ms, &self.settings) {
-                    let fallback = first_tier
-                        .filter(|&first| first != tier.tier)
-                        .map(|first| (first, tier.tier));
-                    return Some(Selected { token, fallback });
-                }
+                return Some(Selected {
+                    token,
+                    fallback,
+                    affinity,
+                });
             }
         }
         None

@@ -139,12 +139,27 @@ async fn forward(
         conn,
     )
     .await?;
+    // The session header picks the token and goes no further.
+    let session = generation.config.pool.affinity_header.as_ref().map(|name| {
+        parts
+            .headers
+            .remove(name)
+            .map(|value| crate::pool::session_key(value.as_bytes()))
+    });
     let from_h2 = parts.version == Version::HTTP_2;
     generation.upstream.prepare(&mut parts.headers, from_h2);
     parts
         .headers
         .insert(exchange::REQUEST_ID, request_id.clone());
-    failover::run(metrics, generation, &parts, &body, &mut exchange.trail).await
+    failover::run(
+        metrics,
+        generation,
+        &parts,
+        &body,
+        session,
+        &mut exchange.trail,
+    )
+    .await
 }
 
 /// Whether the proxy serves this request at all: its target and `Host`,

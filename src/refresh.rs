@@ -156,8 +156,10 @@ impl Refresher {
             let this = Arc::clone(self);
             let pool = Arc::clone(pool);
             let token = Arc::clone(token);
+            // The access token that made this refresh needed.
+            let held = token.access().map(|a| a.id);
             tokio::spawn(async move {
-                let result = this.run(&pool, &token).await;
+                let result = this.run(&pool, &token, held).await;
                 drop(permit);
                 // Nobody waiting is fine: the result is in the token's state.
                 let _ = tx.send(Some(result));
@@ -166,37 +168,59 @@ impl Refresher {
         rx
     }
 
-    /// A refresh of `token`: in a cluster, first what other replicas did
-    /// (a fresh access token, or a refresh under way elsewhere), then the
-    /// call under the token's lease.
-    async fn run(&self, pool: &Arc<Pool>, token: &Arc<Token>) -> RefreshResult {
+    /// A refresh of `token` (`held`: the access token it had when the
+    /// refresh was found needed): in a cluster, first what other replicas
+    /// did (a fresh access token, or a refresh under way elsewhere), then
+    /// the call under the token's lease. What the call brought is shared
+    /// after the result is given to this replica's waiters.
+    async fn run(&self, pool: &Arc<Pool>, token: &Arc<Token>, held: Option<u64>) -> RefreshResult {
         if pool.refresh_blocked_until(Instant::now()).is_some() {
             return RefreshResult::Unavailable;
         }
         let Some(cluster) = &self.cluster else {
-            return self.call_and_apply(pool, token).await;
+            return self.call_and_apply(pool, token).await.0;
         };
-        let lease_ttl = self.timeout + Duration::from_secs(1);
-        match cluster.coordinate(token, lease_ttl).await {
+        // Another replica's call lasts at most the timeout; a dead one's
+        // lease goes within LEASE_TTL.
+        let patience = self.timeout + crate::cluster::LEASE_TTL + Duration::from_secs(1);
+        match cluster.coordinate(token, held, patience).await {
             Coordination::Fresh => RefreshResult::Refreshed,
             Coordination::Out => match token.snapshot().state {
                 TokenState::Revoked => RefreshResult::Failed(Reason::Revoked),
                 _ => RefreshResult::Unavailable,
             },
             Coordination::Busy => RefreshResult::Unavailable,
-            Coordination::Alone => self.call_and_apply(pool, token).await,
+            Coordination::Alone => {
+                let (result, rotated) = self.call_and_apply(pool, token).await;
+                if result == RefreshResult::Refreshed {
+                    // Redis was slow rather than away: share it anyway.
+                    let (cluster, token) = (Arc::clone(cluster), Arc::clone(token));
+                    tokio::spawn(async move { cluster.finish(&token, rotated).await });
+                }
+                result
+            }
             Coordination::Leader(lease) => {
-                let result = self.call_and_apply(pool, token).await;
-                cluster.release(lease).await;
+                let (result, rotated) = cluster
+                    .holding(&lease, self.call_and_apply(pool, token))
+                    .await;
+                let (cluster, token) = (Arc::clone(cluster), Arc::clone(token));
+                let refreshed = result == RefreshResult::Refreshed;
+                tokio::spawn(async move {
+                    if refreshed {
+                        cluster.finish(&token, rotated).await;
+                    }
+                    cluster.release(lease).await;
+                });
                 result
             }
         }
     }
 
-    /// One refresh call and everything that follows from its answer.
-    async fn call_and_apply(&self, pool: &Arc<Pool>, token: &Arc<Token>) -> RefreshResult {
+    /// One refresh call and everything that follows from its answer; and
+    /// whether it rotated the refresh token.
+    async fn call_and_apply(&self, pool: &Arc<Pool>, token: &Arc<Token>) -> (RefreshResult, bool) {
         let tier = token.tier().as_str();
-        let used = token.refresh_token();
+        let (used, used_rotation) = token.refresh_token_and_rotation();
         let started = Instant::now();
         let result = self.call(&used).await;
         self.metrics
@@ -214,19 +238,24 @@ impl Refresher {
             .refreshes
             .with_label_values(&[tier, outcome])
             .inc();
-        match result {
+        let mut rotated = false;
+        let result = match result {
             Ok(grant) => {
                 self.rate_limit_level.store(0, Ordering::Relaxed);
-                let rotated = self.install(pool, token, grant).await;
-                if let Some(cluster) = &self.cluster {
-                    cluster.finish(token, rotated).await;
-                }
+                rotated = self.install(pool, token, grant, used_rotation).await;
                 tracing::debug!(token = token.name(), "access token refreshed");
                 RefreshResult::Refreshed
             }
             Err(RefreshError::Revoked { .. })
-                if self.superseded(token, &short_fingerprint(&used)).await =>
+                if token.refresh_token() != used
+                    || self.superseded(token, &short_fingerprint(&used)).await =>
             {
+                // The refresh token sent was replaced while the call ran
+                // (another replica's rotation): no revocation.
+                tracing::info!(
+                    token = token.name(),
+                    "the refresh endpoint rejected a refresh token that has been replaced since; not revoked"
+                );
                 RefreshResult::Unavailable
             }
             Err(RefreshError::Revoked { code }) => {
@@ -251,7 +280,7 @@ impl Refresher {
                 if pool.refresh_blocked_until(Instant::now()).is_some() {
                     // Another call already met the 429 and paused refreshing:
                     // answers to calls that were in flight together are one event.
-                    return RefreshResult::Unavailable;
+                    return (RefreshResult::Unavailable, false);
                 }
                 let level = self.rate_limit_level.fetch_add(1, Ordering::Relaxed);
                 let pause = retry_after.unwrap_or_else(|| {
@@ -273,7 +302,8 @@ impl Refresher {
                 }
                 RefreshResult::Unavailable
             }
-        }
+        };
+        (result, rotated)
     }
 
     /// In a cluster, whether the refresh token the endpoint rejected
@@ -288,11 +318,10 @@ impl Refresher {
 
     /// Installs a grant: a rotated refresh token first, persisted before
     /// the new access token is used. Returns whether it rotated.
-    async fn install(&self, pool: &Arc<Pool>, token: &Arc<Token>, grant: Grant) -> bool {
+    async fn install(&self, pool: &Arc<Pool>, token: &Arc<Token>, grant: Grant, from: u64) -> bool {
         let mut rotated_now = false;
         if let Some(rotated) = grant.rotated {
-            if rotated != token.refresh_token() {
-                token.rotate(rotated);
+            if rotated != token.refresh_token() && token.rotate_from(from, rotated) {
                 rotated_now = true;
                 tracing::info!(token = token.name(), "refresh token rotated");
                 if let Some(store) = &self.state {
@@ -309,6 +338,8 @@ impl Refresher {
             }
         }
         token.set_access(AccessToken::new(grant.bearer.expose(), grant.ttl));
+        // A fresh bearer: the quota poller may look (`[quota]`).
+        token.want_quota_poll();
         rotated_now
     }
 

@@ -83,6 +83,14 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
         },
         generations.cluster().cloned(),
     );
+    let current = Arc::clone(&generations);
+    let quota_poller = crate::quota::warp::spawn_poller(
+        move || {
+            let g = current.current();
+            (Arc::clone(&g.config), Arc::clone(&g.pool))
+        },
+        Arc::clone(&generations.metrics),
+    );
     let saver = generations.state().map(|store| {
         let current = Arc::clone(&generations);
         crate::state::spawn_saver(Arc::clone(store), move || {
@@ -106,6 +114,7 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
     .await;
 
     refresh_loop.abort();
+    quota_poller.abort();
     reloader.abort();
     if let Some(saver) = saver {
         saver.abort();

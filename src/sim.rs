@@ -10,8 +10,12 @@
 //! `x-warp-os-category` (400 otherwise).
 //!
 //! Routes: `POST …/token` (refresh), `POST /ai/multi-agent` (SSE),
-//! `POST /graphql/v2` (quota info), `/close` answers and closes the
+//! `POST /graphql/v2?op=GetRequestLimitInfo` (an account's quota, Warp's
+//! GraphQL query: it spends none), `/close` answers and closes the
 //! connection (`Connection: close`), anything else echoes what it got.
+//!
+//! An account given a quota ([`Sim::set_quota`]) spends one request of it
+//! per AI answer, and is answered Warp's quota 429 once it has none left.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::service::service_fn;
@@ -94,6 +98,25 @@ pub enum AiBehaviour {
     HangBeforeHeaders,
 }
 
+/// How the quota endpoint answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMode {
+    /// Each account's quota.
+    Normal,
+    /// 503.
+    Down,
+    /// 200 with a GraphQL `errors` array.
+    Errors,
+}
+
+/// An account's request quota.
+#[derive(Debug, Clone, Copy)]
+struct AccountQuota {
+    limit: u64,
+    used: u64,
+    refills_at: SystemTime,
+}
+
 #[derive(Debug)]
 struct Account {
     refresh_token: String,
@@ -102,6 +125,12 @@ struct Account {
     refresh_calls: u64,
     ai_calls: u64,
     rotations: u64,
+    /// `None`: unlimited.
+    quota: Option<AccountQuota>,
+    /// Extra headers on this account's AI answers.
+    answer_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Quota 429s it was answered.
+    quota_refusals: u64,
 }
 
 #[derive(Debug)]
@@ -114,6 +143,8 @@ struct Inner {
     seen: Vec<(String, HeaderMap)>,
     /// The HTTP version of the last request.
     last_version: Option<http::Version>,
+    quota_mode: QuotaMode,
+    quota_calls: u64,
 }
 
 /// The state behind a running simulator.
@@ -205,6 +236,8 @@ impl Sim {
                 event_gap: Duration::from_millis(20),
                 seen: Vec::new(),
                 last_version: None,
+                quota_mode: QuotaMode::Normal,
+                quota_calls: 0,
             }),
             refresh_calls: AtomicU64::new(0),
             ai_calls: AtomicU64::new(0),
@@ -298,8 +331,58 @@ impl Sim {
                 refresh_calls: 0,
                 ai_calls: 0,
                 rotations: 0,
+                quota: None,
+                answer_headers: Vec::new(),
+                quota_refusals: 0,
             },
         );
+    }
+
+    /// Gives an account a quota of `limit` requests, `used` of them spent,
+    /// refilled at `refills_at`: each AI answer spends one, and with none
+    /// left the account is answered Warp's quota 429.
+    pub fn set_quota(&self, id: &str, limit: u64, used: u64, refills_at: SystemTime) {
+        if let Some(a) = self.inner().accounts.get_mut(id) {
+            a.quota = Some(AccountQuota {
+                limit,
+                used,
+                refills_at,
+            });
+        }
+    }
+
+    /// Adds headers to an account's AI answers (a quota header family, say).
+    pub fn set_answer_headers(&self, id: &str, headers: &[(&str, &str)]) {
+        if let Some(a) = self.inner().accounts.get_mut(id) {
+            a.answer_headers = headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect();
+        }
+    }
+
+    /// Sets how the quota endpoint answers.
+    pub fn set_quota_mode(&self, mode: QuotaMode) {
+        self.inner().quota_mode = mode;
+    }
+
+    /// Calls to the quota endpoint.
+    pub fn quota_calls(&self) -> u64 {
+        self.inner().quota_calls
+    }
+
+    /// Quota 429s an account was answered (with a quota set: asked with
+    /// none left).
+    pub fn quota_refusals(&self, id: &str) -> u64 {
+        self.inner()
+            .accounts
+            .get(id)
+            .map_or(0, |a| a.quota_refusals)
     }
 
     /// Sets how an account's refresh behaves.
@@ -364,6 +447,22 @@ impl Sim {
     /// Headers of the requests seen, with their paths (last 1000).
     pub fn seen(&self) -> Vec<(String, HeaderMap)> {
         self.inner().seen.clone()
+    }
+
+    /// The account of the last AI request it got (from its bearer).
+    pub fn last_ai_account(&self) -> Option<String> {
+        let inner = self.inner();
+        let (_, headers) = inner
+            .seen
+            .iter()
+            .rev()
+            .find(|(path, _)| path == "/ai/multi-agent")?;
+        let bearer = headers
+            .get(header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?;
+        jwt_claims(bearer).map(|(sub, _, _)| sub)
     }
 
     /// Makes every JWT issued so far answer 401 (as if it had expired
@@ -522,6 +621,15 @@ fn client_headers_missing(name: &str) -> SimResponse {
     )
 }
 
+/// The whole request body; what cannot be read counts as empty.
+async fn read_body(req: Request<Incoming>) -> Bytes {
+    req.into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default()
+}
+
 fn sse_event(n: usize) -> Bytes {
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("event-{n}"));
     Bytes::from(format!("data: {payload}\n\n"))
@@ -559,12 +667,7 @@ impl SimState {
             if let Some(missing) = missing_client_header(req.headers()) {
                 return Ok(client_headers_missing(missing));
             }
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
+            let body = read_body(req).await;
             Ok(self.refresh(&body).await)
         } else if path == "/ai/multi-agent" {
             if let Some(missing) = missing_client_header(req.headers()) {
@@ -572,11 +675,12 @@ impl SimState {
             }
             self.ai(req.headers()).await
         } else if path.starts_with("/graphql/v2") {
-            Ok(respond(
-                StatusCode::OK,
-                "application/json",
-                json!({"data": {"user": {"requestLimitInfo": {"isUnlimited": false, "requestLimit": 150, "requestsUsedSinceLastRefresh": 7, "nextRefreshTime": "2026-12-01T00:00:00Z"}}}}).to_string(),
-            ))
+            if let Some(missing) = missing_client_header(req.headers()) {
+                return Ok(client_headers_missing(missing));
+            }
+            let headers = req.headers().clone();
+            let body = read_body(req).await;
+            Ok(self.quota(&headers, &body))
         } else if path == "/close" {
             let mut r = respond(StatusCode::OK, "application/json", "{}");
             r.headers_mut()
@@ -584,18 +688,71 @@ impl SimState {
             Ok(r)
         } else {
             let method = req.method().to_string();
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
+            let body = read_body(req).await;
             Ok(respond(
                 StatusCode::OK,
                 "application/json",
                 json!({"method": method, "path": path, "body_bytes": body.len()}).to_string(),
             ))
         }
+    }
+
+    /// `GetRequestLimitInfo`: the bearer's account's quota.
+    fn quota(&self, headers: &HeaderMap, body: &[u8]) -> SimResponse {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.quota_calls += 1;
+        match inner.quota_mode {
+            QuotaMode::Normal => {}
+            QuotaMode::Down => {
+                return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "unavailable")
+            }
+            QuotaMode::Errors => {
+                return respond(
+                    StatusCode::OK,
+                    "application/json",
+                    r#"{"errors":[{"message":"internal error"}],"data":null}"#,
+                )
+            }
+        }
+        let asked = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .is_some_and(|v| v["operationName"] == "GetRequestLimitInfo");
+        if !asked {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                "application/json",
+                r#"{"errors":[{"message":"unknown operation"}]}"#,
+            );
+        }
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let account = bearer
+            .and_then(jwt_claims)
+            .filter(|(_, exp, jti)| {
+                *exp > unix_now() && *jti >= self.valid_from_jti.load(Ordering::SeqCst)
+            })
+            .and_then(|(sub, _, _)| inner.accounts.get(&sub));
+        let Some(account) = account else {
+            return respond(StatusCode::UNAUTHORIZED, "text/plain", "Unauthorized");
+        };
+        let info = match account.quota {
+            None => json!({"isUnlimited": true, "nextRefreshTime": null}),
+            Some(q) => json!({
+                "isUnlimited": false,
+                "requestLimit": q.limit,
+                "requestsUsedSinceLastRefresh": q.used,
+                "nextRefreshTime": humantime::format_rfc3339_millis(q.refills_at).to_string(),
+                "requestLimitRefreshDuration": "MONTHLY",
+            }),
+        };
+        respond(
+            StatusCode::OK,
+            "application/json",
+            json!({"data": {"user": {"__typename": "UserOutput", "user": {"requestLimitInfo": info}}}})
+                .to_string(),
+        )
     }
 
     async fn refresh(&self, body: &[u8]) -> SimResponse {
@@ -701,13 +858,24 @@ impl SimState {
                 format!("ID token has expired at: {exp}"),
             ));
         }
-        let (behaviour, events, gap) = {
+        let (behaviour, events, gap, extra) = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             let (events, gap) = (inner.events, inner.event_gap);
             match inner.accounts.get_mut(&sub) {
                 Some(a) => {
                     a.ai_calls += 1;
-                    (a.ai, events, gap)
+                    let mut behaviour = a.ai;
+                    if behaviour == AiBehaviour::Ok {
+                        if let Some(q) = a.quota.as_mut() {
+                            if q.used >= q.limit {
+                                behaviour = AiBehaviour::Quota;
+                                a.quota_refusals += 1;
+                            } else {
+                                q.used += 1;
+                            }
+                        }
+                    }
+                    (behaviour, events, gap, a.answer_headers.clone())
                 }
                 None => {
                     return Ok(respond(
@@ -763,6 +931,7 @@ impl SimState {
             | AiBehaviour::ResetMidStream
             | AiBehaviour::Hold
             | AiBehaviour::Silent => {
+                let extra = extra.clone();
                 let (tx, rx) = mpsc::channel(16);
                 let state = Arc::clone(&self);
                 tokio::spawn(async move {
@@ -805,9 +974,18 @@ impl SimState {
                 );
                 r.headers_mut()
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                for (k, v) in extra {
+                    r.headers_mut().append(k, v);
+                }
                 r
             }
         };
+        let mut r = r;
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            for (k, v) in extra {
+                r.headers_mut().append(k, v);
+            }
+        }
         Ok(r)
     }
 }

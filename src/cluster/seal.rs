@@ -4,9 +4,11 @@
 //! id and field as associated data (a sealed value moved to another token
 //! or field does not open). Without a key, values are stored as they are.
 //!
-//! The key's fingerprint is stored beside the pool (`<prefix>:meta`) so a
-//! replica with another key says so instead of reading garbage; it is
-//! derived apart from the AES key and reveals nothing of it.
+//! The AES key is derived from `encryption_key` with PBKDF2-HMAC-SHA256
+//! (100 000 rounds), so that guessing a short key from what Redis holds is
+//! slow. The key's fingerprint is stored beside the pool (`<prefix>:meta`)
+//! so a replica with another key says so instead of reading garbage; it is
+//! a hash of the derived key and reveals nothing of it.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -47,12 +49,19 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
-fn digest(label: &str, key: &Secret) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(label.as_bytes());
-    h.update([0]);
-    h.update(key.expose().as_bytes());
-    h.finalize().into()
+/// PBKDF2 rounds: about 50 ms once at start, and as much per guess.
+const ROUNDS: u32 = 100_000;
+
+fn derive(key: &Secret) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA256,
+        std::num::NonZeroU32::new(ROUNDS).expect("not zero"),
+        b"tokenpool cluster key v1",
+        key.expose().as_bytes(),
+        &mut out,
+    );
+    out
 }
 
 impl Sealer {
@@ -60,9 +69,12 @@ impl Sealer {
     pub fn new(key: Option<&Secret>) -> Sealer {
         let (key, fingerprint) = match key {
             Some(secret) => {
-                let bytes = digest("tokenpool cluster key v1", secret);
+                let bytes = derive(secret);
                 let unbound = UnboundKey::new(&AES_256_GCM, &bytes).expect("a 32-byte AES-256 key");
-                let fp = digest("tokenpool cluster key fingerprint v1", secret);
+                let mut h = Sha256::new();
+                h.update(b"tokenpool cluster key fingerprint v1\0");
+                h.update(bytes);
+                let fp = h.finalize();
                 let hex: String = fp[..8].iter().map(|b| format!("{b:02x}")).collect();
                 (Some(LessSafeKey::new(unbound)), hex)
             }

@@ -72,29 +72,32 @@ local function changed()
 end
 ";
 
-/// Writes a token's state if it wins over the stored one.
-/// ARGV: id, channel, node, stamp, revoked_fp ('' unless revoked), enabled
-/// (0|1), state JSON, fingerprint of the configured refresh token.
+/// Writes a token's state if it wins over the stored one (the rule of
+/// `pool::token::shared::accepts`; a revocation is also void once the
+/// refresh token it was seen with has been replaced).
+/// ARGV: id, channel, node, stamp, revoked_fp ('' unless revoked),
+/// enabled_at (stamp of the last enable, 0 for none), state JSON,
+/// fingerprint of the configured refresh token.
 /// Returns the new version, or 0 when the stored state stays.
 const PUT_STATE: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'stamp', 'revoked_fp', 'enabled', 'rt_fp')
+local cur = redis.call('HMGET', KEYS[1], 'stamp', 'revoked_fp', 'enabled_at', 'rt_fp')
 local rt = cur[4] or ARGV[8]
 local stamp = tonumber(cur[1]) or 0
-local was_revoked = cur[2] ~= false and cur[2] ~= '' and cur[2] == rt
-local was_enabled = cur[3] == '1'
-local revoked = ARGV[5] ~= ''
-if revoked and ARGV[5] ~= rt then return 0 end
 local at = tonumber(ARGV[4])
+local enabled_at = math.max(tonumber(cur[3]) or 0, tonumber(ARGV[6]))
+local was_revoked = cur[2] ~= false and cur[2] ~= '' and cur[2] == rt and stamp > enabled_at
+local revoked = ARGV[5] ~= '' and ARGV[5] == rt and at > enabled_at
+if ARGV[5] ~= '' and not revoked then return 0 end
 local take
 if at > stamp then
-  take = (not was_revoked) or revoked or ARGV[6] == '1'
+  take = (not was_revoked) or revoked
 else
-  take = revoked and not was_revoked and not was_enabled
+  take = revoked and not was_revoked
 end
 if not take then return 0 end
 if at < stamp then at = stamp end
 redis.call('HSET', KEYS[1], 'st', ARGV[7], 'stamp', at, 'revoked_fp', ARGV[5],
-  'enabled', ARGV[6], 'node', ARGV[3])
+  'enabled_at', enabled_at, 'node', ARGV[3])
 return changed()
 ";
 
@@ -104,8 +107,8 @@ return changed()
 /// ARGV: id, channel, node, the new refresh token's rotation count (0:
 /// none to write), its fingerprint, its sealed value, the sealed access
 /// token ('' for none), its expiry (Unix ms), its lifetime (ms), 1 if the
-/// access token was just obtained (it wins a tie: JWT expiries are whole
-/// seconds, and the stored one may have met a 401).
+/// access token was just obtained (it wins: the stored one may have met a
+/// 401, and expiries are whole seconds and clocks differ).
 /// Returns {rotation, version}: rotation 1 written, 0 nothing to write or
 /// already there, -1 refused (the stored one is as new, or newer); version
 /// 0 when nothing was written.
@@ -126,7 +129,7 @@ if new_gen > 0 then
 end
 local stored_exp = tonumber(cur[3]) or 0
 local new_exp = tonumber(ARGV[8])
-if ARGV[7] ~= '' and (stored_exp < new_exp or (ARGV[10] == '1' and stored_exp == new_exp)) then
+if ARGV[7] ~= '' and (ARGV[10] == '1' or stored_exp < new_exp) then
   redis.call('HSET', KEYS[1], 'at', ARGV[7], 'at_exp', ARGV[8], 'at_life', ARGV[9])
   wrote = true
 end
@@ -143,6 +146,15 @@ redis.call('HSETNX', KEYS[1], 'key', ARGV[2])
 return redis.call('HMGET', KEYS[1], 'epoch', 'key')
 ";
 
+/// Extends a lease if this replica still holds it. ARGV: the lease's
+/// value, its new time to live (ms).
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
 /// Deletes a lease if this replica still holds it. ARGV: the lease's value.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -156,6 +168,7 @@ pub(super) struct Scripts {
     put_state: Script,
     grant: Script,
     meta: Script,
+    renew: Script,
     release: Script,
 }
 
@@ -165,6 +178,7 @@ impl Scripts {
             put_state: Script::new(&format!("{CHANGED}{PUT_STATE}")),
             grant: Script::new(&format!("{CHANGED}{GRANT}")),
             meta: Script::new(META),
+            renew: Script::new(RENEW),
             release: Script::new(RELEASE),
         }
     }
@@ -175,7 +189,7 @@ pub(super) struct StateWrite<'a> {
     pub id: &'a str,
     pub stamp: u64,
     pub revoked_fp: &'a str,
-    pub enabled: bool,
+    pub enabled_at: u64,
     pub json: &'a str,
     pub configured_fp: &'a str,
 }
@@ -232,7 +246,7 @@ impl Store {
         self.write(&self.scripts.put_state, w.id)
             .arg(w.stamp)
             .arg(w.revoked_fp)
-            .arg(if w.enabled { "1" } else { "0" })
+            .arg(w.enabled_at)
             .arg(w.json)
             .arg(w.configured_fp)
             .invoke_async(conn)
@@ -336,6 +350,25 @@ impl Store {
             .query_async(conn)
             .await?;
         Ok(set.is_some())
+    }
+
+    /// Extends a lease this replica holds; false if it no longer does.
+    pub(super) async fn renew_lease(
+        &self,
+        conn: &mut MultiplexedConnection,
+        id: &str,
+        value: &str,
+        ttl_ms: u64,
+    ) -> RedisResult<bool> {
+        let renewed: i64 = self
+            .scripts
+            .renew
+            .key(self.keys.lease(id))
+            .arg(value)
+            .arg(ttl_ms)
+            .invoke_async(conn)
+            .await?;
+        Ok(renewed == 1)
     }
 
     /// Gives back a lease this replica holds.

@@ -68,6 +68,8 @@ pub(super) struct Syncer<F> {
     epoch: Option<String>,
     /// Whether being away has been said in the log.
     said_away: bool,
+    /// Ids new to the pool (a reload) whose records are still to be read.
+    unread: Vec<String>,
 }
 
 impl<F: Fn() -> Arc<Pool>> Syncer<F> {
@@ -80,6 +82,7 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
             version: 0,
             epoch: None,
             said_away: false,
+            unread: Vec::new(),
         }
     }
 
@@ -238,25 +241,26 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
         Arc::clone(self.pool.as_ref().expect("reindex sets the pool"))
     }
 
-    /// Rebuilds the index if the pool changed; returns the ids new to it.
-    fn reindex(&mut self) -> Vec<String> {
+    /// Rebuilds the index if the pool changed; the ids new to it are kept
+    /// in `unread` until their records are read.
+    fn reindex(&mut self) {
         let pool = (self.current)();
         if self.pool.as_ref().is_some_and(|p| Arc::ptr_eq(p, &pool)) {
-            return Vec::new();
+            return;
         }
         let index: HashMap<String, Arc<Token>> = pool
             .tokens()
             .iter()
             .map(|t| (token_id(t), Arc::clone(t)))
             .collect();
-        let new = index
+        let new: Vec<String> = index
             .keys()
             .filter(|id| !self.index.contains_key(*id))
             .cloned()
             .collect();
+        self.unread.extend(new);
         self.index = index;
         self.pool = Some(pool);
-        new
     }
 
     /// Writes every token's state, refresh and access token; the scripts
@@ -273,8 +277,10 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
                 let mut conn = conn.clone();
                 let cluster = &cluster;
                 async move {
-                    let state = cluster.write_state(&mut conn, token).await?;
+                    // The refresh token first: a revocation is checked
+                    // against the refresh token stored.
                     let grant = cluster.write_grant(&mut conn, token, true, false).await?;
+                    let state = cluster.write_state(&mut conn, token).await?;
                     Ok::<u64, redis::RedisError>(u64::from(state) + u64::from(grant))
                 }
             });
@@ -324,6 +330,7 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
     /// were taken.
     async fn pull(&mut self, conn: &mut MultiplexedConnection) -> Result<u64, Ended> {
         self.reindex();
+        let mut taken = self.read_unread(conn).await?;
         let changed = self.cluster.store.changed_since(conn, self.version).await?;
         let top = changed
             .iter()
@@ -335,10 +342,26 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
             .map(|(id, _)| id.as_str())
             .filter(|id| self.index.contains_key(*id))
             .collect();
-        let taken = self.read(conn, &ids).await?;
+        taken += self.read(conn, &ids).await?;
         self.cluster.metrics.exchange(true);
         self.version = self.version.max(top);
         Ok(taken)
+    }
+
+    /// Reads the records of tokens a reload added.
+    async fn read_unread(&mut self, conn: &mut MultiplexedConnection) -> Result<u64, Ended> {
+        if self.unread.is_empty() {
+            return Ok(0);
+        }
+        let unread = std::mem::take(&mut self.unread);
+        let ids: Vec<&str> = unread.iter().map(String::as_str).collect();
+        match self.read(conn, &ids).await {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.unread = unread;
+                Err(e)
+            }
+        }
     }
 
     /// Reads the records of `ids` and takes what is newer in them.
@@ -368,16 +391,23 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
     async fn heartbeat(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Ended> {
         let (epoch, version) = self.cluster.store.heartbeat(conn).await?;
         self.cluster.metrics.exchange(true);
-        if epoch.is_none() || epoch != self.epoch {
+        let version = version.unwrap_or(0);
+        if epoch.is_none() || epoch != self.epoch || version < self.version {
+            // Gone, replaced, or older than what was read (a restored
+            // snapshot, a failover to a replica behind): written back.
+            if version < self.version {
+                tracing::warn!(
+                    node = %self.cluster.node,
+                    "the cluster's Redis went back in time (a snapshot restored, a failover): writing this replica's pool back"
+                );
+                self.epoch = None;
+            }
             self.catch_up(conn).await?;
             return Ok(());
         }
-        let new = self.reindex();
-        if !new.is_empty() {
-            let ids: Vec<&str> = new.iter().map(String::as_str).collect();
-            self.read(conn, &ids).await?;
-        }
-        if version.unwrap_or(0) > self.version {
+        self.reindex();
+        self.read_unread(conn).await?;
+        if version > self.version {
             self.pull(conn).await?;
         }
         Ok(())

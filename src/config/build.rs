@@ -15,8 +15,8 @@ use toml::Spanned;
 use super::raw::{unplaced, Preset, RawClientKey, RawCluster, RawConfig};
 use super::{
     duration, guard, AdminConfig, ClientKey, ClusterConfig, Config, ConfigError, EnvLookup,
-    LogConfig, PoolConfig, Provider, RefreshConfig, Secret, SecretSource, ServerConfig,
-    StateConfig, Tier, TokenConfig, TokenOrigin, UpstreamConfig,
+    LogConfig, PoolConfig, Provider, QuotaConfig, QuotaProvider, RefreshConfig, Secret,
+    SecretSource, ServerConfig, StateConfig, Tier, TokenConfig, TokenOrigin, UpstreamConfig,
 };
 
 /// Warp's AI API.
@@ -432,6 +432,12 @@ impl Builder<'_> {
                 .positive(&p.max_recovery_backoff, "[pool] max_recovery_backoff")?,
             max_attempts: *p.max_attempts.get_ref(),
             quota_pattern,
+            strategy: p.strategy,
+            affinity_header: p
+                .affinity_header
+                .as_ref()
+                .map(|h| self.affinity_header(h))
+                .transpose()?,
         };
         if pool.max_cooldown < pool.cooldown || pool.max_cooldown < pool.quota_cooldown {
             return self.err(
@@ -455,6 +461,29 @@ impl Builder<'_> {
         // [log]
         let log = LogConfig {
             access: raw.log.access,
+        };
+
+        // [quota]
+        let q = &raw.quota;
+        let interval = self.positive(&q.interval, "[quota] interval")?;
+        if interval < Duration::from_secs(10) {
+            return self.err(q.interval.span(), "[quota] interval must be at least 10s");
+        }
+        let quota_url = match (&q.url, q.provider) {
+            (Some(url), QuotaProvider::Warp) => {
+                self.http_url(url, "[quota] url")?;
+                Some(url.get_ref().clone())
+            }
+            (Some(url), QuotaProvider::None) => {
+                return self.err(url.span(), "[quota] url needs provider = \"warp\"");
+            }
+            (None, QuotaProvider::Warp) => Some(warp_quota_url(&upstream.url)),
+            (None, QuotaProvider::None) => None,
+        };
+        let quota = QuotaConfig {
+            provider: q.provider,
+            url: quota_url,
+            interval,
         };
 
         // [cluster]
@@ -558,9 +587,49 @@ impl Builder<'_> {
             state,
             log,
             cluster,
+            quota,
             tokens,
             read_files,
         })
+    }
+
+    /// `[pool] affinity_header`: a header name that is not one the proxy
+    /// owns (credentials, framing, hop-by-hop).
+    fn affinity_header(&self, value: &Spanned<String>) -> Result<HeaderName, ConfigError> {
+        let name = HeaderName::from_bytes(value.get_ref().trim().as_bytes()).or_else(|_| {
+            self.err(
+                value.span(),
+                format!(
+                    "[pool] affinity_header {} is not a header name",
+                    super::shown(value.get_ref())
+                ),
+            )
+        })?;
+        const OWNED: [&str; 12] = [
+            "authorization",
+            "x-api-key",
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "upgrade",
+            "x-request-id",
+            "cookie",
+        ];
+        if OWNED.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
+            return self.err(
+                value.span(),
+                format!(
+                    "[pool] affinity_header {} is a header the proxy reads or sets itself; \
+                     use one of your own, such as x-session-id",
+                    name.as_str()
+                ),
+            );
+        }
+        Ok(name)
     }
 
     /// `[cluster]`. The URL is a secret: what is wrong with it is said
@@ -650,6 +719,13 @@ impl Builder<'_> {
             ca_pem,
         })
     }
+}
+
+/// Warp's quota endpoint on the host of `[upstream] url`.
+fn warp_quota_url(upstream: &Uri) -> String {
+    let scheme = upstream.scheme_str().unwrap_or("https");
+    let authority = upstream.authority().map_or("app.warp.dev", |a| a.as_str());
+    format!("{scheme}://{authority}/graphql/v2?op=GetRequestLimitInfo")
 }
 
 /// This machine's name (a pod's name in Kubernetes), as a node name:

@@ -14,7 +14,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Provider, Tier};
+use super::{Provider, QuotaProvider, Strategy, Tier};
 use crate::config::SecretSource;
 
 /// A value with no place in the file: a default.
@@ -40,6 +40,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     pub cluster: Option<RawCluster>,
+    #[serde(default)]
+    pub quota: RawQuota,
     #[serde(default)]
     pub tokens: Vec<Spanned<RawToken>>,
 }
@@ -223,6 +225,8 @@ pub(super) struct RawPool {
     pub max_recovery_backoff: Spanned<String>,
     pub max_attempts: Spanned<u32>,
     pub quota_pattern: Spanned<String>,
+    pub strategy: Strategy,
+    pub affinity_header: Option<Spanned<String>>,
 }
 
 impl Default for RawPool {
@@ -239,6 +243,8 @@ impl Default for RawPool {
             quota_pattern: unplaced(
                 "(?i)no remaining quota|insufficient_quota|quota exceeded".into(),
             ),
+            strategy: Strategy::RoundRobin,
+            affinity_header: None,
         }
     }
 }
@@ -258,6 +264,24 @@ pub(super) struct RawLog {
 impl Default for RawLog {
     fn default() -> Self {
         RawLog { access: true }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawQuota {
+    pub provider: QuotaProvider,
+    pub url: Option<Spanned<String>>,
+    pub interval: Spanned<String>,
+}
+
+impl Default for RawQuota {
+    fn default() -> Self {
+        RawQuota {
+            provider: QuotaProvider::None,
+            url: None,
+            interval: unplaced("5m".into()),
+        }
     }
 }
 

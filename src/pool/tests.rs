@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
+use proptest::strategy::Strategy;
 use tokio::time::advance;
 
 use super::*;
@@ -520,4 +521,109 @@ fn indexes_follow_the_all_lists() {
     for (i, state) in TokenState::ALL.iter().enumerate() {
         assert_eq!(state.index(), i);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn most_remaining_prefers_the_fullest_and_unknown_counts_as_full() {
+    let pool = pool_with(
+        &[("a", "personal"), ("b", "personal"), ("c", "personal")],
+        "strategy = \"most_remaining\"",
+    );
+    let left = |n: u64| Quota {
+        limit: Some(100),
+        remaining: Some(n),
+        ..Quota::default()
+    };
+    pool.get("a").unwrap().learn_quota(left(5));
+    pool.get("b").unwrap().learn_quota(left(50));
+    // c is unknown: full.
+    for _ in 0..5 {
+        assert_eq!(pick(&pool).as_deref(), Some("c"));
+    }
+    pool.get("c").unwrap().learn_quota(left(20));
+    for _ in 0..5 {
+        assert_eq!(pick(&pool).as_deref(), Some("b"));
+    }
+    // A tie goes in turn.
+    pool.get("c").unwrap().learn_quota(left(50));
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(pick(&pool).unwrap());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(!seen.contains("a"));
+    // The fullest, resting, is stepped over.
+    pool.get("b")
+        .unwrap()
+        .report(Outcome::RateLimited(None), pool.settings());
+    assert_eq!(pick(&pool).as_deref(), Some("c"));
+}
+
+fn placements(pool: &Pool, sessions: &[u64]) -> Vec<(String, Affinity)> {
+    sessions
+        .iter()
+        .map(|&s| {
+            let picked = pool.select_for(&[], Some(s)).unwrap();
+            (picked.token.name().to_string(), picked.affinity)
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn sessions_stay_on_their_token_and_only_its_own_move() {
+    let spec = [
+        ("a", "personal"),
+        ("b", "personal"),
+        ("c", "personal"),
+        ("d", "personal"),
+    ];
+    let pool = pool_with(&spec, SETTINGS);
+    let sessions: Vec<u64> = (0..16)
+        .map(|i| session_key(format!("session-{i}").as_bytes()))
+        .collect();
+    let first = placements(&pool, &sessions);
+    assert!(first.iter().all(|(_, a)| *a == Affinity::Hit));
+    assert_eq!(
+        first,
+        placements(&pool, &sessions),
+        "every session stays put"
+    );
+    let used: std::collections::HashSet<&str> = first.iter().map(|(t, _)| t.as_str()).collect();
+    assert!(used.len() >= 3, "sessions spread over the tokens: {used:?}");
+
+    // A resting token's sessions move, and come back when it does; no
+    // other session moves.
+    pool.get("a").unwrap().report(
+        Outcome::RateLimited(Some(Duration::from_secs(30))),
+        pool.settings(),
+    );
+    let resting = placements(&pool, &sessions);
+    for ((before, _), (after, affinity)) in first.iter().zip(&resting) {
+        if before == "a" {
+            assert_ne!(after, "a");
+            assert_eq!(*affinity, Affinity::Moved);
+        } else {
+            assert_eq!((after, *affinity), (before, Affinity::Hit));
+        }
+    }
+    advance(Duration::from_secs(31)).await;
+    assert_eq!(placements(&pool, &sessions), first);
+
+    // A token removed from the config: only its sessions move.
+    let text_without_b: Vec<(&str, &str)> =
+        spec.iter().copied().filter(|(n, _)| *n != "b").collect();
+    let smaller = pool_with(&text_without_b, SETTINGS);
+    let after = placements(&smaller, &sessions);
+    let mut moved = 0;
+    for ((before, _), (now, _)) in first.iter().zip(&after) {
+        if before == "b" {
+            moved += 1;
+        } else {
+            assert_eq!(before, now, "a session not on b moved");
+        }
+    }
+    assert!(moved > 0);
+    // Ranking is by name alone: every replica places a session alike.
+    let other = pool_with(&spec, SETTINGS);
+    assert_eq!(placements(&other, &sessions), first);
 }

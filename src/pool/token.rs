@@ -22,8 +22,45 @@ use tokio::time::Instant;
 use super::{Clock, PoolSettings};
 use crate::config::{Secret, Tier, TokenConfig};
 
+mod quota;
 mod shared;
 
+/// What the token tests beside the code share: a token, and settings.
+#[cfg(test)]
+mod testing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::Token;
+    use crate::config::{Secret, Tier, TokenConfig, TokenOrigin};
+    use crate::pool::{Clock, PoolSettings};
+
+    /// A fresh personal token named `name`, refresh token `rt-<name>`.
+    pub(super) fn token(name: &str) -> Token {
+        let config = TokenConfig {
+            name: name.into(),
+            tier: Tier::Personal,
+            secret: Secret::new(format!("rt-{name}")),
+            origin: TokenOrigin::File,
+        };
+        Token::new(&config, Clock::new(), Arc::default())
+    }
+
+    /// Round numbers: 3 failures, 60 s cooldown, 10 min quota cooldown.
+    pub(super) fn settings() -> PoolSettings {
+        PoolSettings {
+            failure_threshold: 3,
+            cooldown: Duration::from_secs(60),
+            quota_cooldown: Duration::from_secs(600),
+            max_cooldown: Duration::from_secs(3600),
+            recovery_backoff: Duration::from_secs(60),
+            max_recovery_backoff: Duration::from_secs(600),
+            strategy: Default::default(),
+        }
+    }
+}
+
+pub use quota::{Quota, MAX_QUOTA_REST};
 pub use shared::{accepts, short_fingerprint, SharedState, Stamp};
 
 /// Gate value of a token that nothing but an operator (or a config change)
@@ -269,20 +306,29 @@ struct Inner {
     /// Wall-clock time (Unix ms) of the last change replicas share; 0
     /// before the first.
     stamp: u64,
-    /// The last shared change was an operator's enable: on every replica
-    /// it lifts a revocation.
-    enabled: bool,
+    /// Stamp of the last operator's enable (0: none): a revocation stamped
+    /// before it is void on every replica.
+    enabled_at: u64,
+    /// What is known of its quota besides the remaining count.
+    quota: Option<quota::QuotaInfo>,
 }
 
 /// One configured token and everything the proxy knows about it.
 pub struct Token {
     name: Arc<str>,
+    /// A stable hash of the name, for session affinity.
+    name_hash: u64,
     tier: Tier,
     /// The secret as configured; identifies the token across reloads.
     configured: Secret,
     clock: Clock,
     /// Clock reading (ms) from which the token may be picked; `CLOSED` for never.
     gate: AtomicU64,
+    /// Requests left in its quota (`quota::UNKNOWN`: not known, or no
+    /// limit). Beside the gate: `most_remaining` reads both.
+    remaining: AtomicU64,
+    /// The quota poller should look at it soon.
+    quota_poll: AtomicBool,
     /// Requests this token was picked for.
     requests: AtomicU64,
     /// Clock reading (ms) of the last pick (0 = never); turned into wall
@@ -385,6 +431,8 @@ pub struct Snapshot {
     pub quota_level: u32,
     /// Whether it was disabled by hand.
     pub manual: bool,
+    /// What is known of its quota.
+    pub quota: Option<Quota>,
 }
 
 /// The persisted part of a token's state (the state file), restored at start.
@@ -412,10 +460,13 @@ impl Token {
     pub fn new(config: &TokenConfig, clock: Clock, changes: Arc<Notify>) -> Token {
         Token {
             name: Arc::from(config.name.as_str()),
+            name_hash: super::session_key(config.name.as_bytes()),
             tier: config.tier,
             configured: config.secret.clone(),
             clock,
             gate: AtomicU64::new(0),
+            remaining: AtomicU64::new(quota::UNKNOWN),
+            quota_poll: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             last_used_ms: AtomicU64::new(0),
             dirty: std::sync::atomic::AtomicBool::new(false),
@@ -439,7 +490,8 @@ impl Token {
                 rotation: 0,
                 last_error: None,
                 stamp: 0,
-                enabled: false,
+                enabled_at: 0,
+                quota: None,
             }),
         }
     }
@@ -495,6 +547,27 @@ impl Token {
     /// Rotations since the configured refresh token (0: it is in use).
     pub fn rotation(&self) -> u64 {
         self.lock().rotation
+    }
+
+    /// The refresh token to send and its rotation count, read together.
+    pub fn refresh_token_and_rotation(&self) -> (Secret, u64) {
+        let inner = self.lock();
+        (inner.refresh_token.clone(), inner.rotation)
+    }
+
+    /// Installs what a refresh of the refresh token at rotation `from`
+    /// returned. If a newer one (another replica's) was taken while the
+    /// call ran, that one stays. Returns whether `new` was installed.
+    pub fn rotate_from(&self, from: u64, new: Secret) -> bool {
+        let mut inner = self.lock();
+        if inner.rotation > from {
+            return false;
+        }
+        inner.refresh_token = new;
+        inner.rotated = true;
+        inner.rotation = from + 1;
+        self.dirty.store(true, Ordering::Release);
+        true
     }
 
     /// The rotated refresh token, if the current one came from a rotation.
@@ -610,6 +683,7 @@ impl Token {
         match inner.state {
             TokenState::Active => {}
             TokenState::CoolingDown => {
+                self.quota_refilled(&inner);
                 let from = (inner.state, inner.reason);
                 inner.state = TokenState::Active;
                 inner.reason = None;
@@ -649,6 +723,17 @@ impl Token {
             CLOSED => false,
             gate => gate <= self.clock.millis(now) && self.lock().state == TokenState::CoolingDown,
         }
+    }
+
+    /// Whether its gate has passed at clock reading `now_ms` (it may be
+    /// taken; [`Token::try_acquire`] decides).
+    pub(super) fn gate_open(&self, now_ms: u64) -> bool {
+        self.gate.load(Ordering::Acquire) <= now_ms
+    }
+
+    /// The hash of its name that ranks it for sessions.
+    pub fn name_hash(&self) -> u64 {
+        self.name_hash
     }
 
     /// Clock reading (ms) when this token may next be picked; `None` if
@@ -709,7 +794,12 @@ impl Token {
                 self.cool(&mut inner, Reason::RateLimited, now, wait);
             }
             Outcome::QuotaExhausted => {
-                let wait = settings.quota_wait(inner.quota_level);
+                self.remaining.store(0, Ordering::Relaxed);
+                // Until the refill when it is known; else the doubling guess.
+                let wait = inner
+                    .quota
+                    .and_then(|q| q.refill_in())
+                    .unwrap_or_else(|| settings.quota_wait(inner.quota_level));
                 inner.quota_level = inner.quota_level.saturating_add(1);
                 inner.last_error = Some(Reason::QuotaExhausted.as_str().to_string());
                 self.cool(&mut inner, Reason::QuotaExhausted, now, wait);
@@ -936,6 +1026,7 @@ impl Token {
             backoff_level: inner.backoff_level,
             quota_level: inner.quota_level,
             manual: inner.reason == Some(Reason::Manual),
+            quota: self.quota(),
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::metrics::Metrics;
 use crate::pool::token::RefreshResult;
-use crate::pool::{AccessToken, Outcome, Reason, Token};
+use crate::pool::{AccessToken, Affinity, Outcome, Reason, Token};
 use crate::upstream::{headers, UpstreamBody};
 
 /// Largest upstream error answer (401/403/429) read to decide what to do;
@@ -53,11 +53,14 @@ enum Attempt {
 }
 
 /// Tries tokens for a request until one answers or attempts run out.
+/// `session`: with `[pool] affinity_header` set, the request's session
+/// key (`Some(None)`: the request has no session).
 pub(super) async fn run(
     metrics: &Metrics,
     generation: &Generation,
     parts: &Parts,
     body: &Bytes,
+    session: Option<Option<u64>>,
     trail: &mut Trail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let config = &generation.config;
@@ -66,19 +69,35 @@ pub(super) async fn run(
     // Allocated only when a request fails over.
     let mut tried: Vec<&Arc<Token>> = Vec::new();
     let mut last_answer: Option<Response<Bytes>> = None;
+    let key = session.flatten();
+    // How the session's affinity went: the first pick's result, or moved
+    // once the request leaves that token.
+    let mut affinity = session.map(|_| Affinity::None);
     while tried.len() < max_attempts {
-        let Some(selected) = pool.select(&tried) else {
+        let Some(selected) = pool.select_for(&tried, key) else {
             break;
         };
+        affinity = affinity.map(|a| match (tried.is_empty(), a) {
+            (true, _) => selected.affinity,
+            (false, Affinity::None) => Affinity::None,
+            (false, _) => Affinity::Moved,
+        });
         let token = selected.token;
         let tier = token.tier();
         if let Some((from, to)) = selected.fallback {
             metrics.tier_fallback(from, to);
         }
         trail.tried.push((token.name_arc(), tier));
-        match attempt(metrics, generation, token, parts, body, trail).await? {
-            Attempt::Done(response) => return Ok(response),
-            Attempt::Failover { reason, answer } => {
+        match attempt(metrics, generation, token, parts, body, trail).await {
+            Err(e) => {
+                count_affinity(metrics, affinity);
+                return Err(e);
+            }
+            Ok(Attempt::Done(response)) => {
+                count_affinity(metrics, affinity);
+                return Ok(response);
+            }
+            Ok(Attempt::Failover { reason, answer }) => {
                 tracing::debug!(
                     token = token.name(),
                     reason = reason.as_str(),
@@ -92,6 +111,7 @@ pub(super) async fn run(
         }
         tried.push(token);
     }
+    count_affinity(metrics, affinity);
     if let Some(answer) = last_answer {
         // Attempts ran out: the client gets the last upstream answer as it was.
         return Ok(answer.map(ProxyBody::full));
@@ -101,6 +121,12 @@ pub(super) async fn run(
             .next_available_in()
             .unwrap_or(RETRY_AFTER_WHEN_NONE_RETURN),
     })
+}
+
+fn count_affinity(metrics: &Metrics, affinity: Option<Affinity>) {
+    if let Some(a) = affinity {
+        metrics.affinity(a.as_str());
+    }
 }
 
 /// Applies a failure to the token and counts it.
@@ -142,6 +168,13 @@ async fn attempt(
         let response = match send(metrics, generation, token, parts, body, &access).await {
             Ok(response) => {
                 trail.upstream_status = Some(response.status().as_u16());
+                // What the answer says of the token's quota; without a
+                // word, a 2xx counts one request against what is known.
+                match crate::quota::from_headers(response.headers(), std::time::SystemTime::now()) {
+                    Some(quota) => token.learn_quota(quota),
+                    None if response.status().is_success() => token.spend_quota(),
+                    None => {}
+                }
                 response
             }
             Err(e) => {
@@ -194,6 +227,8 @@ async fn attempt(
                         .any(|v| v.to_str().is_ok_and(|s| pattern.is_match(s)));
                 let reason = if quota {
                     charge(metrics, generation, token, Reason::QuotaExhausted);
+                    // When does it refill? The poller asks, if it can.
+                    token.want_quota_poll();
                     Reason::QuotaExhausted
                 } else {
                     let retry_after = answer

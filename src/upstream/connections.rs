@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response};
 use http_body_util::Full;
@@ -132,9 +132,12 @@ fn replayable(method: &Method, headers: &HeaderMap) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    ) || headers.contains_key("idempotency-key")
-        || headers.contains_key("x-idempotency-key")
+    ) || headers.contains_key(&IDEMPOTENCY_KEY)
+        || headers.contains_key(&X_IDEMPOTENCY_KEY)
 }
+
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+static X_IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("x-idempotency-key");
 
 impl Shared {
     fn put(&self, sender: http1::SendRequest<RequestBody>) {

@@ -210,10 +210,9 @@ async fn redis_killed_under_load_fails_no_request_and_restarted_empty_is_reseede
     let s = Setup::new(tokens, "", "").await;
     let a = Arc::new(replica(&s, tokens, &redis, "a").await);
     let b = Arc::new(replica(&s, tokens, &redis, "b").await);
-    let refreshes = s.sim.total_refresh_calls();
-
-    // 4 clients, 60 requests each, alternating replicas; Redis is killed
-    // once 40 have been answered.
+    // 4 clients, 60 requests each, alternating replicas; once 40 have
+    // been answered, every access token is made stale (so requests need
+    // refreshes, which ask Redis first) and Redis is killed.
     let done = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
@@ -234,12 +233,14 @@ async fn redis_killed_under_load_fails_no_request_and_restarted_empty_is_reseede
         done.load(Ordering::Relaxed) >= 40
     })
     .await;
+    s.sim.invalidate_issued_jwts();
     redis.kill().await;
     for client in clients {
         client.await.unwrap();
     }
     assert_eq!(done.load(Ordering::Relaxed), 240);
     assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+    let refreshes = s.sim.total_refresh_calls();
     wait_connected(&a, false).await;
     wait_connected(&b, false).await;
     assert_eq!(metric(&a.metrics().await, "tokenpool_cluster_up"), 0.0);
@@ -247,7 +248,6 @@ async fn redis_killed_under_load_fails_no_request_and_restarted_empty_is_reseede
     // A change while Redis is away stays on its replica, and reaches the
     // other when Redis is back — empty, and re-seeded by the replicas.
     admin_post(&a, "/admin/tokens/c/disable").await;
-    assert_eq!(b.state("c"), (TokenState::Active, None));
     redis.restart_empty().await;
     wait_connected(&a, true).await;
     wait_connected(&b, true).await;
@@ -263,7 +263,7 @@ async fn redis_killed_under_load_fails_no_request_and_restarted_empty_is_reseede
     assert_eq!(
         s.sim.total_refresh_calls(),
         refreshes,
-        "no token was refreshed again"
+        "the access tokens were written back: no token was refreshed again"
     );
     let a = Arc::into_inner(a).unwrap();
     let b = Arc::into_inner(b).unwrap();
@@ -357,25 +357,42 @@ async fn a_replica_killed_holding_a_refresh_lease_delays_the_others_only_until_i
     }
     s.sim.set_refresh("a", RefreshBehaviour::Ok);
 
-    let a = replica(&s, tokens, &redis, "a").await;
-    // While the dead replica's lease lives, nobody else refreshes.
-    let calls = s.sim.refresh_calls("a");
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(&lease[0])
-        .query_async(&mut conn.clone())
-        .await
-        .unwrap();
-    assert!(ttl > 0, "the lease outlived A's start");
-    assert_eq!(
-        calls, before,
-        "a refresh while another replica's lease lived"
+    let a = Arc::new(replica(&s, tokens, &redis, "a").await);
+    // A request on A needs a refresh and waits for the lease...
+    let request = tokio::spawn({
+        let a = Arc::clone(&a);
+        async move { a.ai_text().await.0 }
+    });
+    // ...and while the dead replica's lease lives, nobody refreshes.
+    let mut watched = 0;
+    loop {
+        let calls = s.sim.refresh_calls("a");
+        // (Once it is gone, A takes a lease under the same name.)
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(&lease[0])
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        if !holder.is_some_and(|h| h.starts_with("doomed ")) {
+            break;
+        }
+        assert_eq!(
+            calls, before,
+            "a refresh while another replica's lease lived"
+        );
+        watched += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        watched > 5,
+        "the lease was watched while it lived ({watched})"
     );
-    // Then A refreshes: the request waits for the lease, not forever.
-    assert_eq!(a.ai_text().await.0, 200);
+    // Then A refreshes: the request waited for the lease, not forever.
+    assert_eq!(request.await.unwrap(), 200);
     assert_eq!(s.sim.refresh_calls("a"), before + 1);
     let left = leases().await;
     assert!(left.is_empty(), "the lease was given back: {left:?}");
-    a.stop().await;
+    Arc::into_inner(a).unwrap().stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,7 +451,10 @@ async fn stored_tokens_are_sealed_and_a_replica_with_another_key_stays_local() {
     })
     .await;
     assert!(!connected(&c));
+    assert!(connected(&a) && connected(&b), "the others go on sharing");
     assert_eq!(c.ai_text().await.0, 200);
+    let dump = redis.dump("it:").await;
+    assert!(!dump.iter().any(|(_, v)| v == "c"), "C wrote nothing");
     for p in [a, b, c] {
         p.stop().await;
     }
@@ -475,6 +495,13 @@ async fn the_state_file_restarts_a_replica_while_redis_is_away() {
     // Redis is gone; the replica restarts on its state file alone.
     redis.kill().await;
     let a = Proxy::start(&config).await;
+    eventually("A tried Redis", WAIT, || async {
+        metric(
+            &a.metrics().await,
+            "tokenpool_cluster_sync_total{result=\"error\"}",
+        ) >= 1.0
+    })
+    .await;
     assert!(!connected(&a));
     // The configured refresh token is dead: only the rotated one from the
     // state file refreshes (the background refresher may already have).
@@ -483,4 +510,47 @@ async fn the_state_file_restarts_a_replica_while_redis_is_away() {
     assert_ne!(refresh_token_of(&a, "a"), rt("a"));
     assert!(s.sim.refresh_calls("a") >= 2);
     a.stop().await;
+}
+
+#[tokio::test]
+async fn the_redis_merge_script_decides_as_the_replicas_do() {
+    use tokenpool::pool::token::accepts;
+    use tokenpool::pool::Stamp;
+    let redis = Redis::start().await;
+    let mut stamps = vec![Stamp::default()];
+    for at in [3u64, 5, 9, 10, 12] {
+        for revoked in [false, true] {
+            for enabled_at in [0u64, 3, 10] {
+                if enabled_at <= at {
+                    stamps.push(Stamp {
+                        at,
+                        revoked,
+                        enabled_at,
+                    });
+                }
+            }
+        }
+    }
+    let mut checked = 0;
+    for (i, &stored) in stamps.iter().enumerate() {
+        // What the replica would hold after the stored write.
+        let held = if stored.at > 0 && accepts(Stamp::default(), stored) {
+            stored
+        } else {
+            Stamp::default()
+        };
+        for &incoming in stamps.iter().filter(|s| s.at > 0) {
+            let id = format!("t{i}");
+            let script = tokenpool::cluster::script_takes(&redis.url(), &id, stored, incoming)
+                .await
+                .unwrap();
+            assert_eq!(
+                script,
+                accepts(held, incoming),
+                "stored {stored:?} (held {held:?}), incoming {incoming:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 200, "{checked}");
 }

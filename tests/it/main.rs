@@ -13,6 +13,7 @@ mod harness;
 mod metrics;
 mod process;
 mod proxy;
+mod quota;
 mod raw;
 mod redis_server;
 mod refresh;

@@ -21,22 +21,30 @@ pub struct Stamp {
     pub at: u64,
     /// The change revoked the token.
     pub revoked: bool,
-    /// The change was an operator's enable.
-    pub enabled: bool,
+    /// Stamp of the last operator's enable known with it (0: none).
+    pub enabled_at: u64,
 }
 
 /// Whether a change stamped `remote` replaces the state stamped `local`.
 ///
-/// The newer change wins, except that `revoked` is sticky: a newer change
-/// lifts a revocation only if it is an operator's enable, and an older
-/// revocation still wins over a newer change that is not one (the refresh
-/// token is dead, whatever happened to the token since). The cluster's
-/// Redis script applies the same rule to what it stores.
+/// The newer change wins, except that `revoked` is sticky: a revocation
+/// holds until an operator's enable stamped after it (and an older
+/// revocation still wins over a newer change that is not such an enable:
+/// the refresh token is dead, whatever happened to the token since). A
+/// revocation stamped before an enable either side knows of is void. The
+/// cluster's Redis script applies the same rule to what it stores.
 pub fn accepts(local: Stamp, remote: Stamp) -> bool {
+    let enabled_at = local.enabled_at.max(remote.enabled_at);
+    let local_revoked = local.revoked && local.at > enabled_at;
+    let remote_revoked = remote.revoked && remote.at > enabled_at;
+    if remote.revoked && !remote_revoked {
+        // A void revocation is not a change at all.
+        return false;
+    }
     if remote.at > local.at {
-        !local.revoked || remote.revoked || remote.enabled
+        !local_revoked || remote_revoked
     } else {
-        remote.revoked && !local.revoked && !local.enabled
+        remote_revoked && !local_revoked
     }
 }
 
@@ -87,7 +95,9 @@ impl Token {
     /// twice with the same time) and wakes the cluster's sync task.
     pub(super) fn mark_shared(&self, inner: &mut Inner, enabled: bool) {
         inner.stamp = unix_ms(SystemTime::now()).max(inner.stamp + 1);
-        inner.enabled = enabled;
+        if enabled {
+            inner.enabled_at = inner.stamp;
+        }
         self.shared_dirty.store(true, Ordering::Release);
         self.changes.notify_one();
     }
@@ -126,7 +136,7 @@ impl Token {
             stamp: Stamp {
                 at: inner.stamp,
                 revoked: inner.state == TokenState::Revoked,
-                enabled: inner.enabled,
+                enabled_at: inner.enabled_at,
             },
         }
     }
@@ -139,7 +149,7 @@ impl Token {
         let local = Stamp {
             at: inner.stamp,
             revoked: inner.state == TokenState::Revoked,
-            enabled: inner.enabled,
+            enabled_at: inner.enabled_at,
         };
         if !accepts(local, remote.stamp) {
             return false;
@@ -171,8 +181,8 @@ impl Token {
         inner.quota_level = remote.quota_level;
         inner.trial = false;
         inner.stamp = remote.stamp.at;
-        inner.enabled = remote.stamp.enabled;
-        if remote.stamp.enabled {
+        if remote.stamp.enabled_at > inner.enabled_at {
+            inner.enabled_at = remote.stamp.enabled_at;
             inner.refresh_level = 0;
         }
         inner.last_error = match (remote.state, remote.reason) {
@@ -272,24 +282,24 @@ impl Token {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Tier, TokenConfig, TokenOrigin};
-    use crate::pool::{Clock, Outcome, PoolSettings};
-    use std::sync::Arc;
+    use crate::pool::token::testing::{settings, token};
+    use crate::pool::Outcome;
 
-    fn stamp(at: u64, revoked: bool, enabled: bool) -> Stamp {
+    fn stamp(at: u64, revoked: bool, enabled_at: u64) -> Stamp {
         Stamp {
             at,
             revoked,
-            enabled,
+            enabled_at,
         }
     }
 
-    #[test]
-    fn the_newer_change_wins_and_revoked_is_sticky() {
-        let plain = |at| stamp(at, false, false);
-        let revoked = |at| stamp(at, true, false);
-        let enable = |at| stamp(at, false, true);
-        for (local, remote, taken) in [
+    /// The cases the merge rule decides (`tests/it/cluster.rs` checks that
+    /// the Redis script decides every combination alike).
+    fn merge_cases() -> Vec<(Stamp, Stamp, bool)> {
+        let plain = |at| stamp(at, false, 0);
+        let revoked = |at| stamp(at, true, 0);
+        let enable = |at| stamp(at, false, at);
+        vec![
             (plain(1), plain(2), true),
             (plain(2), plain(1), false),
             (plain(2), plain(2), false),
@@ -304,35 +314,25 @@ mod tests {
             (revoked(5), enable(3), false),
             (revoked(5), revoked(9), true),
             (revoked(9), revoked(5), false),
-        ] {
+            // An enable stays in force through later changes: a revocation
+            // from before it comes back from nowhere.
+            (stamp(12, false, 10), revoked(5), false),
+            // A revocation after the enable holds.
+            (stamp(12, false, 10), stamp(15, true, 0), true),
+            (stamp(15, true, 10), stamp(20, false, 10), false),
+        ]
+    }
+
+    #[test]
+    fn the_newer_change_wins_and_revoked_is_sticky() {
+        for (local, remote, taken) in merge_cases() {
             assert_eq!(accepts(local, remote), taken, "{local:?} <- {remote:?}");
         }
     }
 
-    fn settings() -> PoolSettings {
-        PoolSettings {
-            failure_threshold: 3,
-            cooldown: Duration::from_secs(60),
-            quota_cooldown: Duration::from_secs(600),
-            max_cooldown: Duration::from_secs(3600),
-            recovery_backoff: Duration::from_secs(60),
-            max_recovery_backoff: Duration::from_secs(600),
-        }
-    }
-
-    fn token() -> Token {
-        let config = TokenConfig {
-            name: "alice".into(),
-            tier: Tier::Personal,
-            secret: Secret::new("rt-alice"),
-            origin: TokenOrigin::File,
-        };
-        Token::new(&config, Clock::new(), Arc::default())
-    }
-
     #[tokio::test(start_paused = true)]
     async fn only_changes_are_shared_and_a_change_travels_whole() {
-        let a = token();
+        let a = token("alice");
         let s = settings();
         a.report(Outcome::Success, &s);
         assert!(
@@ -348,7 +348,7 @@ mod tests {
 
         // Another replica's copy of the same token takes it, and is out
         // of rotation until the same time.
-        let b = token();
+        let b = token("alice");
         assert!(b.apply_shared(&shared, "a"));
         assert!(!b.take_shared_dirty(), "a change taken is not sent back");
         let now_ms = b.clock.now_millis();
@@ -361,10 +361,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_revocation_holds_until_an_enable_and_only_for_its_refresh_token() {
         let s = settings();
-        let a = token();
+        let a = token("alice");
         a.report(Outcome::Revoked, &s);
         let revoked = a.shared_state();
-        let b = token();
+        let b = token("alice");
         b.report(Outcome::Failure(Reason::Forbidden), &s);
         let newer_failure = b.shared_state();
         assert!(b.apply_shared(&revoked, "a"), "an older revocation wins");
@@ -372,21 +372,21 @@ mod tests {
         assert!(!b.apply_shared(&newer_failure, "b"));
 
         // An operator's enable on a third replica lifts it everywhere.
-        let c = token();
+        let c = token("alice");
         c.apply_shared(&revoked, "a");
         // Stamped after the revocation it lifts, whatever the wall clock says.
         c.enable();
         let enabled = c.shared_state();
-        assert!(enabled.stamp.enabled);
+        assert_eq!(enabled.stamp.enabled_at, enabled.stamp.at);
         assert!(b.apply_shared(&enabled, "c"));
         assert!(!b.is_out_for_good());
 
         // A revocation of a refresh token another replica has replaced
         // means nothing, and a newer refresh token lifts one seen here.
-        let d = token();
+        let d = token("alice");
         d.adopt_refresh_token(Secret::new("rt-alice-2"), 1, false);
         assert!(!d.apply_shared(&revoked, "a"));
-        let e = token();
+        let e = token("alice");
         e.report(Outcome::Revoked, &s);
         assert!(e.adopt_refresh_token(Secret::new("rt-alice-2"), 1, false));
         assert!(!e.is_out_for_good());
@@ -395,7 +395,7 @@ mod tests {
 
     #[test]
     fn the_refresh_token_with_more_rotations_wins() {
-        let a = token();
+        let a = token("alice");
         a.rotate(Secret::new("rt-alice-2"));
         a.rotate(Secret::new("rt-alice-3"));
         assert_eq!(a.rotation(), 2);
@@ -412,7 +412,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_access_token_is_taken_only_if_it_outlives_the_one_held() {
-        let a = token();
+        let a = token("alice");
         let later = SystemTime::now() + Duration::from_secs(3600);
         let sooner = SystemTime::now() + Duration::from_secs(60);
         assert!(a.adopt_access(AccessToken::until(
