@@ -257,8 +257,8 @@ impl Cluster {
     /// is the access token the replica had when it decided to refresh (a
     /// different valid one, from another replica, makes the refresh
     /// needless); `patience` is how long to wait for another replica's
-    /// refresh. Redis gets 500 ms in all to answer; slower, the replica
-    /// refreshes alone.
+    /// refresh. Each round of asking Redis gets 500 ms to answer; slower,
+    /// the replica refreshes alone.
     pub async fn coordinate(
         &self,
         token: &Token,
@@ -275,13 +275,15 @@ impl Cluster {
         };
         let id = token_id(token);
         let give_up = Instant::now() + patience;
-        let mut waited = Duration::ZERO;
         let fresh = || {
             token
                 .access()
                 .is_some_and(|a| Some(a.id) != held && a.valid_at(Instant::now()))
         };
         loop {
+            // Redis's answering time in this round (the time spent waiting
+            // for another replica between rounds does not count).
+            let mut waited = Duration::ZERO;
             let asked = Instant::now();
             let record = match self.store.records(&mut conn, &[&id]).await {
                 Ok(mut records) => records.pop().unwrap_or_default(),

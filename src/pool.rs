@@ -278,12 +278,16 @@ fn most_remaining<'a>(
     if now_ms.saturating_sub(tier.remaining_read_ms.load(Ordering::Relaxed)) >= 1000 {
         tier.remaining_read_ms.store(now_ms, Ordering::Relaxed);
         for (slot, token) in tier.remaining.iter().zip(&tier.tokens) {
-            slot.store(token.remaining_for_selection(), Ordering::Relaxed);
+            slot.store(token.remaining_at(now_ms), Ordering::Relaxed);
         }
     }
-    let start = tier.cursors[stripe() % CURSORS].fetch_add(1, Ordering::Relaxed) % n;
+    // Ties go in turn: the scan starts after the last token this stripe
+    // picked, so a tie is not won more often by a token that happens to
+    // follow lower counts.
+    let cursor = &tier.cursors[stripe() % CURSORS];
+    let start = cursor.load(Ordering::Relaxed) % n;
     take(now_ms, settings, |not_lost| {
-        let mut best: Option<(&Arc<Token>, u64)> = None;
+        let mut best: Option<(usize, u64)> = None;
         // From the cursor to the end, then from the start to the cursor:
         // no division per token.
         for range in [start..n, 0..start] {
@@ -293,7 +297,7 @@ fn most_remaining<'a>(
                     continue;
                 }
                 let token = &tier.tokens[i];
-                let left = token.remaining_for_selection();
+                let left = token.remaining_at(now_ms);
                 if left != copy {
                     tier.remaining[i].store(left, Ordering::Relaxed);
                     if best.is_some_and(|(_, b)| left <= b) {
@@ -303,13 +307,18 @@ fn most_remaining<'a>(
                 if !token.gate_open(now_ms) || !eligible(token) || !not_lost(token) {
                     continue;
                 }
-                best = Some((token, left));
+                best = Some((i, left));
                 if left == u64::MAX {
-                    return Some(token);
+                    break;
                 }
             }
+            if best.is_some_and(|(_, b)| b == u64::MAX) {
+                break;
+            }
         }
-        best.map(|(t, _)| t)
+        let (i, _) = best?;
+        cursor.store(i + 1, Ordering::Relaxed);
+        Some(&tier.tokens[i])
     })
 }
 
@@ -399,7 +408,7 @@ impl Pool {
                     tier,
                     remaining: tokens
                         .iter()
-                        .map(|t| AtomicU64::new(t.remaining_for_selection()))
+                        .map(|t| AtomicU64::new(t.remaining_at(clock.now_millis())))
                         .collect(),
                     remaining_read_ms: AtomicU64::new(clock.now_millis()),
                     hashes: tokens.iter().map(|t| t.name_hash()).collect(),

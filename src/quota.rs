@@ -118,8 +118,8 @@ fn count(value: &str) -> Option<u64> {
 /// quota rest.
 fn reset_time(value: &str, form: Reset, now: SystemTime) -> Option<SystemTime> {
     let at = match form {
-        Reset::GoDuration => now + go_duration(value.trim())?,
-        Reset::Seconds => now + Duration::from_secs(count(value)?),
+        Reset::GoDuration => now.checked_add(go_duration(value.trim())?)?,
+        Reset::Seconds => now.checked_add(Duration::from_secs(count(value)?))?,
         Reset::Rfc3339 => rfc3339(value.trim())?,
     };
     let ahead = at.duration_since(now).ok()?;

@@ -559,6 +559,50 @@ async fn most_remaining_prefers_the_fullest_and_unknown_counts_as_full() {
     assert_eq!(pick(&pool).as_deref(), Some("c"));
 }
 
+#[tokio::test(start_paused = true)]
+async fn most_remaining_ties_go_in_turn_even_past_lower_counts() {
+    let pool = pool_with(
+        &[("a", "personal"), ("b", "personal"), ("c", "personal")],
+        "strategy = \"most_remaining\"",
+    );
+    // a and c unknown (full), b low between them: neither wins more often.
+    pool.get("b").unwrap().learn_quota(Quota {
+        remaining: Some(1),
+        ..Quota::default()
+    });
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..10 {
+        *counts.entry(pick(&pool).unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(counts.get("a"), Some(&5), "{counts:?}");
+    assert_eq!(counts.get("c"), Some(&5), "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_count_without_a_refill_is_trusted_for_a_while_only() {
+    let pool = pool_with(
+        &[("a", "personal"), ("b", "personal")],
+        "strategy = \"most_remaining\"",
+    );
+    // a says none left, but not when it refills: it is not rested, only
+    // ranked last; b has some.
+    pool.get("a").unwrap().learn_quota(Quota {
+        remaining: Some(0),
+        ..Quota::default()
+    });
+    pool.get("b").unwrap().learn_quota(Quota {
+        remaining: Some(5),
+        ..Quota::default()
+    });
+    assert_eq!(state(&pool, "a"), TokenState::Active);
+    assert_eq!(pick(&pool).as_deref(), Some("b"));
+    // Long after, neither count is trusted: both are full, in turn: a is
+    // no longer starved.
+    advance(crate::pool::token::COUNT_TRUST + Duration::from_secs(2)).await;
+    let picks: std::collections::HashSet<String> = (0..4).filter_map(|_| pick(&pool)).collect();
+    assert!(picks.contains("a"), "{picks:?}");
+}
+
 fn placements(pool: &Pool, sessions: &[u64]) -> Vec<(String, Affinity)> {
     sessions
         .iter()

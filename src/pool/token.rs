@@ -60,7 +60,7 @@ mod testing {
     }
 }
 
-pub use quota::{Quota, MAX_QUOTA_REST};
+pub use quota::{Quota, COUNT_TRUST, MAX_QUOTA_REST};
 pub use shared::{accepts, short_fingerprint, SharedState, Stamp};
 
 /// Gate value of a token that nothing but an operator (or a config change)
@@ -311,6 +311,9 @@ struct Inner {
     enabled_at: u64,
     /// What is known of its quota besides the remaining count.
     quota: Option<quota::QuotaInfo>,
+    /// It rests because its count reached zero (not because the upstream
+    /// refused a request): a report of quota left ends the rest.
+    counted_out: bool,
 }
 
 /// One configured token and everything the proxy knows about it.
@@ -327,6 +330,9 @@ pub struct Token {
     /// Requests left in its quota (`quota::UNKNOWN`: not known, or no
     /// limit). Beside the gate: `most_remaining` reads both.
     remaining: AtomicU64,
+    /// Clock reading (ms) from which `remaining` reads as unknown: the
+    /// refill, or a while after a report without one.
+    remaining_until: AtomicU64,
     /// The quota poller should look at it soon.
     quota_poll: AtomicBool,
     /// Requests this token was picked for.
@@ -466,6 +472,7 @@ impl Token {
             clock,
             gate: AtomicU64::new(0),
             remaining: AtomicU64::new(quota::UNKNOWN),
+            remaining_until: AtomicU64::new(0),
             quota_poll: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             last_used_ms: AtomicU64::new(0),
@@ -492,6 +499,7 @@ impl Token {
                 stamp: 0,
                 enabled_at: 0,
                 quota: None,
+                counted_out: false,
             }),
         }
     }
@@ -565,7 +573,7 @@ impl Token {
         }
         inner.refresh_token = new;
         inner.rotated = true;
-        inner.rotation = from + 1;
+        inner.rotation = from.saturating_add(1);
         self.dirty.store(true, Ordering::Release);
         true
     }
@@ -683,7 +691,7 @@ impl Token {
         match inner.state {
             TokenState::Active => {}
             TokenState::CoolingDown => {
-                self.quota_refilled(&inner);
+                self.quota_refilled(&mut inner);
                 let from = (inner.state, inner.reason);
                 inner.state = TokenState::Active;
                 inner.reason = None;
@@ -794,12 +802,16 @@ impl Token {
                 self.cool(&mut inner, Reason::RateLimited, now, wait);
             }
             Outcome::QuotaExhausted => {
-                self.remaining.store(0, Ordering::Relaxed);
-                // Until the refill when it is known; else the doubling guess.
+                // Until the refill when it is known, and at least the
+                // doubling guess: a refill time read from answer headers
+                // may be a per-minute window's, not the quota's.
+                let guess = settings.quota_wait(inner.quota_level);
                 let wait = inner
                     .quota
                     .and_then(|q| q.refill_in())
-                    .unwrap_or_else(|| settings.quota_wait(inner.quota_level));
+                    .map_or(guess, |refill| refill.max(guess));
+                self.count_is(0, now + wait);
+                inner.counted_out = false;
                 inner.quota_level = inner.quota_level.saturating_add(1);
                 inner.last_error = Some(Reason::QuotaExhausted.as_str().to_string());
                 self.cool(&mut inner, Reason::QuotaExhausted, now, wait);
@@ -937,6 +949,7 @@ impl Token {
         inner.trial = false;
         inner.last_error = None;
         self.activate(&mut inner);
+        self.quota_refilled(&mut inner);
         self.dirty.store(true, Ordering::Release);
         self.mark_shared(&mut inner, true);
         drop(inner);

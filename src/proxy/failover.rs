@@ -88,6 +88,9 @@ pub(super) async fn run(
             metrics.tier_fallback(from, to);
         }
         trail.tried.push((token.name_arc(), tier));
+        // Counted when sent, so that requests in flight spread over the
+        // tier under `most_remaining`; the answer's report corrects it.
+        token.spend_quota();
         match attempt(metrics, generation, token, parts, body, trail).await {
             Err(e) => {
                 count_affinity(metrics, affinity);
@@ -168,12 +171,11 @@ async fn attempt(
         let response = match send(metrics, generation, token, parts, body, &access).await {
             Ok(response) => {
                 trail.upstream_status = Some(response.status().as_u16());
-                // What the answer says of the token's quota; without a
-                // word, a 2xx counts one request against what is known.
-                match crate::quota::from_headers(response.headers(), std::time::SystemTime::now()) {
-                    Some(quota) => token.learn_quota(quota),
-                    None if response.status().is_success() => token.spend_quota(),
-                    None => {}
+                // What the answer says of the token's quota.
+                if let Some(quota) =
+                    crate::quota::from_headers(response.headers(), std::time::SystemTime::now())
+                {
+                    token.learn_quota(quota);
                 }
                 response
             }

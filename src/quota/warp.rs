@@ -168,9 +168,35 @@ async fn poll(
     parse_answer(&answer).map(Some)
 }
 
-/// When each token is next due, by its address (a token carried over a
-/// reload is the same `Arc`), with its consecutive failures.
-type Schedule = Arc<Mutex<HashMap<usize, (Instant, u32)>>>;
+/// Where one token's polling stands.
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    /// When it is next due.
+    at: Instant,
+    /// Polls failed in a row (its backoff).
+    failures: u32,
+    /// A poll of it is under way.
+    polling: bool,
+}
+
+/// Each token's [`Due`], by its address (a token carried over a reload is
+/// the same `Arc`).
+type Schedule = Arc<Mutex<HashMap<usize, Due>>>;
+
+/// The client polls go through: the upstream's extra roots
+/// (`[upstream] ca_file`) beside the built-in ones, as the quota endpoint
+/// is usually on the upstream's host.
+fn client(
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> reqwest::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none());
+    for root in roots {
+        builder = builder.add_root_certificate(reqwest::Certificate::from_der(root)?);
+    }
+    builder.build()
+}
 
 fn key(token: &Arc<Token>) -> usize {
     Arc::as_ptr(token) as usize
@@ -189,17 +215,11 @@ where
     F: Fn() -> (Arc<Config>, Arc<Pool>) + Send + 'static,
 {
     tokio::spawn(async move {
-        let client = match reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot build the quota client; quotas are not polled");
-                return;
-            }
-        };
+        // Built for the first generation that polls, again when its roots change.
+        let mut built: Option<(
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            reqwest::Client,
+        )> = None;
         let limit = Arc::new(Semaphore::new(CONCURRENCY));
         let schedule: Schedule = Arc::default();
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -214,6 +234,20 @@ where
             else {
                 continue;
             };
+            let roots = &config.upstream.ca_certs;
+            if built.as_ref().is_none_or(|(r, _)| r != roots) {
+                match client(roots) {
+                    Ok(c) => built = Some((roots.clone(), c)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build the quota client; quotas are not polled");
+                        built = None;
+                        continue;
+                    }
+                }
+            }
+            let Some((_, client)) = &built else {
+                continue;
+            };
             let interval = config.quota.interval;
             let now = Instant::now();
             if !last_pool.as_ref().is_some_and(|p| Arc::ptr_eq(p, &pool)) {
@@ -224,8 +258,10 @@ where
                     pool.tokens().iter().map(key).collect();
                 s.retain(|k, _| present.contains(k));
                 for token in pool.tokens() {
-                    s.entry(key(token)).or_insert_with(|| {
-                        (now + spread(interval.min(Duration::from_secs(60)), 1.0), 0)
+                    s.entry(key(token)).or_insert_with(|| Due {
+                        at: now + spread(interval.min(Duration::from_secs(60)), 1.0),
+                        failures: 0,
+                        polling: false,
                     });
                 }
                 last_pool = Some(Arc::clone(&pool));
@@ -236,9 +272,13 @@ where
                 pool.tokens()
                     .iter()
                     .filter(|t| {
+                        // A wish for a poll waits out a failing endpoint's
+                        // backoff, and is met by a poll under way.
                         let wanted = t.take_quota_poll();
-                        let due = s.get(&key(t)).is_none_or(|(at, _)| *at <= now);
-                        (wanted || due) && !t.is_out_for_good()
+                        let go = s.get(&key(t)).is_none_or(|d| {
+                            !d.polling && (d.at <= now || (wanted && d.failures == 0))
+                        });
+                        go && !t.is_out_for_good()
                     })
                     .collect()
             };
@@ -254,20 +294,19 @@ where
                 let (token, schedule) = (Arc::clone(token), Arc::clone(&schedule));
                 let (metrics, failing) = (Arc::clone(&metrics), Arc::clone(&failing));
                 // Not due again until this poll ends and sets it.
-                schedule
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(key(&token))
-                    .and_modify(|e| e.0 = now + interval)
-                    .or_insert((now + interval, 0));
+                let failures = {
+                    let mut s = schedule.lock().unwrap_or_else(|e| e.into_inner());
+                    let due = s.entry(key(&token)).or_insert(Due {
+                        at: now,
+                        failures: 0,
+                        polling: false,
+                    });
+                    due.polling = true;
+                    due.failures
+                };
                 tokio::spawn(async move {
                     let result = poll(&client, &config, &url, &token).await;
                     drop(permit);
-                    let failures = schedule
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&key(&token))
-                        .map_or(0, |(_, f)| *f);
                     let next = match result {
                         Ok(Some(quota)) => {
                             metrics.quota_poll(true);
@@ -277,7 +316,7 @@ where
                             }
                             (Instant::now() + interval - spread(interval, 0.1), 0)
                         }
-                        // No access token yet: after the next refresh.
+                        // No access token yet: after the next refresh (which asks).
                         Ok(None) => (Instant::now() + interval, failures),
                         Err(e) => {
                             metrics.quota_poll(false);
@@ -293,10 +332,14 @@ where
                             (Instant::now() + wait + spread(wait, 0.1), failures + 1)
                         }
                     };
-                    schedule
+                    // A token a reload removed meanwhile is not put back.
+                    if let Some(due) = schedule
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(key(&token), next);
+                        .get_mut(&key(&token))
+                    {
+                        (due.at, due.failures, due.polling) = (next.0, next.1, false);
+                    }
                 });
             }
         }

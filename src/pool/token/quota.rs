@@ -4,8 +4,9 @@
 //! instead of spending a request on a 429 to learn it.
 //!
 //! The remaining count is one atomic, read by `most_remaining` selection
-//! and counted down by each answered request (the next report corrects
-//! it); the rest is under the token's lock.
+//! and counted down by each request sent (the next report corrects it);
+//! it is trusted until the refill, or for [`COUNT_TRUST`] when no refill
+//! time is known. The rest is under the token's lock.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
@@ -21,6 +22,10 @@ pub(super) const UNKNOWN: u64 = u64::MAX;
 /// The longest rest a refill time may ask for. Quotas refill monthly at
 /// most; a reset further away is taken for a broken value and ignored.
 pub const MAX_QUOTA_REST: Duration = Duration::from_secs(40 * 24 * 3600);
+
+/// How long a count reported without a refill time is trusted; after
+/// that it counts as full again until the next report.
+pub const COUNT_TRUST: Duration = Duration::from_secs(10 * 60);
 
 /// What is known of a token's request quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,7 +69,7 @@ impl Token {
     pub fn quota(&self) -> Option<Quota> {
         let info = self.lock().quota?;
         let refilled = info.resets_at.is_some_and(|r| r <= SystemTime::now());
-        let remaining = match self.remaining.load(Ordering::Relaxed) {
+        let remaining = match self.remaining_at(self.clock.now_millis()) {
             UNKNOWN => None,
             _ if refilled => None,
             n => Some(n),
@@ -77,21 +82,32 @@ impl Token {
         })
     }
 
-    /// The remaining count selection compares: unknown, unlimited or
-    /// refilled counts as full.
-    pub fn remaining_for_selection(&self) -> u64 {
-        self.remaining.load(Ordering::Relaxed)
+    /// The remaining count selection compares at clock reading `now_ms`:
+    /// unknown, unlimited, refilled or no longer trusted counts as full.
+    pub fn remaining_at(&self, now_ms: u64) -> u64 {
+        match self.remaining.load(Ordering::Relaxed) {
+            UNKNOWN => UNKNOWN,
+            _ if self.remaining_until.load(Ordering::Relaxed) <= now_ms => UNKNOWN,
+            n => n,
+        }
+    }
+
+    /// Sets the remaining count, trusted until `until`.
+    pub(super) fn count_is(&self, remaining: u64, until: Instant) {
+        self.remaining_until
+            .store(self.clock.millis(until), Ordering::Relaxed);
+        self.remaining.store(remaining, Ordering::Relaxed);
     }
 
     /// Takes what the upstream said of the quota. At none left with a
-    /// refill time, the token rests until then (`quota_exhausted`).
+    /// refill time, the token rests until then (`quota_exhausted`); quota
+    /// left ends a rest that the count alone decided.
     pub fn learn_quota(&self, quota: Quota) {
         let remaining = if quota.unlimited {
             UNKNOWN
         } else {
             quota.remaining.unwrap_or(UNKNOWN)
         };
-        self.remaining.store(remaining, Ordering::Relaxed);
         let mut inner = self.lock();
         let info = QuotaInfo {
             limit: quota.limit.filter(|_| !quota.unlimited),
@@ -108,13 +124,28 @@ impl Token {
             _ => info,
         };
         inner.quota = Some(merged);
+        // Under the lock, so that reports taken in turn leave the count
+        // and the rest agreeing.
+        let trust = merged.refill_in().unwrap_or(COUNT_TRUST);
+        self.count_is(remaining, Instant::now() + trust);
         if remaining == 0 {
             self.rest_for_quota(&mut inner);
+        } else if inner.counted_out
+            && inner.state == TokenState::CoolingDown
+            && inner.reason == Some(Reason::QuotaExhausted)
+        {
+            let before = (inner.state, inner.reason);
+            inner.counted_out = false;
+            self.activate(&mut inner);
+            self.dirty.store(true, Ordering::Release);
+            self.mark_shared(&mut inner, false);
+            self.log_change(before, (TokenState::Active, None), None);
         }
     }
 
-    /// Counts one request the upstream answered (2xx) against the known
-    /// remaining count; at zero with a refill time, the token rests.
+    /// Counts one request sent against the known remaining count (the
+    /// next report corrects it); at zero with a refill time, the token
+    /// rests, and the quota poller is asked to confirm.
     pub fn spend_quota(&self) {
         let spent =
             self.remaining
@@ -124,7 +155,10 @@ impl Token {
                 });
         if spent == Ok(1) {
             let mut inner = self.lock();
-            self.rest_for_quota(&mut inner);
+            if self.rest_for_quota(&mut inner) {
+                drop(inner);
+                self.want_quota_poll();
+            }
         }
     }
 
@@ -139,6 +173,7 @@ impl Token {
         self.cool(inner, Reason::QuotaExhausted, Instant::now(), wait);
         let after = (inner.state, inner.reason, inner.cooldown_until);
         if after != before {
+            inner.counted_out = true;
             self.dirty.store(true, Ordering::Release);
             self.mark_shared(inner, false);
             let until = inner.cooldown_until;
@@ -147,9 +182,11 @@ impl Token {
         true
     }
 
-    /// After a rest for quota ends, the count is unknown again (refilled).
-    pub(super) fn quota_refilled(&self, inner: &Inner) {
-        if inner.reason == Some(Reason::QuotaExhausted) && inner.state == TokenState::CoolingDown {
+    /// When a rest ends (or an operator enables the token), a count at
+    /// zero is unknown again: refilled, or to be learned anew.
+    pub(super) fn quota_refilled(&self, inner: &mut Inner) {
+        inner.counted_out = false;
+        if self.remaining.load(Ordering::Relaxed) == 0 {
             self.remaining.store(UNKNOWN, Ordering::Relaxed);
         }
     }
@@ -182,7 +219,7 @@ mod tests {
             resets_at: Some(refill),
             unlimited: false,
         });
-        assert_eq!(t.remaining_for_selection(), 2);
+        assert_eq!(t.remaining_at(t.clock.now_millis()), 2);
         t.spend_quota();
         assert_eq!(t.snapshot().state, TokenState::Active);
         t.spend_quota();
@@ -214,6 +251,51 @@ mod tests {
         // Not the 10-minute guess: the refill, three days away.
         assert!(back > SystemTime::now() + Duration::from_secs(2 * 24 * 3600));
         assert_eq!(t.quota().unwrap().remaining, Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quota_left_ends_a_rest_the_count_decided_but_not_a_refusal() {
+        let refill = SystemTime::now() + Duration::from_secs(3 * 24 * 3600);
+        let report = |n| Quota {
+            limit: Some(150),
+            remaining: Some(n),
+            resets_at: Some(refill),
+            unlimited: false,
+        };
+        // Counted down to zero here: rests, and asks the poller to confirm.
+        let t = token("q");
+        t.learn_quota(report(1));
+        t.spend_quota();
+        assert_eq!(t.snapshot().state, TokenState::CoolingDown);
+        assert!(t.take_quota_poll(), "a poll is asked for");
+        // The upstream says some are left: back at once.
+        t.learn_quota(report(4));
+        assert_eq!(t.snapshot().state, TokenState::Active);
+        assert_eq!(t.quota().unwrap().remaining, Some(4));
+        // Refused by the upstream: a report of quota left does not undo it.
+        t.report(Outcome::QuotaExhausted, &settings());
+        t.learn_quota(report(4));
+        assert_eq!(t.snapshot().state, TokenState::CoolingDown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quota_429_rests_at_least_the_guess_when_the_refill_is_near() {
+        // Answer headers often carry a per-minute window's reset: a quota
+        // refusal must not come back in seconds.
+        let t = token("q");
+        t.learn_quota(Quota {
+            remaining: Some(30),
+            resets_at: Some(SystemTime::now() + Duration::from_secs(20)),
+            ..Quota::default()
+        });
+        t.report(Outcome::QuotaExhausted, &settings());
+        let back = t.snapshot().cooldown_until.unwrap();
+        assert!(back > SystemTime::now() + Duration::from_secs(590));
+        // When the rest ends the count is unknown again, and the token is
+        // taken.
+        tokio::time::advance(Duration::from_secs(601)).await;
+        assert!(t.try_acquire(t.clock.now_millis(), &settings()));
+        assert_eq!(t.remaining_at(t.clock.now_millis()), UNKNOWN);
     }
 
     #[tokio::test(start_paused = true)]
@@ -262,6 +344,6 @@ mod tests {
         let q = t.quota().unwrap();
         assert!(q.unlimited);
         assert_eq!((q.limit, q.remaining), (None, None));
-        assert_eq!(t.remaining_for_selection(), UNKNOWN);
+        assert_eq!(t.remaining_at(t.clock.now_millis()), UNKNOWN);
     }
 }
