@@ -184,7 +184,8 @@ impl Exchange {
             let _ = write!(tried, "{name}/{tier}");
         }
         let token = self.trail.tried.last().map_or("-", |(name, _)| name);
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Whole microseconds: the log shows 92.635, not 92.63569000000001.
+        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
         tracing::info!(
             target: "tokenpool::access",
             method = %line.method,
