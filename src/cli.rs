@@ -365,19 +365,28 @@ async fn status(admin: &str, token: Option<&str>, output: StatusOutput) -> anyho
     Ok(())
 }
 
+/// A duration in its two largest units: "45s", "12m 30s", "3h 5m", "19d 23h".
+fn short_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
 /// Renders `/admin/pool` as a table whose columns fit their widest cell.
 pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
     use std::fmt::Write;
-    // How long until an RFC 3339 time: "12m 30s", "past", or "-".
+    // How long until an RFC 3339 time: "12m 30s", "19d 23h", "past", or "-".
     let left = |v: &serde_json::Value| -> String {
         v.as_str()
             .and_then(|s| humantime::parse_rfc3339(s).ok())
             .map_or_else(
                 || "-".to_string(),
                 |t| match t.duration_since(now) {
-                    Ok(d) => {
-                        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
-                    }
+                    Ok(d) => short_duration(d.as_secs()),
                     Err(_) => "past".to_string(),
                 },
             )
@@ -532,5 +541,13 @@ mod tests {
         // A static key never expires: "-", not "9years 11months".
         assert!(lines[3].contains("quota_exhausted"));
         assert!(!table.contains("years"));
+    }
+
+    #[test]
+    fn durations_show_their_two_largest_units() {
+        assert_eq!(short_duration(45), "45s");
+        assert_eq!(short_duration(750), "12m 30s");
+        assert_eq!(short_duration(3 * 3600 + 5 * 60 + 9), "3h 5m");
+        assert_eq!(short_duration(19 * 86_400 + 23 * 3600 + 3599), "19d 23h");
     }
 }

@@ -490,6 +490,24 @@ impl Config {
         }
         let order: Vec<&str> = self.pool.order.iter().map(|t| t.as_str()).collect();
         let _ = writeln!(out, "order:     {}", order.join(" > "));
+        let strategy = match self.pool.strategy {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::MostRemaining => "most_remaining",
+        };
+        let affinity = self.pool.affinity_header.as_ref().map_or_else(
+            || "no session affinity".to_string(),
+            |h| format!("sessions by {h}"),
+        );
+        let _ = writeln!(out, "pick:      {strategy}, {affinity}");
+        let quota = match (self.quota.provider, &self.quota.url) {
+            (QuotaProvider::Warp, Some(url)) => format!(
+                "answer headers; polled from {} every {}",
+                redact_query(url),
+                humantime::format_duration(self.quota.interval)
+            ),
+            _ => "answer headers only".to_string(),
+        };
+        let _ = writeln!(out, "quota:     {quota}");
         let _ = writeln!(out, "tokens:    {}", self.tokens.len());
         for tier in &self.pool.order {
             let names: Vec<String> = self
@@ -537,24 +555,31 @@ pub(crate) fn shown(value: &str) -> String {
 /// A parser message whose quoted string values are shown by [`shown`].
 ///
 /// serde quotes the offending value (`invalid type: string "…", expected
-/// u32`); when a secret was typed into the wrong field that would put it in
-/// a log line and the `/admin/reload` answer. Field and variant names are
-/// quoted with backticks and stay.
+/// u32`, `unknown variant `…`, expected …`); when a secret was typed into
+/// the wrong field that would put it in a log line and the `/admin/reload`
+/// answer. Field names and the expected variants stay.
 fn redact_quoted(message: &str) -> String {
-    const MARK: &str = "string \"";
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(at) = rest.find(MARK) {
-        let value_start = at + MARK.len();
-        let Some(len) = rest[value_start..].find('"') else {
-            break;
-        };
-        out.push_str(&rest[..value_start - 1]);
-        out.push_str(&shown(&rest[value_start..value_start + len]));
-        rest = &rest[value_start + len + 1..];
+    let mut message = message.to_string();
+    for (mark, close) in [("string \"", '"'), ("unknown variant `", '`')] {
+        let mut out = String::with_capacity(message.len());
+        let mut rest = message.as_str();
+        while let Some(at) = rest.find(mark) {
+            let value_start = at + mark.len();
+            let Some(len) = rest[value_start..].find(close) else {
+                break;
+            };
+            out.push_str(&rest[..value_start - 1]);
+            let value = &rest[value_start..value_start + len];
+            match close {
+                '"' => out.push_str(&shown(value)),
+                _ => out.push_str(&format!("`{}`", shown(value).trim_matches('"'))),
+            }
+            rest = &rest[value_start + len + 1..];
+        }
+        out.push_str(rest);
+        message = out;
     }
-    out.push_str(rest);
-    out
+    message
 }
 
 /// Appends `value` in `application/x-www-form-urlencoded` form (refresh
@@ -696,6 +721,65 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("string \"three\""), "{err}");
+        // Nor in a field of fixed words (strategy, provider, tier, preset).
+        for text in [
+            "[pool]\nstrategy = \"sk-live-very-secret\"\n",
+            "[quota]\nprovider = \"sk-live-very-secret\"\n",
+            "[[tokens]]\nname = \"a\"\ntier = \"sk-live-very-secret\"\ntoken = \"t\"\n",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.contains("sk-live"), "{err}");
+            assert!(err.contains("unknown variant `…`, expected"), "{err}");
+        }
+        let err = parse("[pool]\nstrategy = \"least_used\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `least_used`"), "{err}");
+    }
+
+    #[test]
+    fn selection_and_quota_settings_are_checked_where_they_are_written() {
+        let c = parse(
+            "[pool]\nstrategy = \"most_remaining\"\naffinity_header = \"X-Session-Id\"\n\
+             [quota]\nprovider = \"warp\"\ninterval = \"10s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.pool.strategy, Strategy::MostRemaining);
+        assert_eq!(c.pool.affinity_header.as_ref().unwrap(), "x-session-id");
+        // The default endpoint is on the upstream's origin.
+        assert!(c
+            .quota
+            .url
+            .as_deref()
+            .unwrap()
+            .ends_with("/graphql/v2?op=GetRequestLimitInfo"));
+        assert!(c
+            .summary()
+            .contains("most_remaining, sessions by x-session-id"));
+        for (header, why) in [
+            ("authorization", "reads or sets itself"),
+            ("Content-Type", "reads or sets itself"),
+            ("expect", "reads or sets itself"),
+            ("http2-settings", "reads or sets itself"),
+            ("proxy-authorization", "reads or sets itself"),
+            ("x session", "is not a header name"),
+            ("", "is not a header name"),
+        ] {
+            let err = parse(&format!("[pool]\naffinity_header = \"{header}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("t.toml:2:19: "), "{header}: {err}");
+            assert!(err.contains(why), "{header}: {err}");
+        }
+        let err = parse("[quota]\nprovider = \"warp\"\ninterval = \"9s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("t.toml:3:12: "), "{err}");
+        assert!(err.contains("at least 10s"), "{err}");
+        let err = parse("[quota]\nurl = \"https://q.example/graphql\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs provider = \"warp\""), "{err}");
     }
 
     #[test]

@@ -294,7 +294,7 @@ impl Metrics {
             affinity: reg!(IntCounterVec::new(
                 opts(
                     "affinity_total",
-                    "Requests by how their session affinity went: hit (on its token), moved (its token was unavailable), none (no session header)."
+                    "Requests by how their session affinity went: hit (on its token), moved (its token was unavailable, or the request failed over), none (no session header, or an empty one)."
                 ),
                 &["result"]
             )),

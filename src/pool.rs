@@ -565,7 +565,7 @@ impl Pool {
         };
         self.tokens
             .iter()
-            .filter_map(|t| t.due_ms())
+            .filter_map(|t| t.retry_due_ms(now_ms))
             .map(|due| due.max(refresh_gate))
             .min()
             .map(|due| {

@@ -139,11 +139,13 @@ async fn forward(
         conn,
     )
     .await?;
-    // The session header picks the token and goes no further.
+    // The session header picks the token and goes no further (all its
+    // copies removed; the first names the session, an empty one none).
     let session = generation.config.pool.affinity_header.as_ref().map(|name| {
         parts
             .headers
             .remove(name)
+            .filter(|value| !value.is_empty())
             .map(|value| crate::pool::session_key(value.as_bytes()))
     });
     let from_h2 = parts.version == Version::HTTP_2;

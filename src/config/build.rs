@@ -605,7 +605,7 @@ impl Builder<'_> {
                 ),
             )
         })?;
-        const OWNED: [&str; 12] = [
+        const OWNED: [&str; 16] = [
             "authorization",
             "x-api-key",
             "host",
@@ -618,6 +618,10 @@ impl Builder<'_> {
             "upgrade",
             "x-request-id",
             "cookie",
+            "expect",
+            "http2-settings",
+            "content-type",
+            "content-encoding",
         ];
         if OWNED.contains(&name.as_str()) || name.as_str().starts_with("proxy-") {
             return self.err(

@@ -335,6 +335,10 @@ pub struct Token {
     remaining_until: AtomicU64,
     /// The quota poller should look at it soon.
     quota_poll: AtomicBool,
+    /// Clock reading (ms) until which a rest its own count decided awaits
+    /// the poll that confirms it (0: none): till then a client is told to
+    /// retry soon, not at the refill.
+    confirming: AtomicU64,
     /// Requests this token was picked for.
     requests: AtomicU64,
     /// Clock reading (ms) of the last pick (0 = never); turned into wall
@@ -473,6 +477,7 @@ impl Token {
             gate: AtomicU64::new(0),
             remaining: AtomicU64::new(quota::UNKNOWN),
             remaining_until: AtomicU64::new(0),
+            confirming: AtomicU64::new(0),
             quota_poll: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             last_used_ms: AtomicU64::new(0),
@@ -751,6 +756,18 @@ impl Token {
             CLOSED => None,
             g => Some(g),
         }
+    }
+
+    /// When a client should come back for this token: [`Token::due_ms`],
+    /// or sooner while a poll may still end a rest its own count decided.
+    pub(super) fn retry_due_ms(&self, now_ms: u64) -> Option<u64> {
+        let due = self.due_ms()?;
+        let confirming = self.confirming.load(Ordering::Relaxed);
+        Some(if confirming > now_ms {
+            due.min(confirming)
+        } else {
+            due
+        })
     }
 
     /// Applies what happened on a request or refresh; returns the new state.

@@ -319,5 +319,14 @@ async fn sessions_stay_on_their_token_until_it_rests() {
         ),
         1.0
     );
+    // Nor is one with an empty header: it names no session.
+    assert_eq!(ask(String::new()).await, 200);
+    assert_eq!(
+        metric(
+            &p.metrics().await,
+            "tokenpool_affinity_total{result=\"none\"}"
+        ),
+        2.0
+    );
     p.stop().await;
 }

@@ -27,6 +27,10 @@ pub const MAX_QUOTA_REST: Duration = Duration::from_secs(40 * 24 * 3600);
 /// that it counts as full again until the next report.
 pub const COUNT_TRUST: Duration = Duration::from_secs(10 * 60);
 
+/// How long a rest decided by the token's own count waits for the poll
+/// that confirms it before clients are told the refill time.
+const CONFIRM_WINDOW: Duration = Duration::from_secs(10);
+
 /// What is known of a token's request quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Quota {
@@ -109,6 +113,8 @@ impl Token {
             quota.remaining.unwrap_or(UNKNOWN)
         };
         let mut inner = self.lock();
+        // A report answers any confirmation awaited.
+        self.confirming.store(0, Ordering::Relaxed);
         let info = QuotaInfo {
             limit: quota.limit.filter(|_| !quota.unlimited),
             resets_at: quota.resets_at.filter(|_| !quota.unlimited),
@@ -157,6 +163,9 @@ impl Token {
             let mut inner = self.lock();
             if self.rest_for_quota(&mut inner) {
                 drop(inner);
+                let until = Instant::now() + CONFIRM_WINDOW;
+                self.confirming
+                    .store(self.clock.millis(until), Ordering::Relaxed);
                 self.want_quota_poll();
             }
         }
@@ -268,6 +277,10 @@ mod tests {
         t.spend_quota();
         assert_eq!(t.snapshot().state, TokenState::CoolingDown);
         assert!(t.take_quota_poll(), "a poll is asked for");
+        // Until the poll answers, a client is told to come back soon.
+        let now_ms = t.clock.now_millis();
+        let due = t.retry_due_ms(now_ms).unwrap();
+        assert!(due > now_ms && due <= now_ms + 10_000, "{due} vs {now_ms}");
         // The upstream says some are left: back at once.
         t.learn_quota(report(4));
         assert_eq!(t.snapshot().state, TokenState::Active);
@@ -276,6 +289,14 @@ mod tests {
         t.report(Outcome::QuotaExhausted, &settings());
         t.learn_quota(report(4));
         assert_eq!(t.snapshot().state, TokenState::CoolingDown);
+
+        // A poll that confirms zero: the refill is when to come back.
+        let t = token("z");
+        t.learn_quota(report(1));
+        t.spend_quota();
+        t.learn_quota(report(0));
+        let now_ms = t.clock.now_millis();
+        assert!(t.retry_due_ms(now_ms).unwrap() > now_ms + 2 * 24 * 3600 * 1000);
     }
 
     #[tokio::test(start_paused = true)]
