@@ -26,6 +26,9 @@ use tokenpool::shutdown::{shutdown_pair, ShutdownTrigger};
 use tokenpool::sim::{RefreshBehaviour, Sim};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+#[path = "common/traffic.rs"]
+mod traffic;
+
 const ACCOUNTS: usize = 10;
 const JWT_LIFE: Duration = Duration::from_secs(20);
 const TRAFFIC: Duration = Duration::from_secs(60);
@@ -171,27 +174,8 @@ async fn refreshes(n: usize, redis: Option<u16>, alone: Option<f64>) -> f64 {
     for node in ["a", "b", "c"].into_iter().take(n) {
         replicas.push(replica(&sim, redis, "refreshes", node).await);
     }
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    let (mut ok, mut failed) = (0u64, 0u64);
-    let mut i = 0usize;
-    while started.elapsed() < TRAFFIC {
-        let r = &replicas[i % replicas.len()];
-        i += 1;
-        let answer = client
-            .post(format!("http://{}/ai/multi-agent", r.addr))
-            .body("hello")
-            .send()
-            .await;
-        match answer {
-            Ok(a) if a.status() == 200 => {
-                let _ = a.bytes().await;
-                ok += 1;
-            }
-            _ => failed += 1,
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let addrs: Vec<_> = replicas.iter().map(|r| r.addr).collect();
+    let (ok, failed) = traffic::steady(&addrs, TRAFFIC).await;
     let calls = sim.total_refresh_calls();
     let revoked: usize = replicas
         .iter()

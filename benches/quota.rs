@@ -14,13 +14,16 @@
 //! Bounded (about 45 s); all traffic stays on 127.0.0.1.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tokenpool::config::Config;
 use tokenpool::generation::Generations;
 use tokenpool::run::{run, Listeners};
 use tokenpool::shutdown::shutdown_pair;
 use tokenpool::sim::Sim;
+
+#[path = "common/traffic.rs"]
+mod traffic;
 
 const LIMITED: [&str; 3] = ["q1", "q2", "q3"];
 const TRAFFIC: Duration = Duration::from_secs(20);
@@ -58,24 +61,7 @@ async fn scenario(quota: bool) -> (u64, u64, u64) {
     let task = tokio::spawn(run(Arc::clone(&generations), listeners, shutdown));
     // Refreshed (and, with [quota], polled) before the traffic starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    let (mut ok, mut failed) = (0u64, 0u64);
-    while started.elapsed() < TRAFFIC {
-        let r = client
-            .post(format!("http://{addr}/ai/multi-agent"))
-            .body("hello")
-            .send()
-            .await;
-        match r {
-            Ok(r) if r.status() == 200 => {
-                let _ = r.bytes().await;
-                ok += 1;
-            }
-            _ => failed += 1,
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (ok, failed) = traffic::steady(&[addr], TRAFFIC).await;
     let refused: u64 = LIMITED.iter().map(|n| sim.quota_refusals(n)).sum();
     trigger.trigger();
     let _ = task.await;

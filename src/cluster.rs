@@ -22,7 +22,7 @@ pub mod seal;
 mod store;
 mod sync;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::config::{ClusterConfig, Secret};
 use crate::metrics::{ClusterMetrics, Metrics};
-use crate::pool::token::short_fingerprint;
+use crate::pool::token::{short_fingerprint, unix_ms};
 use crate::pool::{AccessToken, Pool, SharedState, Stamp, Token, TokenState};
 use seal::{SealError, Sealer};
 use store::{GrantWrite, Record, StateWrite, Store};
@@ -48,6 +48,8 @@ const LEASE_POLL: Duration = Duration::from_millis(100);
 /// How long a refresh lease lasts unless its holder renews it (every third
 /// of it, while its call runs): a dead holder's lease is gone this soon.
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
+/// [`LEASE_TTL`] as Redis takes it.
+const LEASE_TTL_MS: u64 = LEASE_TTL.as_millis() as u64;
 /// How long a refresh waits at start for the first connection to Redis,
 /// rather than refresh alone with a refresh token the cluster may have
 /// replaced.
@@ -98,7 +100,6 @@ pub struct Cluster {
     /// older connection does not end a newer one.
     conn: ArcSwapOption<(u64, MultiplexedConnection)>,
     connections: std::sync::atomic::AtomicU64,
-    connected: AtomicBool,
     /// Woken when a request's exchange with Redis failed: the sync task
     /// reconnects.
     lost: Notify,
@@ -123,11 +124,6 @@ pub fn token_id(token: &Token) -> String {
         token.name(),
         short_fingerprint(token.configured_secret())
     )
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Cluster {
@@ -160,21 +156,15 @@ impl Cluster {
             sealer: Sealer::new(config.encryption_key.as_ref()),
             conn: ArcSwapOption::empty(),
             connections: std::sync::atomic::AtomicU64::new(0),
-            connected: AtomicBool::new(false),
             lost: Notify::new(),
             settled: watch::Sender::new(false),
             metrics,
         })
     }
 
-    /// This replica's name.
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     /// Whether the pool is shared now.
     pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.conn.load().is_some()
     }
 
     /// What `/admin/pool` shows.
@@ -223,21 +213,16 @@ impl Cluster {
     }
 
     fn conn(&self) -> Option<(u64, MultiplexedConnection)> {
-        if !self.connected() {
-            return None;
-        }
         self.conn.load_full().map(|c| (c.0, c.1.clone()))
     }
 
     fn set_up(&self, conn: MultiplexedConnection) {
         let number = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         self.conn.store(Some(Arc::new((number, conn))));
-        self.connected.store(true, Ordering::Release);
         self.metrics.up.set(1);
     }
 
     fn set_down(&self) {
-        self.connected.store(false, Ordering::Release);
         self.conn.store(None);
         self.metrics.up.set(0);
     }
@@ -285,8 +270,8 @@ impl Cluster {
             // for another replica between rounds does not count).
             let mut waited = Duration::ZERO;
             let asked = Instant::now();
-            let record = match self.store.records(&mut conn, &[&id]).await {
-                Ok(mut records) => records.pop().unwrap_or_default(),
+            let record = match self.store.record(&mut conn, &id).await {
+                Ok(record) => record,
                 Err(e) => {
                     self.lost(number, &e);
                     return Coordination::Alone;
@@ -308,15 +293,17 @@ impl Cluster {
                 return Coordination::Out;
             }
             let value = format!("{} {:016x}", self.node, fastrand::u64(..));
-            let ttl_ms = LEASE_TTL.as_millis() as u64;
             let asked = Instant::now();
-            match self.store.take_lease(&mut conn, &id, &value, ttl_ms).await {
+            match self
+                .store
+                .take_lease(&mut conn, &id, &value, LEASE_TTL_MS)
+                .await
+            {
                 Ok(true) => {
                     let lease = Lease { id, value };
                     // The holder before may have written its result and let
                     // go just before: look again before calling.
-                    if let Ok(mut records) = self.store.records(&mut conn, &[&lease.id]).await {
-                        let record = records.pop().unwrap_or_default();
+                    if let Ok(record) = self.store.record(&mut conn, &lease.id).await {
                         if self.take(token, &lease.id, &record).is_ok() && fresh() {
                             self.release(lease).await;
                             return Coordination::Fresh;
@@ -354,8 +341,7 @@ impl Cluster {
                 out = &mut call => return out,
                 _ = renew.tick() => {
                     if let Some((number, mut conn)) = self.conn() {
-                        let ttl_ms = LEASE_TTL.as_millis() as u64;
-                        match self.store.renew_lease(&mut conn, &lease.id, &lease.value, ttl_ms).await {
+                                    match self.store.renew_lease(&mut conn, &lease.id, &lease.value, LEASE_TTL_MS).await {
                             Ok(true) => {}
                             Ok(false) => tracing::debug!("a refresh lease expired under its holder"),
                             Err(e) => self.lost(number, &e),
@@ -399,8 +385,8 @@ impl Cluster {
             return false;
         };
         let id = token_id(token);
-        let record = match self.store.records(&mut conn, &[&id]).await {
-            Ok(mut records) => records.pop().unwrap_or_default(),
+        let record = match self.store.record(&mut conn, &id).await {
+            Ok(record) => record,
             Err(e) => {
                 self.lost(number, &e);
                 return false;
@@ -535,9 +521,10 @@ impl Cluster {
         fresh: bool,
     ) -> redis::RedisResult<bool> {
         let id = token_id(token);
-        let rotation = token.rotation();
+        // Read together: a rotation between two reads would pair the
+        // token with another's count.
+        let (rt, rotation) = token.refresh_token_and_rotation();
         let refresh = (rotated && rotation > 0).then(|| {
-            let rt = token.refresh_token();
             (
                 short_fingerprint(&rt),
                 self.sealer.seal(&id, "rt", rt.expose()),
@@ -576,12 +563,7 @@ impl Cluster {
             self.metrics.sent(1);
         }
         if outcome < 0 {
-            let record = self
-                .store
-                .records(conn, &[&id])
-                .await?
-                .pop()
-                .unwrap_or_default();
+            let record = self.store.record(conn, &id).await?;
             let stored_rotation = field(&record, "rt_gen");
             if stored_rotation > rotation {
                 if let Some(Ok(rt)) = record.get("rt").map(|s| self.sealer.open(&id, "rt", s)) {

@@ -402,7 +402,7 @@ impl Config {
             env,
             located: &located,
         }
-        .build(build::env_only(env), None, env)
+        .build(build::env_only(env), None)
     }
 
     /// Parses and validates config text. `path` locates errors and anchors
@@ -433,7 +433,7 @@ impl Config {
             env,
             located: &located,
         }
-        .build(raw, path, env)
+        .build(raw, path)
     }
 
     /// The summary `tokenpool check` prints: never a secret.

@@ -18,7 +18,7 @@ use prometheus::{
 };
 
 use crate::config::Tier;
-use crate::pool::{Pool, Reason, Snapshot, StateCounts, TokenState};
+use crate::pool::{Affinity, Pool, Reason, Snapshot, StateCounts, TokenState};
 
 /// Outcomes of `tokenpool_requests_total`.
 pub mod outcome {
@@ -114,7 +114,12 @@ struct Hot {
     upstream_response: Vec<Histogram>,
     /// `upstream_requests_total` by tier and code, created on first use.
     upstream_requests: Vec<OnceLock<IntCounter>>,
+    /// `affinity_total` by result, in [`AFFINITY`] order.
+    affinity: Vec<IntCounter>,
 }
+
+/// The `result` labels of `affinity_total`, in [`Affinity`] order.
+const AFFINITY: [Affinity; 3] = [Affinity::Hit, Affinity::Moved, Affinity::None];
 
 const OUTCOMES: [&str; 5] = [
     outcome::SUCCESS,
@@ -204,6 +209,7 @@ impl Metrics {
             hot: Hot {
                 requests: Vec::new(),
                 upstream_response: Vec::new(),
+                affinity: Vec::new(),
                 upstream_requests: (0..Tier::ALL.len() * CACHED_CODES)
                     .map(|_| OnceLock::new())
                     .collect(),
@@ -362,9 +368,10 @@ impl Metrics {
         for result in ["ok", "failed"] {
             m.quota_polls.with_label_values(&[result]);
         }
-        for result in ["hit", "moved", "none"] {
-            m.affinity.with_label_values(&[result]);
-        }
+        m.hot.affinity = AFFINITY
+            .iter()
+            .map(|a| m.affinity.with_label_values(&[a.as_str()]))
+            .collect();
         // Every pair of tiers, so that the rate of fallbacks is 0, not
         // absent, before the first one.
         for from in Tier::ALL {
@@ -492,9 +499,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a request of a session (`hit`, `moved` or `none`).
-    pub fn affinity(&self, result: &str) {
-        self.affinity.with_label_values(&[result]).inc();
+    /// Counts how a request's session affinity went.
+    pub fn affinity(&self, result: Affinity) {
+        let i = match result {
+            Affinity::Hit => 0,
+            Affinity::Moved => 1,
+            Affinity::None => 2,
+        };
+        self.hot.affinity[i].inc();
     }
 
     /// Records the result of a config load or reload.
@@ -530,7 +542,7 @@ impl Metrics {
             }
         }
         let mut families = self.registry.gather();
-        families.extend(token_families(pool, &snapshots));
+        families.extend(token_families(&snapshots));
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed families.
@@ -563,9 +575,9 @@ fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
     m
 }
 
-/// The per-token families of `pool`, from `snapshots` (one per token, in
-/// pool order).
-fn token_families(pool: &Pool, snapshots: &[Snapshot]) -> Vec<MetricFamily> {
+/// The per-token families, from `snapshots` (one per token, in pool
+/// order): each token's lock was taken once, for its snapshot.
+fn token_families(snapshots: &[Snapshot]) -> Vec<MetricFamily> {
     let n = snapshots.len();
     let (mut picks, mut up, mut state, mut expiry) = (
         Vec::with_capacity(n),
@@ -574,11 +586,11 @@ fn token_families(pool: &Pool, snapshots: &[Snapshot]) -> Vec<MetricFamily> {
         Vec::new(),
     );
     let (mut limit, mut remaining, mut reset) = (Vec::new(), Vec::new(), Vec::new());
-    for (token, s) in pool.tokens().iter().zip(snapshots) {
+    for s in snapshots {
         let tier = s.tier.as_str();
         let base = || vec![label("tier", tier), label("token", &s.name)];
         let mut c = ProtoCounter::default();
-        c.set_value(token.requests() as f64);
+        c.set_value(s.requests as f64);
         let mut m = Metric::from_label(base());
         m.set_counter(c);
         picks.push(m);
@@ -600,7 +612,7 @@ fn token_families(pool: &Pool, snapshots: &[Snapshot]) -> Vec<MetricFamily> {
                 .map_or(0.0, |d| d.as_secs_f64());
             expiry.push(gauge(base(), secs));
         }
-        if let Some(q) = token.quota() {
+        if let Some(q) = s.quota {
             if let Some(n) = q.limit {
                 limit.push(gauge(base(), n as f64));
             }

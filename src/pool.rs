@@ -450,11 +450,6 @@ impl Pool {
         &self.tokens
     }
 
-    /// How tokens are picked inside a tier.
-    pub fn strategy(&self) -> Strategy {
-        self.settings.strategy
-    }
-
     /// The tier order.
     pub fn order(&self) -> impl Iterator<Item = Tier> + '_ {
         self.tiers.iter().map(|t| t.tier)

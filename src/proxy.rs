@@ -14,7 +14,7 @@
 //! requests go and with which headers is [`crate::upstream`]'s.
 
 pub mod body;
-pub mod exchange;
+mod exchange;
 mod failover;
 mod listener;
 pub(crate) mod request;

@@ -47,38 +47,33 @@ struct Family {
     form: Reset,
 }
 
-fn families() -> &'static [Family; 3] {
-    static FAMILIES: std::sync::OnceLock<[Family; 3]> = std::sync::OnceLock::new();
-    FAMILIES.get_or_init(|| {
-        let name = HeaderName::from_static;
-        [
-            Family {
-                limit: name("x-ratelimit-limit-requests"),
-                remaining: name("x-ratelimit-remaining-requests"),
-                reset: name("x-ratelimit-reset-requests"),
-                form: Reset::GoDuration,
-            },
-            Family {
-                limit: name("anthropic-ratelimit-requests-limit"),
-                remaining: name("anthropic-ratelimit-requests-remaining"),
-                reset: name("anthropic-ratelimit-requests-reset"),
-                form: Reset::Rfc3339,
-            },
-            Family {
-                limit: name("ratelimit-limit"),
-                remaining: name("ratelimit-remaining"),
-                reset: name("ratelimit-reset"),
-                form: Reset::Seconds,
-            },
-        ]
-    })
-}
+/// The three families, first present wins.
+static FAMILIES: [Family; 3] = [
+    Family {
+        limit: HeaderName::from_static("x-ratelimit-limit-requests"),
+        remaining: HeaderName::from_static("x-ratelimit-remaining-requests"),
+        reset: HeaderName::from_static("x-ratelimit-reset-requests"),
+        form: Reset::GoDuration,
+    },
+    Family {
+        limit: HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+        remaining: HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+        reset: HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+        form: Reset::Rfc3339,
+    },
+    Family {
+        limit: HeaderName::from_static("ratelimit-limit"),
+        remaining: HeaderName::from_static("ratelimit-remaining"),
+        reset: HeaderName::from_static("ratelimit-reset"),
+        form: Reset::Seconds,
+    },
+];
 
 /// The quota an answer's headers report, if they report one.
 pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Option<Quota> {
     // One look at each name the answer has (most have none of these),
     // rather than three hashed lookups.
-    let families = families();
+    let families = &FAMILIES;
     if !headers
         .keys()
         .any(|k| families.iter().any(|f| f.remaining == k))

@@ -3,7 +3,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<p>:token:<id>` | hash | one token: `rt`, `rt_fp`, `rt_gen` (its refresh token, when rotated, and its rotation count), `at`, `at_exp`, `at_life` (its access token), `st`, `stamp`, `revoked_fp`, `enabled` (its state), `node` (the last writer) |
+//! | `<p>:token:<id>` | hash | one token: `rt`, `rt_fp`, `rt_gen` (its refresh token, when rotated, and its rotation count), `at`, `at_exp`, `at_life` (its access token), `st`, `stamp`, `revoked_fp`, `enabled_at` (its state), `node` (the last writer) |
 //! | `<p>:lease:<id>` | string | the replica refreshing the token now; expires by itself |
 //! | `<p>:version` | counter | one more for every change written |
 //! | `<p>:changes` | sorted set | each token id, scored by the version of its last change |
@@ -315,6 +315,18 @@ impl Store {
             .arg(format!("({since}"))
             .arg("+inf")
             .arg("WITHSCORES")
+            .query_async(conn)
+            .await
+    }
+
+    /// The record of token `id` (empty if there is none).
+    pub(super) async fn record(
+        &self,
+        conn: &mut MultiplexedConnection,
+        id: &str,
+    ) -> RedisResult<Record> {
+        redis::cmd("HGETALL")
+            .arg(self.keys.token(id))
             .query_async(conn)
             .await
     }

@@ -247,12 +247,7 @@ impl Builder<'_> {
         Ok(keys)
     }
 
-    pub(super) fn build(
-        &self,
-        raw: RawConfig,
-        path: Option<&Path>,
-        env: EnvLookup,
-    ) -> Result<Config, ConfigError> {
+    pub(super) fn build(&self, raw: RawConfig, path: Option<&Path>) -> Result<Config, ConfigError> {
         // [server]
         let listen = self.listen(&raw.server.listen, "[server] listen")?;
         let api_keys = self.client_keys(&raw.server.api_keys)?;
@@ -487,11 +482,7 @@ impl Builder<'_> {
         };
 
         // [cluster]
-        let cluster = raw
-            .cluster
-            .as_ref()
-            .map(|c| self.cluster(c, env))
-            .transpose()?;
+        let cluster = raw.cluster.as_ref().map(|c| self.cluster(c)).transpose()?;
 
         // [[tokens]]
         let mut tokens = Vec::new();
@@ -560,7 +551,7 @@ impl Builder<'_> {
                 origin: TokenOrigin::File,
             });
         }
-        for (tier, secret) in env_tokens(env) {
+        for (tier, secret) in env_tokens(self.env) {
             if !pool.order.contains(&tier) || !secrets.insert(secret.clone()) {
                 // Already configured in the file, or a tier the order leaves out.
                 continue;
@@ -638,7 +629,7 @@ impl Builder<'_> {
 
     /// `[cluster]`. The URL is a secret: what is wrong with it is said
     /// without showing it.
-    fn cluster(&self, c: &RawCluster, env: EnvLookup) -> Result<ClusterConfig, ConfigError> {
+    fn cluster(&self, c: &RawCluster) -> Result<ClusterConfig, ConfigError> {
         let redis = self.secret(&c.redis)?;
         let url = redis.expose();
         let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
@@ -676,7 +667,7 @@ impl Builder<'_> {
                 }
                 node.get_ref().clone()
             }
-            None => host_name(env),
+            None => host_name(self.env),
         };
         let sync_interval = self.positive(&c.sync_interval, "[cluster] sync_interval")?;
         if sync_interval < Duration::from_millis(100) || sync_interval > Duration::from_secs(3600) {

@@ -61,7 +61,7 @@ mod testing {
 }
 
 pub use quota::{Quota, COUNT_TRUST, MAX_QUOTA_REST};
-pub use shared::{accepts, short_fingerprint, SharedState, Stamp};
+pub use shared::{accepts, short_fingerprint, unix_ms, SharedState, Stamp};
 
 /// Gate value of a token that nothing but an operator (or a config change)
 /// brings back.
@@ -614,10 +614,7 @@ impl Token {
         let mut inner = self.lock();
         inner.refresh_level = 0;
         if inner.state == TokenState::CoolingDown && inner.reason == Some(Reason::RefreshFailed) {
-            inner.state = TokenState::Active;
-            inner.reason = None;
-            inner.cooldown_until = None;
-            self.gate.store(0, Ordering::Release);
+            self.activate(&mut inner);
             drop(inner);
             self.log_change(
                 (TokenState::CoolingDown, Some(Reason::RefreshFailed)),
@@ -698,11 +695,8 @@ impl Token {
             TokenState::CoolingDown => {
                 self.quota_refilled(&mut inner);
                 let from = (inner.state, inner.reason);
-                inner.state = TokenState::Active;
-                inner.reason = None;
-                inner.cooldown_until = None;
+                self.activate(&mut inner);
                 self.dirty.store(true, Ordering::Release);
-                self.gate.store(0, Ordering::Release);
                 drop(inner);
                 self.log_change(from, (TokenState::Active, None), None);
                 self.note_pick(now_ms);

@@ -3,7 +3,8 @@
 //! holds (its own errors, buffered upstream error answers) or the
 //! upstream's body streamed frame by frame, with `[upstream] idle_timeout`
 //! bounding the silence between frames. The answer carries the request's
-//! [`Exchange`] until it is done, and counts the bytes it sends.
+//! `Exchange` (its access-log line and counters) until it is done, and
+//! counts the bytes it sends.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -128,7 +128,7 @@ pub(super) async fn run(
 
 fn count_affinity(metrics: &Metrics, affinity: Option<Affinity>) {
     if let Some(a) = affinity {
-        metrics.affinity(a.as_str());
+        metrics.affinity(a);
     }
 }
 

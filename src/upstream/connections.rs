@@ -235,8 +235,9 @@ impl Connections {
     }
 
     /// Sends one request and waits for its answer's head (the caller bounds
-    /// the wait). `headers` are the request's, less `Authorization` and
-    /// `Host`, which each try sets. The answer's body, read to its end,
+    /// the wait). `headers` are the request's as `headers::prepare` left
+    /// them; each try sets `Authorization` (the token's bearer, over the
+    /// client's) and `Host`. The answer's body, read to its end,
     /// gives its connection back to the pool.
     pub async fn send(
         &self,

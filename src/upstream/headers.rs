@@ -1,7 +1,8 @@
 //! The header rules of forwarding: what of the client's request goes
 //! upstream (not its credentials, hop-by-hop or forwarding headers; the
-//! configured `[upstream] headers` and the token's bearer are added), and
-//! what of the upstream's answer goes back (not its hop-by-hop headers).
+//! configured `[upstream] headers` are added, and each try puts the
+//! token's bearer over the client's `Authorization`), and what of the
+//! upstream's answer goes back (not its hop-by-hop headers).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -35,11 +36,8 @@ pub fn prepare(headers: &mut HeaderMap, extra: &[(HeaderName, HeaderValue)], joi
     if join_cookies {
         join_cookie_fields(headers);
     }
-    let listed_by_connection = headers.contains_key(header::CONNECTION);
-    let dropped = |name: &HeaderName| {
-        !forwardable(name)
-            || (listed_by_connection && named_in(name, headers.get_all(header::CONNECTION).iter()))
-    };
+    let listed = connection_listed(headers);
+    let dropped = |name: &HeaderName| !forwardable(name) || listed.contains(name);
     if headers.keys().any(dropped) {
         let names: Vec<HeaderName> = headers.keys().filter(|n| dropped(n)).cloned().collect();
         for name in names {
@@ -113,15 +111,19 @@ fn forwardable(name: &HeaderName) -> bool {
         || text.starts_with("x-forwarded-"))
 }
 
-/// Whether one of the `Connection` header values lists `name` (those are
-/// hop-by-hop too).
-fn named_in<'a>(name: &HeaderName, mut values: impl Iterator<Item = &'a HeaderValue>) -> bool {
-    values.any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-        })
-    })
+/// The header names a message's `Connection` header lists (those are
+/// hop-by-hop too), read once. Its usual options (`keep-alive`, `close`)
+/// name no header of their own, so the usual message allocates nothing.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect()
 }
 
 /// Removes hop-by-hop headers from an upstream answer before it goes to
@@ -148,23 +150,8 @@ pub fn strip_response_headers(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    // Names the Connection header lists are hop-by-hop too; its usual
-    // tokens (keep-alive, close) need no lookup of their own.
-    let usual = |v: &HeaderValue| {
-        v.as_bytes().eq_ignore_ascii_case(b"keep-alive")
-            || v.as_bytes().eq_ignore_ascii_case(b"close")
-    };
-    let lists_names = found[0] && !headers.get_all(header::CONNECTION).iter().all(usual);
-    let listed: Vec<HeaderName> = if lists_names {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect()
+    let listed = if found[0] {
+        connection_listed(headers)
     } else {
         Vec::new()
     };

@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::harness::{Proxy, CLIENT_KEY};
+use crate::harness::{static_config, Proxy, CLIENT_KEY};
 use crate::raw::Raw;
 
 /// What the strict backend saw.
@@ -552,30 +552,13 @@ async fn expect_close(name: &str, c: &mut Raw) -> Result<(), String> {
 
 /// A proxy (static key, so no refresh endpoint) in front of `url`.
 async fn proxy_for(url: &str, dir: &std::path::Path) -> Proxy {
-    let path = dir.join("tokenpool.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[server]
-listen = "127.0.0.1:0"
-api_keys = ["{CLIENT_KEY}"]
-max_request_body_bytes = 4096
-[admin]
-listen = "127.0.0.1:0"
-[upstream]
-url = "{url}"
-idle_timeout = "5s"
-[refresh]
-provider = "static"
-[[tokens]]
-name = "k1"
-tier = "shared"
-token = "sk-conformance-upstream-key"
-"#
-        ),
-    )
-    .unwrap();
-    Proxy::start(&path).await
+    Proxy::start(&static_config(
+        dir,
+        url,
+        "max_request_body_bytes = 4096",
+        "",
+    ))
+    .await
 }
 
 #[tokio::test]

@@ -4,14 +4,12 @@
 //! directory; and the files the repository ships for operators.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
-
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use tokenpool::sim::{RefreshBehaviour, Sim};
 
 use crate::harness::{eventually, CLIENT_KEY};
+use crate::process::Running;
 
 /// The uid of the image's `nonroot` user.
 const NONROOT: u32 = 65532;
@@ -94,28 +92,9 @@ async fn the_container_layout_works_for_a_non_root_user() {
     } else {
         tokio::process::Command::new(bin)
     };
-    let mut child = command
-        .args(args)
-        .current_dir(&state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let proxy = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .expect("the proxy starts")
-            .unwrap()
-            .expect("the proxy logs before it ends");
-        if line.contains("proxy listening") {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            break v["fields"]["proxy_addr"].as_str().unwrap().to_string();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    command.args(args).current_dir(&state);
+    let mut run = Running::start(command);
+    let proxy = run.addr("proxy listening", "proxy_addr").await;
 
     // A request: the refresh rotates the token, which is written to the
     // state file in the working directory before it is used.
@@ -149,7 +128,7 @@ async fn the_container_layout_works_for_a_non_root_user() {
         !etc.join("tokenpool-state.json").exists(),
         "never next to the config"
     );
-    let _ = child.kill().await;
+    let _ = run.child.kill().await;
 
     // A state folder it cannot write to stops the start, saying why.
     let config_text = std::fs::read_to_string(&config).unwrap().replace(

@@ -22,6 +22,42 @@ pub fn rt(name: &str) -> String {
     format!("rt-{name}-7c3a91e4b2")
 }
 
+/// The key of the one token [`static_config`] holds.
+pub const STATIC_KEY: &str = "sk-static-upstream-key";
+
+/// A config in `dir` with one static key ([`STATIC_KEY`], so no refresh
+/// endpoint) in front of `url`, with Warp's client headers; `server_extra`
+/// and `upstream_extra` are lines added to `[server]` and `[upstream]`.
+pub fn static_config(dir: &Path, url: &str, server_extra: &str, upstream_extra: &str) -> PathBuf {
+    let path = dir.join("tokenpool.toml");
+    // No empty line when there is nothing to add: errors name lines.
+    let server_lines: String = server_extra.lines().map(|l| format!("{l}\n")).collect();
+    std::fs::write(
+        &path,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+api_keys = ["{CLIENT_KEY}"]
+{server_lines}[admin]
+listen = "127.0.0.1:0"
+[upstream]
+preset = "warp"
+url = "{url}"
+idle_timeout = "5s"
+{upstream_extra}
+[refresh]
+provider = "static"
+[[tokens]]
+name = "k1"
+tier = "shared"
+token = "{STATIC_KEY}"
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// A simulator with accounts, and a folder holding the config file.
 pub struct Setup {
     pub sim: Sim,

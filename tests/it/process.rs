@@ -22,11 +22,19 @@ pub(crate) struct Running {
 }
 
 impl Running {
+    /// `tokenpool serve -c config`, logging JSON at trace level.
     pub(crate) fn spawn(config: &std::path::Path) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tokenpool"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tokenpool"));
+        command
             .args(["--log-format", "json", "serve", "-c"])
             .arg(config)
-            .env("RUST_LOG", "trace")
+            .env("RUST_LOG", "trace");
+        Running::start(command)
+    }
+
+    /// Runs `command` (the binary, with JSON logs), keeping its log lines.
+    pub(crate) fn start(mut command: Command) -> Running {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -73,7 +81,7 @@ impl Running {
     }
 
     /// The address logged in field `field` of a line containing `needle`.
-    async fn addr(&mut self, needle: &str, field: &str) -> String {
+    pub(crate) async fn addr(&mut self, needle: &str, field: &str) -> String {
         let line = self.wait_for(needle).await;
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         v["fields"][field].as_str().unwrap().to_string()

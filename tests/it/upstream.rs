@@ -14,42 +14,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokenpool::sim::Sim;
 
-use crate::harness::{eventually, metric, read_to_break, Proxy, CLIENT_KEY};
+use crate::harness::{
+    eventually, metric, read_to_break, static_config, Proxy, CLIENT_KEY, STATIC_KEY,
+};
 
 fn tls_fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tls")
         .join(name)
-}
-
-/// A config with one static key in front of `url`, plus `upstream_extra`
-/// lines in `[upstream]`.
-fn static_config(dir: &Path, url: &str, upstream_extra: &str) -> PathBuf {
-    let path = dir.join("tokenpool.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[server]
-listen = "127.0.0.1:0"
-api_keys = ["{CLIENT_KEY}"]
-[admin]
-listen = "127.0.0.1:0"
-[upstream]
-preset = "warp"
-url = "{url}"
-idle_timeout = "5s"
-{upstream_extra}
-[refresh]
-provider = "static"
-[[tokens]]
-name = "k1"
-tier = "shared"
-token = "sk-static-upstream-key"
-"#
-        ),
-    )
-    .unwrap();
-    path
 }
 
 /// A TLS simulator with the fixture certificate, offering `alpn`.
@@ -76,7 +48,7 @@ async fn post(p: &Proxy, path: &str) -> (u16, String) {
 async fn keep_alive_connections_are_reused_and_closed_ones_replaced() {
     let sim = Sim::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(&static_config(dir.path(), &sim.url(), "")).await;
+    let p = Proxy::start(&static_config(dir.path(), &sim.url(), "", "")).await;
     for _ in 0..20 {
         let (status, body) = post(&p, "/echo").await;
         assert_eq!(status, 200, "{body}");
@@ -123,7 +95,7 @@ async fn https_upstreams_speak_http1_or_http2_as_alpn_says() {
         assert!(sim.url().starts_with("https://127.0.0.1:"));
         let dir = tempfile::tempdir().unwrap();
         let extra = format!("ca_file = {:?}", ca.display().to_string());
-        let p = Proxy::start(&static_config(dir.path(), &sim.url(), &extra)).await;
+        let p = Proxy::start(&static_config(dir.path(), &sim.url(), "", &extra)).await;
         for _ in 0..10 {
             let (status, body) = post(&p, "/echo").await;
             assert_eq!(status, 200, "{body}");
@@ -136,7 +108,7 @@ async fn https_upstreams_speak_http1_or_http2_as_alpn_says() {
         );
         let seen = sim.seen();
         let (_, headers) = seen.last().unwrap();
-        assert_eq!(headers["authorization"], "Bearer sk-static-upstream-key");
+        assert_eq!(headers["authorization"], format!("Bearer {STATIC_KEY}"));
         // The SSE endpoint over TLS: it wants a JWT, so the static key gets
         // its 401 (after the one retry), passed back as the upstream sent it.
         let r = p
@@ -167,7 +139,7 @@ async fn https_upstreams_speak_http1_or_http2_as_alpn_says() {
 async fn an_https_upstream_with_an_unknown_ca_is_a_clean_502() {
     let sim = tls_sim(&[b"http/1.1"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(&static_config(dir.path(), &sim.url(), "")).await;
+    let p = Proxy::start(&static_config(dir.path(), &sim.url(), "", "")).await;
     let r = p
         .client
         .post(p.url("/echo"))
@@ -188,7 +160,12 @@ async fn an_https_upstream_with_an_unknown_ca_is_a_clean_502() {
 async fn a_ca_file_without_certificates_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
-    let path = static_config(dir.path(), "https://127.0.0.1:1", "ca_file = \"empty.pem\"");
+    let path = static_config(
+        dir.path(),
+        "https://127.0.0.1:1",
+        "",
+        "ca_file = \"empty.pem\"",
+    );
     let err = tokenpool::config::Config::load(&path, &|_| None).unwrap_err();
     let text = err.to_string();
     assert!(
@@ -207,7 +184,7 @@ async fn an_edited_ca_file_is_reloaded_and_a_broken_one_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("upstream-ca.pem");
     std::fs::copy(tls_fixture("ca.pem"), &ca).unwrap();
-    let config = static_config(dir.path(), &sim.url(), "ca_file = \"upstream-ca.pem\"");
+    let config = static_config(dir.path(), &sim.url(), "", "ca_file = \"upstream-ca.pem\"");
     let p = Proxy::start(&config).await;
     assert_eq!(post(&p, "/echo").await.0, 200);
 
@@ -238,7 +215,7 @@ async fn an_edited_ca_file_is_reloaded_and_a_broken_one_changes_nothing() {
 async fn a_reload_keeps_warm_connections_unless_the_upstream_changed() {
     let sim = Sim::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = static_config(dir.path(), &sim.url(), "");
+    let config = static_config(dir.path(), &sim.url(), "", "");
     let p = Proxy::start(&config).await;
     assert_eq!(post(&p, "/echo").await.0, 200);
     assert_eq!(sim.connections(), 1);
@@ -411,7 +388,7 @@ fn odd_answers(path: &str, previous: Option<&str>) -> Act {
 async fn scripted_proxy() -> (Scripted, Proxy, tempfile::TempDir) {
     let up = Scripted::start(odd_answers).await;
     let dir = tempfile::tempdir().unwrap();
-    let p = Proxy::start(&static_config(dir.path(), &up.url, "")).await;
+    let p = Proxy::start(&static_config(dir.path(), &up.url, "", "")).await;
     (up, p, dir)
 }
 
@@ -482,7 +459,7 @@ async fn broken_answers_are_clean_errors_and_the_proxy_keeps_serving() {
     assert_eq!(r.text().await.unwrap(), "hello, world");
     assert_eq!(up.connections(), 3, "a broken connection is never reused");
     let metrics = p.metrics().await;
-    assert!(!metrics.contains("sk-static-upstream-key"));
+    assert!(!metrics.contains(STATIC_KEY));
     p.stop().await;
 }
 

@@ -31,6 +31,13 @@ pub const COUNT_TRUST: Duration = Duration::from_secs(10 * 60);
 /// that confirms it before clients are told the refill time.
 const CONFIRM_WINDOW: Duration = Duration::from_secs(10);
 
+/// A state change to log: from, to, and when the token comes back.
+type Change = (
+    (TokenState, Option<Reason>),
+    (TokenState, Option<Reason>),
+    Option<Instant>,
+);
+
 /// What is known of a token's request quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Quota {
@@ -134,8 +141,8 @@ impl Token {
         // and the rest agreeing.
         let trust = merged.refill_in().unwrap_or(COUNT_TRUST);
         self.count_is(remaining, Instant::now() + trust);
-        if remaining == 0 {
-            self.rest_for_quota(&mut inner);
+        let change = if remaining == 0 {
+            self.rest_for_quota(&mut inner).1
         } else if inner.counted_out
             && inner.state == TokenState::CoolingDown
             && inner.reason == Some(Reason::QuotaExhausted)
@@ -145,7 +152,13 @@ impl Token {
             self.activate(&mut inner);
             self.dirty.store(true, Ordering::Release);
             self.mark_shared(&mut inner, false);
-            self.log_change(before, (TokenState::Active, None), None);
+            Some((before, (TokenState::Active, None), None))
+        } else {
+            None
+        };
+        drop(inner);
+        if let Some((from, to, until)) = change {
+            self.log_change(from, to, until);
         }
     }
 
@@ -161,8 +174,12 @@ impl Token {
                 });
         if spent == Ok(1) {
             let mut inner = self.lock();
-            if self.rest_for_quota(&mut inner) {
-                drop(inner);
+            let (rested, change) = self.rest_for_quota(&mut inner);
+            drop(inner);
+            if let Some((from, to, until)) = change {
+                self.log_change(from, to, until);
+            }
+            if rested {
                 let until = Instant::now() + CONFIRM_WINDOW;
                 self.confirming
                     .store(self.clock.millis(until), Ordering::Relaxed);
@@ -172,10 +189,11 @@ impl Token {
     }
 
     /// Rests the token until its quota refills, if the refill time is
-    /// known; returns whether it did.
-    pub(super) fn rest_for_quota(&self, inner: &mut super::InnerGuard<'_>) -> bool {
+    /// known; returns whether it did, and the state change to log once the
+    /// lock is let go.
+    fn rest_for_quota(&self, inner: &mut super::InnerGuard<'_>) -> (bool, Option<Change>) {
         let Some(wait) = inner.quota.and_then(|q| q.refill_in()) else {
-            return false;
+            return (false, None);
         };
         let before = (inner.state, inner.reason, inner.cooldown_until);
         inner.last_error = Some(Reason::QuotaExhausted.as_str().to_string());
@@ -185,10 +203,12 @@ impl Token {
             inner.counted_out = true;
             self.dirty.store(true, Ordering::Release);
             self.mark_shared(inner, false);
-            let until = inner.cooldown_until;
-            self.log_change((before.0, before.1), (after.0, after.1), until);
+            return (
+                true,
+                Some(((before.0, before.1), (after.0, after.1), after.2)),
+            );
         }
-        true
+        (true, None)
     }
 
     /// When a rest ends (or an operator enables the token), a count at

@@ -85,7 +85,8 @@ pub fn short_fingerprint(secret: &Secret) -> String {
     fp
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+/// Milliseconds since the Unix epoch (0 before it): how replicas write times.
+pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
@@ -237,12 +238,9 @@ impl Token {
         self.dirty.store(true, Ordering::Release);
         let lifted = inner.state == TokenState::Revoked;
         if lifted {
-            inner.state = TokenState::Active;
-            inner.reason = None;
-            inner.cooldown_until = None;
+            self.activate(&mut inner);
             inner.consecutive_failures = 0;
             inner.last_error = None;
-            self.gate.store(0, Ordering::Release);
         }
         drop(inner);
         if lifted {
