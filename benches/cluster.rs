@@ -50,11 +50,17 @@ async fn redis_server(dir: &std::path::Path) -> (tokio::process::Child, u16) {
         .spawn()
         .expect("redis-server is installed (Debian: apt-get install redis-server)");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if line.contains("Ready to accept connections") {
-            break;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match lines.next_line().await.unwrap() {
+                Some(line) if line.contains("Ready to accept connections") => break,
+                Some(_) => {}
+                None => panic!("redis-server ended before it was ready"),
+            }
         }
-    }
+    })
+    .await
+    .expect("redis-server is ready within 10 s");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, port)
 }
@@ -95,9 +101,13 @@ async fn replica(sim: &Sim, redis: Option<u16>, prefix: &str, node: &str) -> Rep
     let task = tokio::spawn(run(Arc::clone(&generations), listeners, shutdown));
     if redis.is_some() {
         let cluster = Arc::clone(generations.cluster().unwrap());
-        while !cluster.connected() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !cluster.connected() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the replica connects to Redis within 10 s");
     }
     Replica {
         generations,

@@ -538,9 +538,11 @@ mod tests {
         );
         assert!(lines[1].contains("QUOTA"), "{table}");
         assert!(lines[3].contains("30m"), "{table}");
-        // A static key never expires: "-", not "9years 11months".
+        // A key that never expires (a static one): "-" under EXPIRES IN.
         assert!(lines[3].contains("quota_exhausted"));
-        assert!(!table.contains("years"));
+        let at = lines[1].find("EXPIRES IN").unwrap();
+        assert!(lines[3][at..].starts_with("- "), "{table}");
+        assert!(lines[2][at..].starts_with("1h "), "{table}");
     }
 
     #[test]

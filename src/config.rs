@@ -401,6 +401,7 @@ impl Config {
             base: &base,
             env,
             located: &located,
+            read: Default::default(),
         }
         .build(build::env_only(env), None)
     }
@@ -432,6 +433,7 @@ impl Config {
             base: &base,
             env,
             located: &located,
+            read: Default::default(),
         }
         .build(raw, path)
     }
@@ -462,12 +464,16 @@ impl Config {
             "admin:     {} (/admin/*: {admin_auth})",
             self.admin.listen
         );
-        let _ = writeln!(out, "upstream:  {}", self.upstream.url);
+        let _ = writeln!(
+            out,
+            "upstream:  {}",
+            redact_url(&self.upstream.url.to_string())
+        );
         let refresh_url = self
             .refresh
             .url
             .as_deref()
-            .map(redact_query)
+            .map(redact_url)
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
@@ -502,7 +508,7 @@ impl Config {
         let quota = match (self.quota.provider, &self.quota.url) {
             (QuotaProvider::Warp, Some(url)) => format!(
                 "answer headers; polled from {} every {}",
-                redact_query(url),
+                redact_url(url),
                 humantime::format_duration(self.quota.interval)
             ),
             _ => "answer headers only".to_string(),
@@ -531,12 +537,19 @@ impl Config {
     }
 }
 
-/// A URL with its query string replaced by `?…`: Firebase refresh URLs
-/// carry an API key there.
-pub fn redact_query(url: &str) -> String {
-    match url.split_once('?') {
-        Some((base, _)) => format!("{base}?…"),
-        None => url.to_string(),
+/// A URL as `check` shows it: its query string replaced by `?…`
+/// (Firebase refresh URLs carry an API key there) and its user
+/// information by `…@` (a password sent as Basic authentication).
+fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, _)) => (base, "?…"),
+        None => (url, ""),
+    };
+    let (scheme, rest) = base.split_once("://").unwrap_or(("", base));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://…@{}{query}", &rest[at + 1..]),
+        None => format!("{base}{query}"),
     }
 }
 
@@ -735,6 +748,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown variant `least_used`"), "{err}");
+    }
+
+    #[test]
+    fn every_secret_file_is_followed_and_a_bad_name_is_not_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["admin", "bare", "named", "warp", "rt"] {
+            std::fs::write(dir.path().join(f), format!("secret-{f}\n")).unwrap();
+        }
+        let path = dir.path().join("tokenpool.toml");
+        std::fs::write(
+            &path,
+            "[server]\napi_keys = [{ file = \"bare\" }, { name = \"team\", key = { file = \"named\" } }]\n\
+             [admin]\ntoken = { file = \"admin\" }\n\
+             [upstream]\npreset = \"warp\"\n[refresh]\nkey = { file = \"warp\" }\n\
+             [[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = { file = \"rt\" }\n\
+             [[tokens]]\nname = \"b\"\ntier = \"shared\"\ntoken = { file = \"rt-b\" }\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("rt-b"), "secret-rt-b\n").unwrap();
+        let c = Config::load(&path, &no_env).unwrap();
+        let mut read: Vec<String> = c
+            .read_files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        read.sort();
+        assert_eq!(read, ["admin", "bare", "named", "rt", "rt-b", "warp"]);
+
+        // A secret typed into a name's line is not shown back.
+        for text in [
+            "[[tokens]]\nname = \"sk-live/very+secret\"\ntier = \"shared\"\ntoken = \"t\"\n",
+            "[server]\napi_keys = [{ name = \"sk-live/very+secret\", key = \"k\" }]\n",
+            "[cluster]\nredis = \"redis://127.0.0.1:1\"\nnode = \"sk-live/very+secret\"\n",
+            "[cluster]\nredis = \"redis://127.0.0.1:1\"\nkey_prefix = \"sk-live/very+secret\"\n",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.contains("sk-live"), "{err}");
+            assert!(err.contains("must be 1–64 characters"), "{err}");
+        }
+        let err = parse("[[tokens]]\nname = \"a b\"\ntier = \"shared\"\ntoken = \"t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token name `a b`"), "{err}");
+    }
+
+    #[test]
+    fn urls_are_shown_without_keys_or_passwords() {
+        assert_eq!(
+            redact_url("https://u:pw@h.example:8443/p?key=k"),
+            "https://…@h.example:8443/p?…"
+        );
+        assert_eq!(redact_url("https://h.example/a@b"), "https://h.example/a@b");
+        assert_eq!(redact_url("https://h.example/p"), "https://h.example/p");
+        let c = parse(
+            "[refresh]\nprovider = \"firebase\"\nurl = \"https://user:hunter2@r.example/t?key=AIzaK\"\n",
+        )
+        .unwrap();
+        let summary = c.summary();
+        assert!(
+            !summary.contains("hunter2") && !summary.contains("AIzaK"),
+            "{summary}"
+        );
     }
 
     #[test]

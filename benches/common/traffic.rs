@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 /// Sends requests for `length`; returns how many were answered 200 and
 /// how many were not (or failed).
 pub async fn steady(proxies: &[SocketAddr], length: Duration) -> (u64, u64) {
-    let client = reqwest::Client::new();
+    // A stuck request fails rather than stalling a bounded run.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("a client");
     let started = Instant::now();
     let (mut ok, mut failed) = (0u64, 0u64);
     for addr in proxies.iter().cycle() {

@@ -2,6 +2,7 @@
 //! [`Config`], or an error at the `LINE:COL` of the value that is wrong.
 //! Presets and the Warp2Api environment variables are applied here too.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -80,6 +81,9 @@ pub(super) struct Builder<'a> {
     pub base: &'a Path,
     pub env: EnvLookup<'a>,
     pub located: &'a dyn Fn(Option<Range<usize>>, String) -> ConfigError,
+    /// Every file a secret or a CA came from, in the order read: what the
+    /// watcher follows (`Config::read_files`).
+    pub read: RefCell<Vec<PathBuf>>,
 }
 
 impl Builder<'_> {
@@ -94,9 +98,17 @@ impl Builder<'_> {
     }
 
     fn secret(&self, src: &Spanned<SecretSource>) -> Result<Secret, ConfigError> {
-        src.get_ref()
+        self.resolve(src.get_ref(), src.span())
+    }
+
+    /// A secret from where `source` says, noting the file it came from.
+    fn resolve(&self, source: &SecretSource, span: Range<usize>) -> Result<Secret, ConfigError> {
+        if let Some(file) = source.file(self.base) {
+            self.read.borrow_mut().push(file);
+        }
+        source
             .resolve(self.base, self.env)
-            .or_else(|msg| self.err(src.span(), msg))
+            .or_else(|msg| self.err(span, msg))
     }
 
     /// A duration, written as [`duration::parse`] reads it.
@@ -126,6 +138,7 @@ impl Builder<'_> {
     ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
         use rustls::pki_types::pem::PemObject;
         let path = self.base.join(file.get_ref());
+        self.read.borrow_mut().push(path.clone());
         let certs: Result<Vec<_>, _> =
             rustls::pki_types::CertificateDer::pem_file_iter(&path).and_then(Iterator::collect);
         match certs {
@@ -136,6 +149,22 @@ impl Builder<'_> {
             ),
             Err(e) => self.err(file.span(), format!("{what} {}: {e}", path.display())),
         }
+    }
+
+    /// A name (of a token, a client key, a node): 1–64 characters of
+    /// A-Z a-z 0-9 - _ . ; a bad one is shown only if short (a secret
+    /// typed into the wrong line is not echoed).
+    fn name(&self, value: &Spanned<String>, what: &str) -> Result<String, ConfigError> {
+        if valid_name(value.get_ref()) {
+            return Ok(value.get_ref().clone());
+        }
+        self.err(
+            value.span(),
+            format!(
+                "{what} `{}` must be 1–64 characters of A-Z a-z 0-9 - _ .",
+                super::shown(value.get_ref()).trim_matches('"')
+            ),
+        )
     }
 
     fn listen(&self, value: &Spanned<String>, what: &str) -> Result<SocketAddr, ConfigError> {
@@ -211,23 +240,12 @@ impl Builder<'_> {
         let mut keys: Vec<ClientKey> = Vec::with_capacity(raw.len());
         for (i, entry) in raw.iter().enumerate() {
             let (name, secret) = match entry.get_ref() {
-                RawClientKey::Bare(source) => {
-                    let secret = source
-                        .resolve(self.base, self.env)
-                        .or_else(|msg| self.err(entry.span(), msg))?;
-                    (format!("key-{}", i + 1), secret)
-                }
+                RawClientKey::Bare(source) => (
+                    format!("key-{}", i + 1),
+                    self.resolve(source, entry.span())?,
+                ),
                 RawClientKey::Named { name, key } => {
-                    if !valid_name(name.get_ref()) {
-                        return self.err(
-                            name.span(),
-                            format!(
-                                "client key name `{}` must be 1–64 characters of A-Z a-z 0-9 - _ .",
-                                name.get_ref()
-                            ),
-                        );
-                    }
-                    (name.get_ref().clone(), self.secret(key)?)
+                    (self.name(name, "client key name")?, self.secret(key)?)
                 }
             };
             if keys.iter().any(|k| *k.name == *name) {
@@ -486,43 +504,13 @@ impl Builder<'_> {
 
         // [[tokens]]
         let mut tokens = Vec::new();
-        let mut read_files: Vec<PathBuf> = raw
-            .upstream
-            .ca_file
-            .iter()
-            .chain(raw.cluster.iter().flat_map(|c| c.ca_file.iter()))
-            .map(|f| self.base.join(f.get_ref()))
-            .collect();
-        for source in [
-            raw.cluster.as_ref().map(|c| &c.redis),
-            raw.cluster.as_ref().and_then(|c| c.encryption_key.as_ref()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            read_files.extend(source.get_ref().file(self.base));
-        }
         let mut names: HashSet<String> = HashSet::new();
         let mut secrets: HashSet<Secret> = HashSet::new();
         for entry in &raw.tokens {
             let t = entry.get_ref();
             let secret = self.secret(&t.token)?;
-            if let Some(file) = t.token.get_ref().file(self.base) {
-                read_files.push(file);
-            }
             let name = match &t.name {
-                Some(name) => {
-                    if !valid_name(name.get_ref()) {
-                        return self.err(
-                            name.span(),
-                            format!(
-                                "token name `{}` must be 1–64 characters of A-Z a-z 0-9 - _ .",
-                                name.get_ref()
-                            ),
-                        );
-                    }
-                    name.get_ref().clone()
-                }
+                Some(name) => self.name(name, "token name")?,
                 None => default_token_name(t.tier, &secret),
             };
             let span = t.name.as_ref().map_or_else(|| entry.span(), |n| n.span());
@@ -580,7 +568,15 @@ impl Builder<'_> {
             cluster,
             quota,
             tokens,
-            read_files,
+            // Each file once, in the order read.
+            read_files: {
+                let mut seen = HashSet::new();
+                self.read
+                    .take()
+                    .into_iter()
+                    .filter(|f| seen.insert(f.clone()))
+                    .collect()
+            },
         })
     }
 
@@ -650,23 +646,13 @@ impl Builder<'_> {
             return self.err(
                 c.key_prefix.span(),
                 format!(
-                    "[cluster] key_prefix `{prefix}` must be 1–64 characters of A-Z a-z 0-9 - _ . :"
+                    "[cluster] key_prefix `{}` must be 1–64 characters of A-Z a-z 0-9 - _ . :",
+                    super::shown(prefix).trim_matches('"')
                 ),
             );
         }
         let node = match &c.node {
-            Some(node) => {
-                if !valid_name(node.get_ref()) {
-                    return self.err(
-                        node.span(),
-                        format!(
-                            "[cluster] node `{}` must be 1–64 characters of A-Z a-z 0-9 - _ .",
-                            node.get_ref()
-                        ),
-                    );
-                }
-                node.get_ref().clone()
-            }
+            Some(node) => self.name(node, "[cluster] node")?,
             None => host_name(self.env),
         };
         let sync_interval = self.positive(&c.sync_interval, "[cluster] sync_interval")?;

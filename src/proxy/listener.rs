@@ -293,10 +293,15 @@ impl Server {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                () = &mut changed, if gone_by.is_none() => {
+                () = &mut changed => {
                     // A request opened or the last one ended: the quiet
-                    // time starts again.
-                    idle.as_mut().reset(Instant::now() + self.header_read_timeout);
+                    // time starts again. Once the connection was told to
+                    // go, its deadline stays; the loop only looks again at
+                    // whether a request is open (one that came in after
+                    // the GOAWAY keeps the connection).
+                    if gone_by.is_none() {
+                        idle.as_mut().reset(Instant::now() + self.header_read_timeout);
+                    }
                 }
                 () = &mut idle, if quiet => {
                     match gone_by {

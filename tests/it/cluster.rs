@@ -263,7 +263,7 @@ async fn redis_killed_under_load_fails_no_request_and_restarted_empty_is_reseede
     assert_eq!(
         s.sim.total_refresh_calls(),
         refreshes,
-        "the access tokens were written back: no token was refreshed again"
+        "re-seeding took no refresh: the replicas wrote back what they held"
     );
     let a = Arc::into_inner(a).unwrap();
     let b = Arc::into_inner(b).unwrap();
@@ -365,7 +365,12 @@ async fn a_replica_killed_holding_a_refresh_lease_delays_the_others_only_until_i
     });
     // ...and while the dead replica's lease lives, nobody refreshes.
     let mut watched = 0;
+    let give_up = std::time::Instant::now() + WAIT;
     loop {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the dead replica's lease never expired"
+        );
         let calls = s.sim.refresh_calls("a");
         // (Once it is gone, A takes a lease under the same name.)
         let holder: Option<String> = redis::cmd("GET")

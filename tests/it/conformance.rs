@@ -416,7 +416,15 @@ fn served_as(name: &str, seen: &[Seen], want: &[(&str, &str, &str)]) -> Result<(
 /// Runs one case; `Err` says how it failed.
 async fn run_case(proxy: SocketAddr, backend: &Recorder, case: &Case) -> Result<(), String> {
     let (name, _source, template, want) = *case;
-    backend.take();
+    // Each case takes what it caused; anything here came in after the
+    // case before ended (a request forwarded after its client was answered).
+    let late = backend.take();
+    if !late.is_empty() {
+        return Err(format!(
+            "{name}: {} request(s) reached the backend after the case before ended",
+            late.len()
+        ));
+    }
     let mut c = Raw::connect(proxy).await;
     // The proxy may close before it has read everything: that is fine.
     let _ = c.stream.write_all(&bytes(template)).await;
@@ -575,6 +583,15 @@ async fn client_requests_are_refused_or_served_unambiguously() {
             Ok(Err(e)) => failures.push(format!("{e}  [{}]", case.1)),
             Err(_) => failures.push(format!("{}: no end within 8 s  [{}]", case.0, case.1)),
         }
+    }
+    // Nothing reaches the backend after the last case either.
+    p.stop().await;
+    let late = backend.take();
+    if !late.is_empty() {
+        failures.push(format!(
+            "{} request(s) reached the backend after the last case ended",
+            late.len()
+        ));
     }
     eprintln!(
         "conformance: {} client cases, {} passed, {} failed",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokenpool::sim::{RefreshBehaviour, Sim};
 
-use crate::harness::{eventually, CLIENT_KEY};
+use crate::harness::{eventually, run_to_end, CLIENT_KEY};
 use crate::process::Running;
 
 /// The uid of the image's `nonroot` user.
@@ -136,12 +136,12 @@ async fn the_container_layout_works_for_a_non_root_user() {
         "path = \"missing/tokenpool-state.json\"",
     );
     std::fs::write(&config, config_text).unwrap();
-    let out = tokio::process::Command::new(bin)
-        .args(["serve", "-c", config.to_str().unwrap()])
-        .current_dir(root.path())
-        .output()
-        .await
-        .unwrap();
+    let out = run_to_end(
+        tokio::process::Command::new(bin)
+            .args(["serve", "-c", config.to_str().unwrap()])
+            .current_dir(root.path()),
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

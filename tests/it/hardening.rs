@@ -204,6 +204,10 @@ async fn slow_request_bodies_get_408_and_others_are_served() {
         1,
         "no stalled request went upstream"
     );
+    assert!(
+        s.sim.seen().iter().all(|(path, _)| path != "/echo"),
+        "not even its head"
+    );
     still_serving(&p).await;
 }
 

@@ -58,6 +58,15 @@ token = "{STATIC_KEY}"
     path
 }
 
+/// Runs `command` (the binary, expected to end by itself) to its end;
+/// a run past 20 s is killed and fails the test rather than hanging it.
+pub async fn run_to_end(command: &mut tokio::process::Command) -> std::process::Output {
+    let out = tokio::time::timeout(Duration::from_secs(20), command.kill_on_drop(true).output())
+        .await
+        .expect("the command ends by itself");
+    out.unwrap()
+}
+
 /// A simulator with accounts, and a folder holding the config file.
 pub struct Setup {
     pub sim: Sim,

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use tokenpool::sim::{AiBehaviour, RefreshBehaviour, RefreshMode};
 
-use crate::harness::{metric, rt, Setup, CLIENT_KEY};
+use crate::harness::{metric, rt, run_to_end, Setup, CLIENT_KEY};
 
 pub(crate) struct Running {
     pub(crate) child: Child,
@@ -112,15 +112,17 @@ fn sigterm(child: &Child) {
     assert!(status.success());
 }
 
-/// Strings that look like a JWT: three base64url parts, the first `eyJ…`.
+/// The first string that looks like a JWT: three base64url parts, the
+/// first `eyJ…` (every `eyJ` is looked at, not only the first).
 fn jwt_like(text: &str) -> Option<&str> {
-    let start = text.find("eyJ")?;
-    let rest = &text[start..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
-        .unwrap_or(rest.len());
-    let candidate = &rest[..end];
-    (candidate.matches('.').count() >= 2 && candidate.len() > 20).then_some(candidate)
+    text.match_indices("eyJ").find_map(|(start, _)| {
+        let rest = &text[start..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+            .unwrap_or(rest.len());
+        let candidate = &rest[..end];
+        (candidate.matches('.').count() >= 2 && candidate.len() > 20).then_some(candidate)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,9 +288,13 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     );
     s.sim.release_streams();
     let mut rest = Vec::new();
-    while let Some(chunk) = stream.chunk().await.unwrap() {
-        rest.extend_from_slice(&chunk);
-    }
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = stream.chunk().await.unwrap() {
+            rest.extend_from_slice(&chunk);
+        }
+    })
+    .await
+    .expect("the stream ends");
     assert!(
         String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"),
         "the stream completed"
@@ -579,12 +585,12 @@ async fn fatal_errors_name_what_failed_in_the_chosen_format() {
     )
     .unwrap();
     let bin = env!("CARGO_BIN_EXE_tokenpool");
-    let out = tokio::process::Command::new(bin)
-        .args(["serve", "-c"])
-        .arg(&path)
-        .output()
-        .await
-        .unwrap();
+    let out = run_to_end(
+        tokio::process::Command::new(bin)
+            .args(["serve", "-c"])
+            .arg(&path),
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -612,12 +618,12 @@ async fn fatal_errors_name_what_failed_in_the_chosen_format() {
 /// Runs `serve -c path` under `--log-format json`, which must fail; the
 /// error of its last line, which must be a JSON log line at ERROR.
 async fn fatal_json(path: &std::path::Path) -> String {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenpool"))
-        .args(["--log-format", "json", "serve", "-c"])
-        .arg(path)
-        .output()
-        .await
-        .unwrap();
+    let out = run_to_end(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tokenpool"))
+            .args(["--log-format", "json", "serve", "-c"])
+            .arg(path),
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let last = stderr.lines().last().unwrap();

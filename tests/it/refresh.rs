@@ -322,4 +322,11 @@ async fn the_simulator_refuses_refresh_calls_without_warps_key_or_client_headers
     let p = s.proxy().await;
     assert_eq!(p.ai_text().await.0, 503);
     assert_eq!(s.sim.refresh_calls("a"), 0);
+    // The refresh was tried, and refused.
+    assert!(
+        metric(
+            &p.metrics().await,
+            "tokenpool_refreshes_total{outcome=\"failed\",tier=\"personal\"}"
+        ) >= 1.0
+    );
 }
