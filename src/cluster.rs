@@ -197,19 +197,38 @@ impl Cluster {
         let Some((_, mut conn)) = self.conn() else {
             return;
         };
+        let _ = tokio::time::timeout(within, self.write_dirty(&mut conn, pool)).await;
+    }
+
+    /// Writes the states of `pool` changed since their last write, in
+    /// batches; returns how many Redis took. On a failure the rest are
+    /// marked again, for the next connection.
+    async fn write_dirty(
+        &self,
+        conn: &mut MultiplexedConnection,
+        pool: &Pool,
+    ) -> redis::RedisResult<u64> {
         let dirty: Vec<&Arc<Token>> = pool
             .tokens()
             .iter()
             .filter(|t| t.take_shared_dirty())
             .collect();
-        let writes = async {
-            for token in dirty {
-                if self.write_state(&mut conn, token).await.is_err() {
-                    break;
+        let mut written = 0;
+        for (i, batch) in dirty.chunks(sync::BATCH).enumerate() {
+            let writes = batch.iter().map(|token| {
+                let mut conn = conn.clone();
+                async move { self.write_state(&mut conn, token).await }
+            });
+            let results = futures_util::future::join_all(writes).await;
+            if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+                for token in &dirty[i * sync::BATCH..] {
+                    token.mark_shared_dirty();
                 }
+                return Err(e.clone());
             }
-        };
-        let _ = tokio::time::timeout(within, writes).await;
+            written += results.iter().filter(|r| matches!(r, Ok(true))).count() as u64;
+        }
+        Ok(written)
     }
 
     fn conn(&self) -> Option<(u64, MultiplexedConnection)> {

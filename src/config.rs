@@ -6,7 +6,7 @@
 //! the files it read change. It owns no running state.
 
 mod build;
-pub mod duration;
+mod duration;
 mod guard;
 mod raw;
 mod secret;
@@ -21,8 +21,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
-pub use build::default_token_name;
 pub use guard::{check_reload, Bound};
+pub(crate) use secret::hex;
 pub use secret::{find_key, key_matches, ClientKey, Secret, SecretSource};
 
 /// One of the three fixed token tiers.
@@ -491,7 +491,7 @@ impl Config {
                 "cluster:   node {}, key prefix {}, sync every {} ({sealed}; the Redis URL is a secret)",
                 c.node,
                 c.key_prefix,
-                humantime::format_duration(c.sync_interval)
+                duration::format(c.sync_interval)
             );
         }
         let order: Vec<&str> = self.pool.order.iter().map(|t| t.as_str()).collect();
@@ -509,7 +509,7 @@ impl Config {
             (QuotaProvider::Warp, Some(url)) => format!(
                 "answer headers; polled from {} every {}",
                 redact_url(url),
-                humantime::format_duration(self.quota.interval)
+                duration::format(self.quota.interval)
             ),
             _ => "answer headers only".to_string(),
         };

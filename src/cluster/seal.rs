@@ -75,8 +75,10 @@ impl Sealer {
                 h.update(b"tokenpool cluster key fingerprint v1\0");
                 h.update(bytes);
                 let fp = h.finalize();
-                let hex: String = fp[..8].iter().map(|b| format!("{b:02x}")).collect();
-                (Some(LessSafeKey::new(unbound)), hex)
+                (
+                    Some(LessSafeKey::new(unbound)),
+                    crate::config::hex(&fp[..8]),
+                )
             }
             None => (None, NO_KEY.to_string()),
         };

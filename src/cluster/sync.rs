@@ -28,7 +28,7 @@ use crate::pool::{Pool, Token};
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Tokens read or written per round trip.
-const BATCH: usize = 256;
+pub(super) const BATCH: usize = 256;
 
 /// Why a session with Redis ended.
 enum Ended {
@@ -300,30 +300,7 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
     /// Writes the states changed since the last write.
     async fn push(&mut self, conn: &mut MultiplexedConnection) -> Result<u64, Ended> {
         let pool = self.pool();
-        let dirty: Vec<&Arc<Token>> = pool
-            .tokens()
-            .iter()
-            .filter(|t| t.take_shared_dirty())
-            .collect();
-        let cluster = Arc::clone(&self.cluster);
-        let mut written = 0;
-        for (i, batch) in dirty.chunks(BATCH).enumerate() {
-            let writes = batch.iter().map(|token| {
-                let mut conn = conn.clone();
-                let cluster = &cluster;
-                async move { cluster.write_state(&mut conn, token).await }
-            });
-            let results = futures_util::future::join_all(writes).await;
-            if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
-                // Not lost: marked again, written on the next connection.
-                for token in &dirty[i * BATCH..] {
-                    token.mark_shared_dirty();
-                }
-                return Err(e.clone().into());
-            }
-            written += results.iter().filter(|r| matches!(r, Ok(true))).count() as u64;
-        }
-        Ok(written)
+        Ok(self.cluster.write_dirty(conn, &pool).await?)
     }
 
     /// Reads the changes made after the last one read. Returns how many

@@ -63,8 +63,8 @@ impl Config {
                 out.push(format!(
                     "[refresh] margin = {} is not shorter than an access token's usual life ({}): \
                      every token would be refreshed again as soon as it is refreshed",
-                    humantime::format_duration(self.refresh.margin),
-                    humantime::format_duration(life)
+                    super::duration::format(self.refresh.margin),
+                    super::duration::format(life)
                 ));
             }
         }

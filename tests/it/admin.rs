@@ -246,17 +246,7 @@ async fn reloads_name_the_tokens_they_add_replace_and_remove() {
 async fn static_keys_show_no_expiry_and_fallback_series_start_at_zero() {
     let dir = tempfile::tempdir().unwrap();
     let sim = tokenpool::sim::Sim::start().await.unwrap();
-    let path = dir.path().join("tokenpool.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [upstream]\nurl = \"{}\"\n[refresh]\nprovider = \"static\"\n\
-             [[tokens]]\nname = \"k\"\ntier = \"shared\"\ntoken = \"sk-static-1\"\n",
-            sim.url()
-        ),
-    )
-    .unwrap();
+    let path = crate::harness::static_config(dir.path(), &sim.url(), "", "");
     let p = crate::harness::Proxy::start(&path).await;
     let v = p.pool().await;
     assert_eq!(

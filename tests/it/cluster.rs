@@ -81,6 +81,17 @@ async fn admin_post(p: &Proxy, path: &str) {
     assert_eq!(r.status(), 200, "{path}");
 }
 
+/// Waits until `p` tried Redis and failed (a sync error counted).
+async fn tried_redis(p: &Proxy) {
+    eventually("a failed sync with Redis", WAIT, || async {
+        metric(
+            &p.metrics().await,
+            "tokenpool_cluster_sync_total{result=\"error\"}",
+        ) >= 1.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_refresh_once_and_follow_every_rotation() {
     let redis = Redis::start().await;
@@ -448,13 +459,7 @@ async fn stored_tokens_are_sealed_and_a_replica_with_another_key_stays_local() {
         other,
     ))
     .await;
-    eventually("C tried Redis", WAIT, || async {
-        metric(
-            &c.metrics().await,
-            "tokenpool_cluster_sync_total{result=\"error\"}",
-        ) >= 1.0
-    })
-    .await;
+    tried_redis(&c).await;
     assert!(!connected(&c));
     assert!(connected(&a) && connected(&b), "the others go on sharing");
     assert_eq!(c.ai_text().await.0, 200);
@@ -500,13 +505,7 @@ async fn the_state_file_restarts_a_replica_while_redis_is_away() {
     // Redis is gone; the replica restarts on its state file alone.
     redis.kill().await;
     let a = Proxy::start(&config).await;
-    eventually("A tried Redis", WAIT, || async {
-        metric(
-            &a.metrics().await,
-            "tokenpool_cluster_sync_total{result=\"error\"}",
-        ) >= 1.0
-    })
-    .await;
+    tried_redis(&a).await;
     assert!(!connected(&a));
     // The configured refresh token is dead: only the rotated one from the
     // state file refreshes (the background refresher may already have).
