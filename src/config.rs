@@ -791,6 +791,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("token name `a b`"), "{err}");
+        // A client key, like any secret, has one source.
+        let err = parse("[server]\napi_keys = [{ env = \"K\", file = \"k\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not both"), "{err}");
     }
 
     #[test]

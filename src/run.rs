@@ -63,7 +63,7 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
     });
     let config = Arc::clone(&generations.current().config);
     tracing::info!(%proxy_addr, "proxy listening");
-    tracing::info!(%admin_addr, "admin listening (/metrics, /healthz, /readyz, /admin/*)");
+    tracing::info!(%admin_addr, "admin listening (/metrics, /healthz, /livez, /readyz, /admin/*)");
     if !proxy_addr.ip().is_loopback() && config.server.api_keys.is_empty() {
         tracing::warn!(
             %proxy_addr,

@@ -107,6 +107,11 @@ impl<'de> Deserialize<'de> for RawClientKey {
                     match field.as_str() {
                         "name" => name = Some(map.next_value::<Spanned<String>>()?),
                         "key" => key = Some(map.next_value::<Spanned<SecretSource>>()?),
+                        "env" | "file" if bare.is_some() => {
+                            return Err(de::Error::custom(
+                                "a client key has one source: { env = … } or { file = … }, not both",
+                            ))
+                        }
                         "env" => bare = Some(SecretSource::Env(map.next_value()?)),
                         "file" => bare = Some(SecretSource::File(map.next_value::<PathBuf>()?)),
                         other => {
