@@ -3,9 +3,9 @@
 //! | route | |
 //! |---|---|
 //! | `GET /metrics` | Prometheus text exposition. Open. |
-//! | `GET /healthz` | 200 while the process runs. Open. |
-//! | `GET /livez` | 200 once a configuration is loaded and the listeners serve, whatever the tokens' state: the readiness probe for a load balancer or Kubernetes. Open. |
-//! | `GET /readyz` | 200 when a token is usable; 503 with a JSON reason otherwise (for people and alerts: as a probe it would take every replica out at once when the pool is exhausted). Open. |
+//! | `GET /healthz` | 200 while the process runs: liveness (`/livez` is the same). Open. |
+//! | `GET /readyz` | 200 while listening with a loaded configuration, whatever the tokens' state; 503 from the first moment of a drain: readiness. Open. |
+//! | `GET /poolz` | 200 when a token is usable; 503 with a JSON reason otherwise (for people and alerts, not a probe). Open. |
 //! | `GET /admin/pool` | the pool as JSON — names, states, times; never a secret. |
 //! | `POST /admin/tokens/{name}/enable` | back into rotation, failures cleared. |
 //! | `POST /admin/tokens/{name}/disable` | out of rotation until enabled. |
@@ -38,13 +38,16 @@ use crate::shutdown::Shutdown;
 
 type AdminResponse = Response<Full<Bytes>>;
 
-/// Serves the admin routes on `listener` until `shutdown`; `reloads` is
-/// where `POST /admin/reload` goes.
+/// Serves the admin routes on `listener` until `stop`; `readiness` tells
+/// whether the instance drains (`/readyz` 503); `reloads` is where
+/// `POST /admin/reload` goes. The admin listener outlives the proxy's
+/// drain, so probes and scrapes see it to the end.
 pub async fn serve(
     listener: TcpListener,
     generations: Arc<Generations>,
     reloads: Reloads,
-    mut shutdown: Shutdown,
+    readiness: Shutdown,
+    mut stop: Shutdown,
 ) {
     let header_read_timeout = generations.current().config.server.header_read_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -56,6 +59,7 @@ pub async fn serve(
     let admin = Arc::new(Admin {
         generations,
         reloads,
+        readiness,
     });
     loop {
         tokio::select! {
@@ -74,7 +78,7 @@ pub async fn serve(
                     let _ = conn.await;
                 });
             }
-            _ = shutdown.wait() => return,
+            _ = stop.wait() => return,
         }
     }
 }
@@ -83,6 +87,8 @@ pub async fn serve(
 struct Admin {
     generations: Arc<Generations>,
     reloads: Reloads,
+    /// Whether the instance drains: `/readyz` fails from its first moment.
+    readiness: Shutdown,
 }
 
 fn json_response(status: StatusCode, value: &Value) -> AdminResponse {
@@ -118,13 +124,12 @@ impl Admin {
                 "text/plain; version=0.0.4; charset=utf-8",
                 generations.metrics.render(&generations.current().pool),
             ),
-            (&Method::GET, "/healthz") => text_response(StatusCode::OK, "text/plain", "ok\n"),
-            (&Method::GET, "/livez") => json_response(
-                StatusCode::OK,
-                &json!({"serving": true, "generation": generations.current().id}),
-            ),
-            (&Method::GET, "/readyz") => readyz(generations),
-            (_, "/metrics" | "/healthz" | "/livez" | "/readyz") => {
+            (&Method::GET, "/healthz" | "/livez") => {
+                text_response(StatusCode::OK, "text/plain", "ok\n")
+            }
+            (&Method::GET, "/readyz") => self.readyz(),
+            (&Method::GET, "/poolz") => poolz(generations),
+            (_, "/metrics" | "/healthz" | "/livez" | "/readyz" | "/poolz") => {
                 ProxyError::MethodNotAllowed.to_response()
             }
             (method, p) if p.starts_with("/admin/") => {
@@ -193,19 +198,40 @@ impl Admin {
     }
 }
 
-fn readyz(generations: &Generations) -> AdminResponse {
+impl Admin {
+    /// `/readyz`: whether a load balancer should send this instance new
+    /// connections — a loaded configuration and listeners that accept.
+    /// Whatever the tokens' state: an exhausted pool answers 503 with
+    /// `Retry-After`, better than an endpoint taken out of service.
+    fn readyz(&self) -> AdminResponse {
+        let generation = self.generations.current().id;
+        if self.readiness.is_draining() {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"ready": false, "reason": "draining: the instance is shutting down", "generation": generation}),
+            );
+        }
+        json_response(
+            StatusCode::OK,
+            &json!({"ready": true, "generation": generation}),
+        )
+    }
+}
+
+/// `/poolz`: whether a token is usable now; the reason when none is.
+fn poolz(generations: &Generations) -> AdminResponse {
     let generation = generations.current();
     let pool = &generation.pool;
     if pool.tokens().is_empty() {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"ready": false, "reason": "no tokens are configured"}),
+            &json!({"usable": false, "reason": "no tokens are configured"}),
         );
     }
     if pool.any_usable() {
         return json_response(
             StatusCode::OK,
-            &json!({"ready": true, "generation": generation.id}),
+            &json!({"usable": true, "generation": generation.id}),
         );
     }
     let all = pool.state_counts();
@@ -218,7 +244,7 @@ fn readyz(generations: &Generations) -> AdminResponse {
     }
     json_response(
         StatusCode::SERVICE_UNAVAILABLE,
-        &json!({"ready": false, "reason": "no token is usable", "tokens": counts}),
+        &json!({"usable": false, "reason": "no token is usable", "tokens": counts}),
     )
 }
 

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{process_env, Config};
 use crate::generation::Generations;
 use crate::run::Listeners;
-use crate::shutdown::shutdown_pair;
+use crate::shutdown::{shutdown_pair, spawn_signal_handler};
 use crate::sim::{RefreshBehaviour, Sim};
 
 /// tokenpool: a reverse proxy that puts a pooled upstream credential on
@@ -132,6 +132,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = config_path(config);
             match load(path.as_deref()) {
                 Ok(c) => {
+                    // `serve` would stop on a state folder it cannot write
+                    // to: `check` says so first.
+                    if let Some(path) = &c.state.path {
+                        if let Err(e) = crate::state::StateStore::new(path).check_writable() {
+                            eprintln!(
+                                "{}: {e}",
+                                c.path.as_deref().map_or_else(
+                                    || "environment".into(),
+                                    |p| p.display().to_string()
+                                )
+                            );
+                            return Ok(ExitCode::from(1));
+                        }
+                    }
                     print!("{}", c.summary());
                     for warning in c.warnings() {
                         println!("warning: {warning}");
@@ -190,27 +204,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn termination() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         config = %config.path.as_ref().map_or_else(|| "environment only".into(), |p| p.display().to_string()),
@@ -224,11 +217,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config).await?;
     let generations = Generations::new(config, Arc::new(process_env))?;
     let (trigger, shutdown) = shutdown_pair();
-    tokio::spawn(async move {
-        termination().await;
-        tracing::info!("shutdown signal received");
-        trigger.trigger();
-    });
+    spawn_signal_handler(trigger);
     crate::run::run(generations, listeners, shutdown).await;
     Ok(())
 }
@@ -255,6 +244,8 @@ async fn demo(redis: Option<String>) -> anyhow::Result<()> {
         r#"
 [server]
 listen = "127.0.0.1:0"
+# No load balancer to tell: Ctrl-C stops at once.
+drain_delay = "0s"
 [admin]
 listen = "127.0.0.1:0"
 [upstream]
@@ -322,10 +313,7 @@ Ctrl-C stops it.
         },
     );
     let (trigger, shutdown) = shutdown_pair();
-    tokio::spawn(async move {
-        termination().await;
-        trigger.trigger();
-    });
+    spawn_signal_handler(trigger);
     crate::run::run(generations, listeners, shutdown).await;
     drop(sim);
     Ok(())

@@ -157,6 +157,10 @@ pub struct ServerConfig {
     /// On shutdown, how long requests in flight (streams included) may
     /// take to finish before their connections are closed.
     pub shutdown_grace: Duration,
+    /// On SIGTERM, how long the listeners keep accepting while `/readyz`
+    /// already answers 503, so that load balancers stop sending new
+    /// connections before the proxy stops taking them.
+    pub drain_delay: Duration,
     /// Longest a client may take to send its request headers (a guard
     /// against slow-loris clients holding connections open); also how long
     /// a connection may sit with no request before it is closed.

@@ -256,7 +256,7 @@ impl Generations {
         for risk in &risks {
             tracing::warn!(change = %risk, "config reload applied with a risky change");
         }
-        for warning in config.warnings() {
+        for warning in config.reload_warnings() {
             tracing::warn!(warning = %warning, "config warning");
         }
         let refresher = if config.refresh == old.config.refresh {

@@ -598,7 +598,7 @@ impl Pool {
 }
 
 /// Token counts by tier and state: the one count behind `tokenpool_tokens`,
-/// `/admin/pool` and `/readyz`.
+/// `/admin/pool` and `/poolz`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StateCounts([[usize; TokenState::ALL.len()]; Tier::ALL.len()]);
 

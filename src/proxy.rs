@@ -34,11 +34,14 @@ use exchange::Exchange;
 use listener::ConnState;
 pub use listener::{serve, MAX_CONCURRENT_STREAMS, MAX_HEADER_BYTES};
 
-/// Serves one client request.
+/// Serves one client request; `draining` ends its HTTP/1 connection after
+/// the answer, so that keep-alive clients reconnect (elsewhere, once the
+/// load balancer saw `/readyz` fail) before the listener stops.
 async fn respond(
     generations: &Generations,
     req: Request<Incoming>,
     conn: &ConnState,
+    draining: bool,
 ) -> Response<ProxyBody> {
     // Until its body is read to the end, a request leaves bytes on its
     // connection that a close would meet with a reset.
@@ -77,7 +80,7 @@ async fn respond(
     response
         .headers_mut()
         .insert(exchange::REQUEST_ID, request_id);
-    if malformed || ends_connection(version, &response, conn) {
+    if malformed || draining || ends_connection(version, &response, conn) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

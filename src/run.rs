@@ -51,9 +51,10 @@ impl Listeners {
 }
 
 /// Runs an instance until `shutdown`: the proxy and admin listeners, the
-/// background refresher, the state writer and the reloader. On shutdown,
-/// stops accepting, lets requests finish within the grace period, and
-/// saves state.
+/// background refresher, the state writer and the reloader. On a drain,
+/// `/readyz` fails at once and the proxy keeps accepting for `[server]
+/// drain_delay`; then it stops accepting, lets requests finish within the
+/// grace period, and saves state. The admin listener serves to the end.
 pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: Shutdown) {
     let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
     let (proxy_addr, admin_addr) = listeners.addrs().unwrap_or((unknown, unknown));
@@ -63,7 +64,7 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
     });
     let config = Arc::clone(&generations.current().config);
     tracing::info!(%proxy_addr, "proxy listening");
-    tracing::info!(%admin_addr, "admin listening (/metrics, /healthz, /livez, /readyz, /admin/*)");
+    tracing::info!(%admin_addr, "admin listening (/metrics, /healthz, /readyz, /poolz, /admin/*)");
     if !proxy_addr.ip().is_loopback() && config.server.api_keys.is_empty() {
         tracing::warn!(
             %proxy_addr,
@@ -99,12 +100,15 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
     });
     let (reloads, reloader) =
         crate::reload::spawn_reloader(Arc::clone(&generations), shutdown.clone());
+    let (admin_stop, admin_stopped) = crate::shutdown::shutdown_pair();
     let admin = tokio::spawn(crate::admin::serve(
         listeners.admin,
         Arc::clone(&generations),
         reloads,
         shutdown.clone(),
+        admin_stopped,
     ));
+    let drain = spawn_drain(shutdown.clone(), config.server.drain_delay);
     crate::proxy::serve(
         listeners.proxy,
         Arc::clone(&generations),
@@ -131,7 +135,27 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
     if let Some(sync) = cluster_sync {
         sync.abort();
     }
+    drain.abort();
+    admin_stop.trigger();
     let _ = admin.await;
     generations.save_state().await;
     tracing::info!("stopped");
+}
+
+/// Ends a drain: once one starts, `/readyz` already fails (the admin
+/// listener reads it from `shutdown`); after `delay` the listeners stop
+/// accepting, unless a stop came sooner.
+fn spawn_drain(mut shutdown: Shutdown, delay: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        shutdown.draining().await;
+        tracing::info!(
+            drain_delay = ?delay,
+            "draining: /readyz answers 503; still accepting until the drain delay is over"
+        );
+        let mut stopped = shutdown.clone();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => shutdown.stop(),
+            () = stopped.wait() => {}
+        }
+    })
 }

@@ -6,6 +6,7 @@ word, so the two cannot drift (CI runs this with --check).
   python3 deploy/kubernetes/prometheusrule.py                 # rewrite it
   python3 deploy/kubernetes/prometheusrule.py --check         # exit 1 if stale
   python3 deploy/kubernetes/prometheusrule.py --runbook-base URL > my-rule.yaml
+  python3 deploy/kubernetes/prometheusrule.py --release-label NAME > my-rule.yaml
 
 Each rule's runbook_url is a path in this repository (docs/operations.md#…);
 --runbook-base puts where your copy of the repository is served in front of
@@ -32,11 +33,15 @@ metadata:
   namespace: tokenpool
   labels:
     app.kubernetes.io/name: tokenpool
+    # What a Prometheus of kube-prometheus-stack selects rules by (its
+    # ruleSelector: the Helm release's name). Yours may differ:
+    # --release-label NAME writes another value.
+    release: kube-prometheus-stack
 spec:
 """
 
 
-def render(runbook_base):
+def render(runbook_base, release="kube-prometheus-stack"):
     with open(RULES, encoding="utf-8") as f:
         lines = f.read().splitlines()
     # The rule file's own comment header is not carried over.
@@ -47,16 +52,18 @@ def render(runbook_base):
         if runbook_base:
             line = line.replace('runbook_url: "docs/', f'runbook_url: "{runbook_base}docs/')
         body.append(("  " + line) if line.strip() else "")
-    return HEADER + "\n".join(body) + "\n"
+    header = HEADER.replace("release: kube-prometheus-stack", f"release: {release}")
+    return header + "\n".join(body) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if prometheusrule.yaml is stale")
     parser.add_argument("--runbook-base", default="", help="URL prefix for runbook paths; prints to stdout")
+    parser.add_argument("--release-label", default="", help="the value of the release label your Prometheus selects rules by; prints to stdout")
     args = parser.parse_args()
-    if args.runbook_base:
-        sys.stdout.write(render(args.runbook_base))
+    if args.runbook_base or args.release_label:
+        sys.stdout.write(render(args.runbook_base, args.release_label or "kube-prometheus-stack"))
         return 0
     text = render("")
     if args.check:

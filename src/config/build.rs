@@ -291,6 +291,7 @@ impl Builder<'_> {
             max_request_body_bytes: *max_body.get_ref(),
             allow_unauthenticated: raw.server.allow_unauthenticated,
             shutdown_grace: self.duration(&raw.server.shutdown_grace, "[server] shutdown_grace")?,
+            drain_delay: self.duration(&raw.server.drain_delay, "[server] drain_delay")?,
             header_read_timeout: self.positive(
                 &raw.server.header_read_timeout,
                 "[server] header_read_timeout",

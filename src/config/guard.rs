@@ -44,16 +44,63 @@ pub(super) fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// Whether a secret's value looks like a shipped example's placeholder
+/// rather than a real credential: `replace-with-…`, `changeme`,
+/// `YOUR_…`, `example`. A real key, token or password never reads so.
+pub(super) fn looks_like_placeholder(value: &str) -> bool {
+    let v = value.trim().to_ascii_lowercase();
+    const MARKS: [&str; 9] = [
+        "replace-with",
+        "replace_with",
+        "replace-me",
+        "replaceme",
+        "changeme",
+        "change-me",
+        "placeholder",
+        "your_",
+        "your-",
+    ];
+    MARKS.iter().any(|m| v.contains(m))
+        || v.starts_with("replace-")
+        || v == "example"
+        || v.starts_with("example-")
+        || v.starts_with("example_")
+}
+
 impl Config {
     /// Things that are valid but probably wrong, one sentence each, for
-    /// `tokenpool check` (as `warning:` lines) and the log at start and
-    /// on reload. Never a secret.
+    /// `tokenpool check` (as `warning:` lines) and the log at start. Never
+    /// a secret.
     pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.reload_warnings();
+        if let Some(path) = self.state.path.as_deref().filter(|p| p.is_relative()) {
+            out.push(format!(
+                "[state] path = {} is relative: it is resolved against the working directory, \
+                 not the config's folder",
+                path.display()
+            ));
+        }
+        if self.cluster.is_some() && self.state.path.is_none() {
+            out.push(
+                "[cluster] is set without [state] path: a replica that restarts while Redis is \
+                 away or emptied knows only the configured refresh tokens; with a provider that \
+                 rotates them it cannot refresh those tokens alone (and a superseded one would \
+                 cost the account): set [state] path on a volume that outlives the process"
+                    .to_string(),
+            );
+        }
+        out
+    }
+
+    /// The warnings worth repeating when this file is reloaded: those about
+    /// settings a reload can change ([`Config::warnings`] adds the ones
+    /// about settings fixed at start, said once per process).
+    pub fn reload_warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !self.admin.listen.ip().is_loopback() && self.admin.token.is_none() {
             out.push(format!(
                 "[admin] listen = {} is not a loopback address and [admin] token is not set: \
-                 /metrics, /healthz and /readyz are open to anyone who can connect \
+                 /metrics, /healthz, /readyz and /poolz are open to anyone who can connect \
                  (/admin/* still answers loopback clients only)",
                 self.admin.listen
             ));
@@ -92,13 +139,6 @@ impl Config {
                 ));
             }
         }
-        if let Some(path) = self.state.path.as_deref().filter(|p| p.is_relative()) {
-            out.push(format!(
-                "[state] path = {} is relative: it is resolved against the working directory, \
-                 not the config's folder",
-                path.display()
-            ));
-        }
         if self
             .refresh
             .url
@@ -109,9 +149,59 @@ impl Config {
                 "[refresh] url still has the example's placeholder {EXAMPLE_KEY_PLACEHOLDER}: \
                  put Warp's Firebase web API key after key="
             ));
+        } else if let Some(key) = self.refresh.url.as_deref().and_then(url_key) {
+            if looks_like_placeholder(key) {
+                out.push(placeholder_warning("[refresh] key"));
+            }
+        }
+        for (place, value) in self.secrets() {
+            if looks_like_placeholder(value) {
+                out.push(placeholder_warning(&place));
+            }
         }
         out
     }
+
+    /// Every secret of the file with where it is set (never its value in
+    /// the place), for the placeholder check.
+    fn secrets(&self) -> Vec<(String, &str)> {
+        let mut out = Vec::new();
+        for key in &self.server.api_keys {
+            out.push((
+                format!("[server] api_keys {:?}", &*key.name),
+                key.secret.expose(),
+            ));
+        }
+        if let Some(token) = &self.admin.token {
+            out.push(("[admin] token".to_string(), token.expose()));
+        }
+        if let Some(secret) = &self.refresh.client_secret {
+            out.push(("[refresh] client_secret".to_string(), secret.expose()));
+        }
+        if let Some(cluster) = &self.cluster {
+            out.push(("[cluster] redis".to_string(), cluster.redis.expose()));
+            if let Some(key) = &cluster.encryption_key {
+                out.push(("[cluster] encryption_key".to_string(), key.expose()));
+            }
+        }
+        for token in &self.tokens {
+            out.push((format!("token {:?}", token.name), token.secret.expose()));
+        }
+        out
+    }
+}
+
+/// The value of the `key=` query parameter of a refresh URL.
+fn url_key(url: &str) -> Option<&str> {
+    let query = url.split_once('?')?.1;
+    query.split('&').find_map(|pair| pair.strip_prefix("key="))
+}
+
+fn placeholder_warning(place: &str) -> String {
+    format!(
+        "{place} looks like an example's placeholder, not a real secret: put the real \
+         value in its file, variable or Secret"
+    )
 }
 
 /// Checks `next` as a replacement for `running`, whose listeners are bound
@@ -310,6 +400,60 @@ mod tests {
         assert!(parse("[refresh]\nprovider = \"static\"\nmargin = \"2h\"\n")
             .warnings()
             .is_empty());
+    }
+
+    #[test]
+    fn placeholder_secrets_are_named_never_shown() {
+        let text = "[server]\napi_keys = [{ name = \"team-a\", key = \"replace-with-a-client-key\" }, \"k-9f3a77c1d0\"]\n\
+                    [admin]\ntoken = \"changeme\"\n\
+                    [refresh]\nkey = \"YOUR_WEB_API_KEY\"\n\
+                    [cluster]\nredis = \"redis://:replace-with-a-redis-password@r:6379/0\"\nnode = \"n\"\n\
+                    encryption_key = \"example-cluster-key-0000\"\n\
+                    [state]\npath = \"/var/lib/tokenpool/s.json\"\n\
+                    [[tokens]]\nname = \"alice\"\ntier = \"personal\"\ntoken = \"replace-with-alices-refresh-token\"\n\
+                    [[tokens]]\nname = \"bob\"\ntier = \"personal\"\ntoken = \"AMf-vBx7example-looking-but-real\"\n";
+        let w = parse(text).warnings();
+        let placeholders: Vec<&String> = w.iter().filter(|w| w.contains("placeholder")).collect();
+        let places: Vec<&str> = placeholders
+            .iter()
+            .map(|w| w.split(" looks like").next().unwrap())
+            .collect();
+        assert_eq!(
+            places,
+            [
+                "[refresh] key",
+                "[server] api_keys \"team-a\"",
+                "[admin] token",
+                "[cluster] redis",
+                "[cluster] encryption_key",
+                "token \"alice\""
+            ],
+            "{w:?}"
+        );
+        for warning in &w {
+            for secret in ["replace-with", "changeme", "YOUR_WEB", "AMf-"] {
+                assert!(!warning.contains(secret), "{warning}");
+            }
+        }
+        for real in [
+            "k-9f3a77c1d0",
+            "AMf-vBx7example-looking-but-real",
+            "s3cr3t-Example",
+        ] {
+            assert!(!looks_like_placeholder(real), "{real}");
+        }
+    }
+
+    #[test]
+    fn relative_state_paths_are_said_once_and_cluster_without_state_is_warned() {
+        let c = parse("[refresh]\nkey = \"k\"\n[state]\npath = \"s.json\"\n");
+        assert!(c.warnings().iter().any(|w| w.contains("is relative")));
+        assert!(c.reload_warnings().is_empty(), "{:?}", c.reload_warnings());
+        let c = parse("[refresh]\nkey = \"k\"\n[cluster]\nredis = \"redis://r:6379\"\nnode = \"n\"\nencryption_key = \"k-4a0c-9d1e-77b2-c3\"\n");
+        assert!(c
+            .warnings()
+            .iter()
+            .any(|w| w.starts_with("[cluster] is set without [state] path")));
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub(super) struct RawServer {
     pub max_request_body_bytes: Spanned<usize>,
     pub allow_unauthenticated: bool,
     pub shutdown_grace: Spanned<String>,
+    pub drain_delay: Spanned<String>,
     pub header_read_timeout: Spanned<String>,
     pub body_read_timeout: Spanned<String>,
 }
@@ -66,6 +67,7 @@ impl Default for RawServer {
             max_request_body_bytes: unplaced(10 * 1024 * 1024),
             allow_unauthenticated: false,
             shutdown_grace: unplaced("30s".into()),
+            drain_delay: unplaced("5s".into()),
             header_read_timeout: unplaced("10s".into()),
             body_read_timeout: unplaced("60s".into()),
         }

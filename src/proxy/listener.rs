@@ -56,6 +56,10 @@ const LINGER_BYTES: usize = 256 * 1024;
 /// What the connections of one listener share.
 struct Server {
     generations: Arc<Generations>,
+    /// Tells whether the instance drains: answers then end their HTTP/1
+    /// connection, so keep-alive clients reconnect (to another replica,
+    /// once the load balancer saw `/readyz` fail) before the stop.
+    shutdown: Shutdown,
     header_read_timeout: Duration,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
@@ -98,7 +102,8 @@ impl Activity {
     }
 }
 
-/// Accepts connections on `listener` until `shutdown`, then lets open
+/// Accepts connections on `listener` until `shutdown` stops it (through a
+/// drain too: HTTP/1 answers then close their connection), then lets open
 /// requests (streams included) finish for up to `grace`.
 pub async fn serve(
     listener: TcpListener,
@@ -120,6 +125,7 @@ pub async fn serve(
         .keep_alive_timeout(H2_KEEP_ALIVE);
     let server = Arc::new(Server {
         generations,
+        shutdown: shutdown.clone(),
         header_read_timeout,
         h1,
         h2,
@@ -228,7 +234,10 @@ impl Server {
                 let server = Arc::clone(&server);
                 let state = Arc::clone(&state);
                 async move {
-                    Ok::<_, Infallible>(super::respond(&server.generations, req, &state).await)
+                    let draining = server.shutdown.is_draining();
+                    Ok::<_, Infallible>(
+                        super::respond(&server.generations, req, &state, draining).await,
+                    )
                 }
             })
         };
@@ -265,7 +274,10 @@ impl Server {
                 let server = Arc::clone(&server);
                 let state = Arc::clone(&state);
                 async move {
-                    Ok::<_, Infallible>(super::respond(&server.generations, req, &state).await)
+                    // HTTP/2 says goodbye with GOAWAY at the stop instead.
+                    Ok::<_, Infallible>(
+                        super::respond(&server.generations, req, &state, false).await,
+                    )
                 }
             })
         };

@@ -8,38 +8,54 @@ use tokenpool::pool::{Reason, TokenState};
 use crate::harness::{metric, rt, Setup, CLIENT_KEY};
 
 #[tokio::test]
-async fn health_and_readiness() {
+async fn health_readiness_and_the_pool_probe() {
     let s = Setup::new(&[("a", "personal")], "", "").await;
     let p = s.proxy().await;
     let get = |path: &str| p.client.get(p.admin_url(path)).send();
-    assert_eq!(get("/healthz").await.unwrap().status(), 200);
-    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    for path in ["/healthz", "/livez", "/readyz", "/poolz"] {
+        assert_eq!(get(path).await.unwrap().status(), 200, "{path}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&p.admin_text("/poolz").await).unwrap();
+    assert_eq!(v["usable"], true);
     p.generations
         .current()
         .pool
         .get("a")
         .unwrap()
         .disable_manually();
-    let r = get("/readyz").await.unwrap();
+    let r = get("/poolz").await.unwrap();
     assert_eq!(r.status(), 503);
     let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
     assert_eq!(v["reason"], "no token is usable");
     assert_eq!(v["tokens"]["disabled"], 1);
-    // The probe for a load balancer stays 200: this replica still answers
-    // (503 with Retry-After) rather than refusing connections.
-    let r = get("/livez").await.unwrap();
+    // Readiness stays 200: this replica still answers (503 with
+    // Retry-After) rather than refusing connections.
+    let r = get("/readyz").await.unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
-    assert_eq!(v["serving"], true);
+    assert_eq!(v["ready"], true);
+    assert_eq!(v["generation"], 1);
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
 
     let s = Setup::new(&[], "", "").await;
     let p = s.proxy().await;
-    let r = p.client.get(p.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(get_status(&p, "/readyz").await, 200);
+    let r = p.client.get(p.admin_url("/poolz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.text().await.unwrap().contains("no tokens are configured"));
     let (status, headers, _) = p.ai_text().await;
     assert_eq!(status, 503);
     assert_eq!(headers["x-tokenpool-error"], "no_token_available");
+}
+
+async fn get_status(p: &crate::harness::Proxy, path: &str) -> u16 {
+    p.client
+        .get(p.admin_url(path))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 #[tokio::test]

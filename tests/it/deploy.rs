@@ -148,6 +148,19 @@ async fn the_container_layout_works_for_a_non_root_user() {
         stderr.contains("cannot write the state file missing/tokenpool-state.json ([state] path)"),
         "{stderr}"
     );
+    // And `check` says so before `serve` would.
+    let out = run_to_end(
+        tokio::process::Command::new(bin)
+            .args(["check", "-c", config.to_str().unwrap()])
+            .current_dir(root.path()),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot write the state file missing/tokenpool-state.json ([state] path)"),
+        "{stderr}"
+    );
 }
 
 /// The effective uid, read from /proc (no `unsafe` for `geteuid`).
@@ -223,6 +236,88 @@ fn the_files_operators_rely_on_say_what_they_should() {
         let text = std::fs::read_to_string(repo(file)).unwrap();
         assert!(
             !text.contains("../shared") && !text.contains("DESIGN §"),
+            "{file}"
+        );
+    }
+}
+
+/// The image builds with the toolchain the crate asks for; the directory
+/// operators apply holds no Secret to overwrite theirs, and its probes are
+/// the right way round.
+#[test]
+fn the_image_and_the_applied_manifests_agree_with_the_crate() {
+    let manifest = std::fs::read_to_string(repo("Cargo.toml")).unwrap();
+    let rust_version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .expect("Cargo.toml has a rust-version")
+        .trim_matches('"');
+    let dockerfile = std::fs::read_to_string(repo("deploy/Dockerfile")).unwrap();
+    let image = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG RUST_VERSION="))
+        .expect("the Dockerfile names its toolchain in ARG RUST_VERSION");
+    assert_eq!(
+        image, rust_version,
+        "the Dockerfile's toolchain is the crate's rust-version"
+    );
+    assert!(
+        dockerfile.contains("FROM rust:${RUST_VERSION}-"),
+        "{dockerfile}"
+    );
+
+    let mut applied = 0;
+    for entry in std::fs::read_dir(repo("deploy/kubernetes"))
+        .unwrap()
+        .flatten()
+    {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        applied += 1;
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.lines().any(|l| l.trim() == "kind: Secret"),
+            "{} is applied with the directory and would overwrite the operator's Secret",
+            path.display()
+        );
+        assert!(
+            !text.contains("replace-with"),
+            "{} holds a placeholder",
+            path.display()
+        );
+    }
+    assert!(applied >= 8, "{applied}");
+    let example = std::fs::read_to_string(repo("deploy/kubernetes/examples/secret.yaml")).unwrap();
+    assert!(example.contains("kind: Secret"));
+
+    let statefulset = std::fs::read_to_string(repo("deploy/kubernetes/statefulset.yaml")).unwrap();
+    let probe_path = |probe: &str| {
+        let at = statefulset
+            .find(probe)
+            .unwrap_or_else(|| panic!("no {probe}"));
+        statefulset[at..]
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("path: "))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(probe_path("livenessProbe:"), "/healthz");
+    assert_eq!(probe_path("readinessProbe:"), "/readyz");
+    assert!(
+        !statefulset.contains("emptyDir"),
+        "state on a volume that follows the pod"
+    );
+    let redis = std::fs::read_to_string(repo("deploy/kubernetes/redis.yaml")).unwrap();
+    assert!(
+        !redis.contains("--requirepass") && !redis.contains("REDIS_PASSWORD"),
+        "no password on Redis's command line"
+    );
+    for file in ["servicemonitor.yaml", "prometheusrule.yaml"] {
+        let text = std::fs::read_to_string(repo(&format!("deploy/kubernetes/{file}"))).unwrap();
+        assert!(
+            text.contains("    release: kube-prometheus-stack"),
             "{file}"
         );
     }

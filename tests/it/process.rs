@@ -155,7 +155,8 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
         .replace(
             "[admin]\nlisten = \"127.0.0.1:0\"",
             &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{admin_token}\""),
-        ),
+        )
+        .replace("[server]\n", "[server]\ndrain_delay = \"500ms\"\n"),
     );
     s.sim.set_ai("quota", AiBehaviour::Quota);
     s.sim.set_ai("unauth", AiBehaviour::Unauthorized);
@@ -236,12 +237,12 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     .await;
     take(r, &mut seen_by_client).await;
     s.sim.set_refresh_mode(RefreshMode::Normal);
-    for path in ["/admin/pool", "/metrics", "/readyz"] {
+    for path in ["/admin/pool", "/metrics", "/readyz", "/poolz"] {
         let r = send(client.get(format!("http://{admin}{path}")), admin_token).await;
-        // /readyz may be 503 here: every token is failing or resting.
+        // /poolz may be 503 here: every token is failing or resting.
         let status = take(r, &mut seen_by_client).await;
         assert!(
-            status == 200 || (path == "/readyz" && status == 503),
+            status == 200 || (path == "/poolz" && status == 503),
             "{path}: {status}"
         );
     }
@@ -331,6 +332,122 @@ async fn sigterm_lets_a_stream_finish_and_nothing_secret_is_ever_printed() {
     // The state file holds the rotated token (that is its job), mode 0600.
     let state = std::fs::read_to_string(s.dir.path().join("state.json")).unwrap();
     assert!(state.contains(&s.sim.refresh_token("good").unwrap()));
+}
+
+/// One SIGTERM under a steady client loop: `/readyz` fails at once, the
+/// proxy keeps serving (new connections too) for `drain_delay`, answers
+/// close their keep-alive connections, then it stops accepting and exits.
+/// The client loop stops 1.5 s after the signal, as a load balancer that
+/// saw `/readyz` fail would: not one request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_before_it_stops_accepting() {
+    let s = Setup::new(&[("a", "personal")], "", "").await;
+    s.write_server_line(&[("a", "personal")], "drain_delay = \"2s\"");
+    let mut run = Running::spawn(&s.path);
+    let proxy = run.addr("proxy listening", "proxy_addr").await;
+    let admin = run.addr("admin listening", "admin_addr").await;
+    let client = reqwest::Client::new();
+    let readyz = |client: &reqwest::Client| {
+        let request = client.get(format!("http://{admin}/readyz")).send();
+        async move { request.await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(readyz(&client).await.unwrap(), 200);
+
+    // The steady loop: a request (a whole streamed answer) every 20 ms on
+    // a keep-alive client,
+    // until told to stop.
+    let started = std::time::Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let (stop, proxy) = (Arc::clone(&stop), proxy.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut log = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = client
+                    .post(format!("http://{proxy}/ai/multi-agent"))
+                    .bearer_auth(CLIENT_KEY)
+                    .body("x")
+                    .send()
+                    .await;
+                let outcome = match answer {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        match r.bytes().await {
+                            Ok(_) => Ok(status),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                log.push((started.elapsed(), outcome));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            log
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let signalled = started.elapsed();
+    sigterm(&run.child);
+    run.wait_for("draining: /readyz answers 503").await;
+    assert_eq!(
+        readyz(&client).await.unwrap(),
+        503,
+        "/readyz from the first moment"
+    );
+    let ready_failed = started.elapsed();
+
+    // One second in: a new connection is still served, and told to close.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fresh = reqwest::Client::new();
+    let r = send(
+        fresh
+            .post(format!("http://{proxy}/ai/multi-agent"))
+            .body("x"),
+        CLIENT_KEY,
+    )
+    .await;
+    assert_eq!(r.status(), 200, "a request 1 s after SIGTERM is served");
+    assert_eq!(r.headers()["connection"], "close");
+    let late = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let log = looping.await.unwrap();
+
+    run.wait_for("proxy stopped accepting").await;
+    let stopped = started.elapsed();
+    assert!(
+        tokio::net::TcpStream::connect(&proxy).await.is_err(),
+        "no new connections after the drain"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), run.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let exited = started.elapsed();
+
+    let failed: Vec<_> = log.iter().filter(|(_, o)| o != &Ok(200)).collect();
+    let during = log.iter().filter(|(t, _)| *t > signalled).count();
+    eprintln!(
+        "drain timeline: SIGTERM at {signalled:?}; /readyz 503 seen at {ready_failed:?}; \
+         fresh connection served at {late:?}; stopped accepting at {stopped:?}; exited at {exited:?}; \
+         client loop: {} requests ({during} after SIGTERM), {} failed",
+        log.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during the drain: {failed:?}"
+    );
+    assert!(
+        during >= 5,
+        "the loop kept sending through the drain: {during}"
+    );
+    assert!(
+        stopped >= signalled + Duration::from_secs(2),
+        "accepting for drain_delay"
+    );
 }
 
 /// The metrics text of the admin listener at `admin`.
