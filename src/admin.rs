@@ -211,6 +211,15 @@ impl Admin {
                 &json!({"ready": false, "reason": "draining: the instance is shutting down", "generation": generation}),
             );
         }
+        if let Some(fault) = self.generations.cluster().and_then(|c| c.fault()) {
+            // A replica that cannot tell whether its refresh tokens are
+            // current refreshes nothing: out of the load balancer until
+            // its configuration is fixed.
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"ready": false, "reason": format!("cluster configuration error: {fault}"), "generation": generation}),
+            );
+        }
         json_response(
             StatusCode::OK,
             &json!({"ready": true, "generation": generation}),

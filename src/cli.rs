@@ -79,13 +79,25 @@ pub enum Command {
         /// twice to see two replicas share one pool.
         #[arg(long)]
         redis: Option<String>,
+        /// Use the simulated upstream another demo started (the address it
+        /// printed) instead of starting one: with --redis, two replicas in
+        /// front of one simulated provider.
+        #[arg(long, requires = "redis")]
+        upstream: Option<String>,
     },
 }
 
 /// Sets up `tracing` on stderr, level from `RUST_LOG` (default `info`).
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The file watcher's own debug and trace lines describe every event in
+    // the watched folders: with the log written into the config's folder,
+    // each line would be an event that writes another line. They are
+    // shown only when RUST_LOG names the watcher itself.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("notify")) {
+        filter = filter.add_directive("notify=info".parse().expect("a valid directive"));
+    }
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -181,8 +193,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(status(&admin, token.as_deref(), output))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { redis } => {
-            runtime()?.block_on(demo(redis))?;
+        Command::Demo { redis, upstream } => {
+            runtime()?.block_on(demo(redis, upstream))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -222,9 +234,67 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The demo: a simulated Warp upstream and a proxy in front of it.
-async fn demo(redis: Option<String>) -> anyhow::Result<()> {
-    let sim = Sim::start().await?;
+/// The demo: a simulated Warp upstream and a proxy in front of it; with
+/// `upstream`, another demo's simulated upstream.
+async fn demo(redis: Option<String>, upstream: Option<String>) -> anyhow::Result<()> {
+    let own = match &upstream {
+        Some(_) => None,
+        None => Some(Sim::start().await?),
+    };
+    let (url, refresh) = match (&own, upstream) {
+        (Some(sim), _) => (sim.url(), sim.refresh_url()),
+        (None, Some(url)) => {
+            let url = url.trim_end_matches('/').to_string();
+            let refresh = crate::sim::refresh_url_of(&url);
+            (url, refresh)
+        }
+        (None, None) => unreachable!("a demo starts a simulator unless given one"),
+    };
+    if let Some(sim) = &own {
+        demo_accounts(sim, redis.is_some());
+    }
+    let text = demo_config(&url, &refresh, redis.as_deref());
+    let config = Config::parse(&text, None, &|_| None)?;
+    let listeners = Listeners::bind(&config).await?;
+    let (proxy, admin) = listeners.addrs()?;
+    let generations = Generations::new(config, Arc::new(|_: &str| None))?;
+    let cluster_note = match (&redis, &own) {
+        (Some(_), Some(_)) => format!(
+            "In cluster mode: it shares its pool through Redis (key prefix tokenpool-demo).\n\
+             dave's provider rotates his refresh token on every refresh and revokes the\n\
+             account if an older one comes back. A second replica in front of the same\n\
+             simulated provider:\n  \
+             cargo run --release -- demo --redis <the same URL> --upstream {url}\n"
+        ),
+        (Some(_), None) => {
+            "In cluster mode: a second replica, sharing the pool and the provider.\n".to_string()
+        }
+        (None, _) => String::new(),
+    };
+    println!(
+        r#"
+tokenpool demo — a simulated Warp upstream at {url} and a proxy in front of it.
+Tokens: alice (personal, healthy), bob (personal, out of quota), carol (shared,
+revoked refresh token), dave (anonymous, healthy).
+{cluster_note}
+Try:
+  curl -N -X POST http://{proxy}/ai/multi-agent -H 'content-type: application/x-protobuf' -H 'accept: text/event-stream' --data-binary 'hello'
+  curl -s http://{admin}/admin/pool
+  curl -s http://{admin}/metrics | grep ^tokenpool_
+  cargo run --release -- status --admin http://{admin}
+
+Ctrl-C stops it.
+"#
+    );
+    let (trigger, shutdown) = shutdown_pair();
+    spawn_signal_handler(trigger);
+    crate::run::run(generations, listeners, shutdown).await;
+    drop(own);
+    Ok(())
+}
+
+/// The demo's simulated accounts; `cluster`: replicas may share them.
+fn demo_accounts(sim: &Sim, cluster: bool) {
     for (id, rt) in [
         ("alice", "demo-rt-alice"),
         ("bob", "demo-rt-bob"),
@@ -240,7 +310,24 @@ async fn demo(redis: Option<String>) -> anyhow::Result<()> {
     sim.set_quota("alice", 150, 12, refill);
     sim.set_quota("bob", 150, 150, refill);
     sim.set_refresh("carol", RefreshBehaviour::Revoked);
-    let text = format!(
+    if cluster {
+        // A provider that rotates dave's refresh token on every refresh and
+        // revokes the account if an older one comes back: replicas in front
+        // of it never present a superseded one.
+        sim.set_refresh("dave", RefreshBehaviour::RotateStrict);
+    }
+}
+
+/// The demo's configuration text.
+fn demo_config(url: &str, refresh: &str, redis: Option<&str>) -> String {
+    let cluster = match redis {
+        Some(redis) => format!(
+            "[cluster]\nredis = {redis:?}\nkey_prefix = \"tokenpool-demo\"\nnode = \"demo-{}\"\n",
+            std::process::id()
+        ),
+        None => String::new(),
+    };
+    format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
@@ -275,48 +362,8 @@ token = "demo-rt-carol"
 name = "dave"
 tier = "anonymous"
 token = "demo-rt-dave"
-"#,
-        url = sim.url(),
-        refresh = sim.refresh_url(),
-        cluster = match &redis {
-            Some(url) => format!(
-                "[cluster]\nredis = {url:?}\nkey_prefix = \"tokenpool-demo\"\nnode = \"demo-{}\"\n",
-                std::process::id()
-            ),
-            None => String::new(),
-        },
-    );
-    let config = Config::parse(&text, None, &|_| None)?;
-    let listeners = Listeners::bind(&config).await?;
-    let (proxy, admin) = listeners.addrs()?;
-    let generations = Generations::new(config, Arc::new(|_: &str| None))?;
-    println!(
-        r#"
-tokenpool demo — a simulated Warp upstream at {upstream} and a proxy in front of it.
-Tokens: alice (personal, healthy), bob (personal, out of quota), carol (shared,
-revoked refresh token), dave (anonymous, healthy).
-{cluster_note}
-Try:
-  curl -N -X POST http://{proxy}/ai/multi-agent -H 'content-type: application/x-protobuf' -H 'accept: text/event-stream' --data-binary 'hello'
-  curl -s http://{admin}/admin/pool
-  curl -s http://{admin}/metrics | grep ^tokenpool_
-  cargo run --release -- status --admin http://{admin}
-
-Ctrl-C stops it.
-"#,
-        upstream = sim.url(),
-        cluster_note = if redis.is_some() {
-            "In cluster mode: it shares its pool through Redis (key prefix tokenpool-demo);\n\
-             start a second demo with the same --redis to see two replicas share one pool.\n"
-        } else {
-            ""
-        },
-    );
-    let (trigger, shutdown) = shutdown_pair();
-    spawn_signal_handler(trigger);
-    crate::run::run(generations, listeners, shutdown).await;
-    drop(sim);
-    Ok(())
+"#
+    )
 }
 
 /// `tokenpool status`: the pool of a running instance.
@@ -435,10 +482,12 @@ pub fn status_table(doc: &serde_json::Value, now: SystemTime) -> String {
         Some(c) => format!(
             "  cluster {} {}",
             c.get("node").and_then(|n| n.as_str()).unwrap_or("-"),
-            if c.get("connected").and_then(|v| v.as_bool()) == Some(true) {
-                "connected"
-            } else {
-                "DISCONNECTED (serving on local state)"
+            match c.get("config_error").and_then(|v| v.as_str()) {
+                Some(error) => format!("CONFIGURATION ERROR, refreshing nothing: {error}"),
+                None if c.get("connected").and_then(|v| v.as_bool()) == Some(true) => {
+                    "connected".to_string()
+                }
+                None => "DISCONNECTED (serving on local state)".to_string(),
             }
         ),
         None => String::new(),

@@ -9,7 +9,18 @@
 //! The request path never waits on Redis, except a request that needs a
 //! refresh: [`Cluster::coordinate`] then takes another replica's fresh
 //! access token, or the token's lease (one refresh across the cluster), or
-//! waits for the replica that holds it. Everything else moves in the
+//! waits for the replica that holds it.
+//!
+//! **A refresh token is presented only when this replica can show it is
+//! current**: under the token's lease, in Redis data it read (its epoch,
+//! not behind the version it read, not fenced after a loss), with the
+//! token's record not ahead of it. When it cannot coordinate (Redis away,
+//! frozen or slow, fenced, or a configuration error), it refreshes alone
+//! only what `[cluster] refresh_alone` allows: by default a token whose
+//! refresh token never rotated (as far as the cluster last told it or its
+//! state file says), and never one whose history it does not know (no
+//! state file, record never read). Anything else keeps serving on its
+//! access token and then waits (`cluster_unavailable`). Everything else moves in the
 //! background (`cluster::sync`): local changes are written as they happen, other
 //! replicas' changes arrive by pub/sub and, for what pub/sub missed, by a
 //! check every `sync_interval`. Redis away or slow: every replica serves
@@ -22,8 +33,9 @@ pub mod seal;
 mod store;
 mod sync;
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
@@ -32,12 +44,12 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::config::{ClusterConfig, Secret};
-use crate::metrics::{ClusterMetrics, Metrics};
+use crate::config::{ClusterConfig, RefreshAlone, Secret};
+use crate::metrics::{refusal, ClusterMetrics, Metrics};
 use crate::pool::token::{short_fingerprint, unix_ms};
 use crate::pool::{AccessToken, Pool, SharedState, Stamp, Token, TokenState};
 use seal::{SealError, Sealer};
-use store::{GrantWrite, Record, StateWrite, Store};
+use store::{GrantWrite, LeaseAnswer, LeaseAsk, Record, StateWrite, Store};
 
 /// Longest wait for one Redis answer; past it the replica goes on alone.
 const ANSWER_TIMEOUT: Duration = Duration::from_millis(500);
@@ -62,6 +74,9 @@ pub struct ClusterStatus {
     pub node: String,
     /// Whether it shares the pool now (false: serving on local state).
     pub connected: bool,
+    /// A configuration error the cluster showed (another encryption_key,
+    /// none, another pool holding the same tokens): nothing is refreshed.
+    pub config_error: Option<String>,
 }
 
 /// How a refresh goes in a cluster.
@@ -74,12 +89,26 @@ pub enum Coordination {
     /// This replica holds the token's lease: refresh ([`Cluster::holding`]
     /// it), then [`Cluster::finish`] and [`Cluster::release`].
     Leader(Lease),
-    /// Redis is away or slow: refresh alone.
+    /// It cannot coordinate, and `refresh_alone` allows this token: refresh
+    /// alone.
     Alone,
+    /// It cannot show the refresh token is current: no refresh (`why`: one
+    /// of [`refusal::ALL`]).
+    Refused(&'static str),
     /// While waiting, another replica took the token out of rotation.
     Out,
     /// Another replica's refresh did not end in time.
     Busy,
+}
+
+/// Where this replica's knowledge of Redis's data stands, for its lease
+/// requests: a lease is taken only in the data it read.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    /// The epoch read (`None` before the first connection).
+    epoch: Option<String>,
+    /// The version read.
+    version: u64,
 }
 
 /// A token's refresh lease, held by this replica.
@@ -103,9 +132,38 @@ pub struct Cluster {
     /// Woken when a request's exchange with Redis failed: the sync task
     /// reconnects.
     lost: Notify,
-    /// True once the first connection attempt ended, either way.
+    /// True once the first connection succeeded, or the start-up wait is
+    /// over without one.
     settled: watch::Sender<bool>,
     metrics: ClusterMetrics,
+    /// What it may refresh while it cannot coordinate.
+    refresh_alone: RefreshAlone,
+    /// The state file, where refresh tokens taken from the cluster go
+    /// before they are presented.
+    state: Option<Arc<crate::state::StateStore>>,
+    /// By token id, the highest rotation count its record in the cluster
+    /// showed; an id is here once its record was read.
+    known: Mutex<HashMap<String, u64>>,
+    /// A configuration error the cluster showed (another encryption_key,
+    /// none, another pool holding the same tokens): nothing is refreshed.
+    fault: ArcSwapOption<String>,
+    /// No lease before this (Unix ms, this replica's clock): Redis lost or
+    /// rolled back its data, and a refresh in flight elsewhere may still
+    /// present the token the lost lease covered.
+    fence_until: AtomicU64,
+    /// No lease before this: the data was new to this replica (it created
+    /// the epoch, or has no state file), and running replicas get time to
+    /// fence or re-seed first.
+    trust_from: Mutex<Option<Instant>>,
+    /// The data this replica read.
+    seen: Mutex<Seen>,
+    /// How long a refresh call may last: a fence lasts this, plus a margin.
+    refresh_timeout: Duration,
+    /// Refreshes this replica made whose result the cluster does not know
+    /// (the answer never came, or it could not be written), by token id:
+    /// the lease value and the rotation presented. Marked pending again
+    /// whenever the data lost the mark, until a newer rotation is known.
+    unsettled: Mutex<HashMap<String, (String, u64)>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -128,7 +186,14 @@ pub fn token_id(token: &Token) -> String {
 
 impl Cluster {
     /// A link for `config`; nothing is connected until [`Cluster::spawn`].
-    pub fn new(config: &ClusterConfig, metrics: &Metrics) -> anyhow::Result<Cluster> {
+    /// `state`: the state file, which keeps the tokens' history; `refresh_timeout`:
+    /// how long a refresh call may last (`[refresh] timeout`).
+    pub fn new(
+        config: &ClusterConfig,
+        metrics: &Metrics,
+        state: Option<Arc<crate::state::StateStore>>,
+        refresh_timeout: Duration,
+    ) -> anyhow::Result<Cluster> {
         let url = config.redis.expose();
         let client = match &config.ca_pem {
             Some(pem) => redis::Client::build_with_tls(
@@ -159,7 +224,173 @@ impl Cluster {
             lost: Notify::new(),
             settled: watch::Sender::new(false),
             metrics,
+            refresh_alone: config.refresh_alone,
+            state,
+            known: Mutex::new(HashMap::new()),
+            fault: ArcSwapOption::empty(),
+            fence_until: AtomicU64::new(0),
+            trust_from: Mutex::new(None),
+            seen: Mutex::new(Seen::default()),
+            refresh_timeout,
+            unsettled: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This replica's node name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// How long this pool's `alive` mark lasts unless renewed.
+    fn alive_ms(&self) -> u64 {
+        (self.sync_interval * 3)
+            .max(Duration::from_secs(3))
+            .as_millis() as u64
+    }
+
+    /// Writes the state file now (a refresh token was taken from the
+    /// cluster: it must survive a restart before anything presents it).
+    pub async fn persist(&self, pool: &Arc<Pool>) {
+        let Some(store) = &self.state else {
+            return;
+        };
+        let (store, pool) = (Arc::clone(store), Arc::clone(pool));
+        match tokio::task::spawn_blocking(move || store.save(&pool)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "a refresh token taken from the cluster is NOT persisted")
+            }
+            Err(e) => tracing::error!(error = %e, "state writer failed"),
+        }
+    }
+
+    /// The configuration error the cluster showed, if any: `/readyz` says it.
+    pub fn fault(&self) -> Option<Arc<String>> {
+        self.fault.load_full()
+    }
+
+    fn set_fault(&self, fault: Option<String>) {
+        self.metrics.config_ok.set(i64::from(fault.is_none()));
+        self.fault.store(fault.map(Arc::new));
+    }
+
+    /// How long leases wait after Redis lost or rolled back its data: a
+    /// refresh call in flight elsewhere has ended by then.
+    fn fence_window(&self) -> Duration {
+        // A refresh in flight ends within its timeout; a replica whose
+        // grant could not be written when Redis went reconnects within the
+        // longest backoff, and writes it back then.
+        self.refresh_timeout + sync::MAX_BACKOFF + Duration::from_secs(2)
+    }
+
+    /// No lease until the fence window is over, from now.
+    fn fence(&self) {
+        let until = unix_ms(SystemTime::now() + self.fence_window());
+        self.fence_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    fn fenced(&self) -> bool {
+        self.fence_until.load(Ordering::Relaxed) > unix_ms(SystemTime::now())
+    }
+
+    /// How long a replica new to the data waits before its first lease:
+    /// long enough for every running replica to reconnect (the longest
+    /// backoff, its jitter, a connection) and look twice, so that a loss
+    /// is fenced and what a restored snapshot or an empty Redis lacks is
+    /// written back before this replica trusts what it reads.
+    fn settle_window(&self) -> Duration {
+        sync::MAX_BACKOFF.mul_f64(1.2) + self.sync_interval * 2 + Duration::from_secs(2)
+    }
+
+    /// Whether the data read may still lack what running replicas hold.
+    fn settling(&self) -> bool {
+        self.trust_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|from| from > Instant::now())
+    }
+
+    /// Records what the cluster told of token `id`: its record was read,
+    /// with this rotation count. Not while settling: data new to this
+    /// replica tells nothing yet (an empty record may only mean that the
+    /// replica holding the token's rotations has not written them back).
+    fn learned(&self, id: &str, rotation: u64) {
+        if self.settling() {
+            return;
+        }
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = known.entry(id.to_string()).or_insert(0);
+        *seen = (*seen).max(rotation);
+    }
+
+    /// Records that the state file holds `token`'s history (its rotation
+    /// count as restored).
+    pub fn known_from_state(&self, token: &Token) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = known.entry(token_id(token)).or_insert(0);
+        *seen = (*seen).max(token.rotation());
+    }
+
+    /// Whether this replica may refresh `token` without the cluster; the
+    /// refusal's why when not.
+    fn may_refresh_alone(&self, token: &Token, why: &'static str) -> Result<(), &'static str> {
+        if self.fault.load().is_some() {
+            return Err(refusal::MISCONFIGURED);
+        }
+        if self.refresh_alone == RefreshAlone::Never {
+            return Err(why);
+        }
+        let cluster_rotation = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&token_id(token))
+            .copied();
+        // History is per token: its record in the state file, or read from
+        // the cluster. A configured state file that never saw the token
+        // (a new volume) is no history.
+        if cluster_rotation.is_none() {
+            return Err(refusal::NO_HISTORY);
+        }
+        if token.rotation() > 0 || cluster_rotation.unwrap_or(0) > 0 {
+            return Err(refusal::ROTATED);
+        }
+        Ok(())
+    }
+
+    /// Marks every refresh this replica knows unsettled pending again
+    /// (after Redis lost or rolled back its data, the mark may be gone).
+    async fn reassert_unsettled(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let unsettled: Vec<(String, String)> = self
+            .unsettled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, (value, _))| (id.clone(), value.clone()))
+            .collect();
+        for (id, value) in unsettled {
+            // The mark alone: it keeps leases off that one token.
+            self.store
+                .reassert_pending(conn, &id, &value, Duration::ZERO)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// `Alone` if `token` may be refreshed alone, else `Refused`, counted.
+    fn alone_or_refused(&self, token: &Token, why: &'static str) -> Coordination {
+        match self.may_refresh_alone(token, why) {
+            Ok(()) => Coordination::Alone,
+            Err(why) => {
+                self.metrics.refused(why);
+                tracing::debug!(
+                    token = token.name(),
+                    why,
+                    "not refreshing: the refresh token cannot be shown current"
+                );
+                Coordination::Refused(why)
+            }
+        }
     }
 
     /// Whether the pool is shared now.
@@ -172,6 +403,7 @@ impl Cluster {
         ClusterStatus {
             node: self.node.clone(),
             connected: self.connected(),
+            config_error: self.fault().map(|f| f.to_string()),
         }
     }
 
@@ -257,6 +489,15 @@ impl Cluster {
         }
     }
 
+    /// Redis's data is not what this replica read (found on connection
+    /// `number`): the sync task reconnects and reads it again.
+    fn anomaly(&self, number: u64) {
+        if self.conn.load().as_ref().is_some_and(|c| c.0 == number) {
+            self.set_down();
+            self.lost.notify_waiters();
+        }
+    }
+
     /// Decides how `token`'s refresh goes: see [`Coordination`]. `held`
     /// is the access token the replica had when it decided to refresh (a
     /// different valid one, from another replica, makes the refresh
@@ -269,16 +510,20 @@ impl Cluster {
         held: Option<u64>,
         patience: Duration,
     ) -> Coordination {
+        if self.fault.load().is_some() {
+            self.metrics.refused(refusal::MISCONFIGURED);
+            return Coordination::Refused(refusal::MISCONFIGURED);
+        }
         if !self.connected() && !*self.settled.borrow() {
             // At start, the cluster's refresh token may be newer than this
             // replica's: wait a little for the first connection.
             self.settled(STARTUP_WAIT).await;
         }
+        let mut give_up = Instant::now() + patience;
         let Some((number, mut conn)) = self.conn() else {
-            return Coordination::Alone;
+            return self.alone_or_refused(token, refusal::AWAY);
         };
         let id = token_id(token);
-        let give_up = Instant::now() + patience;
         let fresh = || {
             token
                 .access()
@@ -293,16 +538,16 @@ impl Cluster {
                 Ok(record) => record,
                 Err(e) => {
                     self.lost(number, &e);
-                    return Coordination::Alone;
+                    return self.alone_or_refused(token, refusal::AWAY);
                 }
             };
             waited += asked.elapsed();
             self.metrics.exchange(true);
             match self.take(token, &id, &record) {
-                Ok(n) => self.metrics.received(n),
+                Ok((n, _)) => self.metrics.received(n),
                 Err(e) => {
-                    tracing::warn!(token = token.name(), error = %e, "refreshing alone");
-                    return Coordination::Alone;
+                    tracing::warn!(token = token.name(), error = %e, "cannot read the cluster's record of this token");
+                    return self.alone_or_refused(token, refusal::MISCONFIGURED);
                 }
             }
             if fresh() {
@@ -311,35 +556,100 @@ impl Cluster {
             if token.is_out_for_good() {
                 return Coordination::Out;
             }
+            // New to the data: running replicas fence a loss or write back
+            // what the data lacks first; then read it again.
+            let trust_from = *self.trust_from.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(from) = trust_from.filter(|from| *from > Instant::now()) {
+                tokio::time::sleep_until(from).await;
+                give_up = Instant::now() + patience;
+                continue;
+            }
+            if self.fenced() {
+                return self.alone_or_refused(token, refusal::FENCED);
+            }
             let value = format!("{} {:016x}", self.node, fastrand::u64(..));
+            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let Some(epoch) = seen.epoch.as_deref() else {
+                return self.alone_or_refused(token, refusal::AWAY);
+            };
             let asked = Instant::now();
-            match self
+            let answer = self
                 .store
-                .take_lease(&mut conn, &id, &value, LEASE_TTL_MS)
-                .await
-            {
-                Ok(true) => {
+                .take_lease(
+                    &mut conn,
+                    LeaseAsk {
+                        id: &id,
+                        value: &value,
+                        ttl_ms: LEASE_TTL_MS,
+                        epoch,
+                        version: seen.version,
+                    },
+                )
+                .await;
+            match answer {
+                Ok(LeaseAnswer::Taken) => {
                     let lease = Lease { id, value };
                     // The holder before may have written its result and let
                     // go just before: look again before calling.
-                    if let Ok(record) = self.store.record(&mut conn, &lease.id).await {
-                        if self.take(token, &lease.id, &record).is_ok() && fresh() {
-                            self.release(lease).await;
-                            return Coordination::Fresh;
+                    let record = match self.store.record(&mut conn, &lease.id).await {
+                        Ok(record) => record,
+                        Err(e) => {
+                            self.lost(number, &e);
+                            return self.alone_or_refused(token, refusal::AWAY);
                         }
+                    };
+                    if self.take(token, &lease.id, &record).is_ok() && fresh() {
+                        self.release(lease, true, 0).await;
+                        return Coordination::Fresh;
+                    }
+                    if field(&record, "rt_gen") > token.rotation() {
+                        // The cluster knows a newer refresh token this
+                        // replica could not take: presenting its own
+                        // would present a superseded one.
+                        self.release(lease, true, 0).await;
+                        self.metrics.refused(refusal::BEHIND);
+                        tracing::warn!(
+                            token = token.name(),
+                            "the cluster holds a newer refresh token than this replica can read; not refreshing"
+                        );
+                        return Coordination::Refused(refusal::BEHIND);
                     }
                     return Coordination::Leader(lease);
                 }
-                Ok(false) => {}
+                Ok(LeaseAnswer::Held) => {}
+                Ok(LeaseAnswer::Fenced) => {
+                    self.fence();
+                    return self.alone_or_refused(token, refusal::FENCED);
+                }
+                Ok(LeaseAnswer::Unsettled) => {
+                    // A refresh another replica (or this one) started ended
+                    // without its result in the cluster: the refresh token
+                    // may have rotated under it. Its holder writes the
+                    // result when it is back; until then only what never
+                    // rotates may be refreshed.
+                    return self.alone_or_refused(token, refusal::UNSETTLED);
+                }
+                Ok(LeaseAnswer::NotTheDataRead) => {
+                    // Redis lost or rolled back its data since this replica
+                    // read it: the sync task reconnects and reads it again,
+                    // and no lease is taken before the fence is over.
+                    tracing::debug!(
+                        token = token.name(),
+                        "Redis's data changed under this replica; no lease"
+                    );
+                    self.fence();
+                    self.anomaly(number);
+                    return self.alone_or_refused(token, refusal::FENCED);
+                }
                 Err(e) => {
                     self.lost(number, &e);
-                    return Coordination::Alone;
+                    return self.alone_or_refused(token, refusal::AWAY);
                 }
             }
             waited += asked.elapsed();
             if waited > ANSWER_TIMEOUT {
-                tracing::debug!(token = token.name(), "Redis is slow; refreshing alone");
-                return Coordination::Alone;
+                tracing::debug!(token = token.name(), "Redis is slow; not waiting for it");
+                return self.alone_or_refused(token, refusal::AWAY);
             }
             if Instant::now() >= give_up {
                 return Coordination::Busy;
@@ -362,7 +672,20 @@ impl Cluster {
                     if let Some((number, mut conn)) = self.conn() {
                                     match self.store.renew_lease(&mut conn, &lease.id, &lease.value, LEASE_TTL_MS).await {
                             Ok(true) => {}
-                            Ok(false) => tracing::debug!("a refresh lease expired under its holder"),
+                            Ok(false) => {
+                                // Redis lost the lease (a failover, a flush,
+                                // a snapshot restored) while the refresh
+                                // runs: another replica must not take it
+                                // and present the same refresh token.
+                                tracing::warn!("a refresh lease vanished under its holder; marking the refresh pending again and fencing leases");
+                                if let Err(e) = self
+                                    .store
+                                    .reassert_pending(&mut conn, &lease.id, &lease.value, self.fence_window())
+                                    .await
+                                {
+                                    self.lost(number, &e);
+                                }
+                            }
                             Err(e) => self.lost(number, &e),
                         }
                     }
@@ -373,21 +696,47 @@ impl Cluster {
 
     /// Shares what a refresh of `token` brought: its access token, and its
     /// refresh token if `rotated`. Without Redis, it is shared on return.
-    pub async fn finish(&self, token: &Token, rotated: bool) {
+    /// Whether it was written.
+    pub async fn finish(&self, token: &Token, rotated: bool) -> bool {
         let Some((number, mut conn)) = self.conn() else {
-            return;
+            return false;
         };
-        if let Err(e) = self.write_grant(&mut conn, token, rotated, true).await {
-            self.lost(number, &e);
+        match self.write_grant(&mut conn, token, rotated, true).await {
+            Ok(_) => {
+                // The token's refresh token and a fresh access token are
+                // the cluster's now: an earlier unsettled refresh of it is
+                // settled by this one.
+                self.unsettled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&token_id(token));
+                true
+            }
+            Err(e) => {
+                self.lost(number, &e);
+                false
+            }
         }
     }
 
-    /// Gives a lease back (it expires by itself if this fails).
-    pub async fn release(&self, lease: Lease) {
+    /// Gives a lease back (it expires by itself if this fails); `settled`:
+    /// the cluster knows the refresh's result (written, or nothing
+    /// rotated), so the token is no longer pending. Unsettled, the pending
+    /// mark stays until a replica writes a newer refresh token: nobody
+    /// presents one that may have been superseded meanwhile.
+    pub async fn release(&self, lease: Lease, settled: bool, rotation: u64) {
+        {
+            let mut unsettled = self.unsettled.lock().unwrap_or_else(|e| e.into_inner());
+            if settled {
+                unsettled.remove(&lease.id);
+            } else {
+                unsettled.insert(lease.id.clone(), (lease.value.clone(), rotation));
+            }
+        }
         if let Some((number, mut conn)) = self.conn() {
             if let Err(e) = self
                 .store
-                .release_lease(&mut conn, &lease.id, &lease.value)
+                .release_lease(&mut conn, &lease.id, &lease.value, settled)
                 .await
             {
                 self.lost(number, &e);
@@ -436,21 +785,39 @@ impl Cluster {
     }
 
     /// Takes what `record` holds that is newer than `token` has: refresh
-    /// token, state, access token. Returns how many were taken.
-    fn take(&self, token: &Token, id: &str, record: &Record) -> Result<u64, SealError> {
+    /// token, state, access token. Returns how many were taken, and
+    /// whether one was the refresh token (to be persisted before use).
+    fn take(&self, token: &Token, id: &str, record: &Record) -> Result<(u64, bool), SealError> {
         let node = record.get("node").map_or("?", String::as_str);
         let mut taken = 0;
+        let mut refresh_token = false;
+        let rotation = field(record, "rt_gen");
+        self.learned(id, rotation);
+        {
+            let mut unsettled = self.unsettled.lock().unwrap_or_else(|e| e.into_inner());
+            if unsettled
+                .get(id)
+                .is_some_and(|(_, presented)| rotation > *presented)
+            {
+                // A newer refresh token is written: what happened to the one
+                // presented no longer matters.
+                unsettled.remove(id);
+            }
+        }
         if let (Some(stored), Some(fp)) = (record.get("rt"), record.get("rt_fp")) {
-            let rotation = field(record, "rt_gen");
             if rotation > token.rotation() && *fp != token.refresh_fingerprint() {
                 let rt = self.sealer.open(id, "rt", stored)?;
+                let had = token.rotation();
                 if token.adopt_refresh_token(Secret::new(rt), rotation, false) {
                     tracing::info!(
                         token = token.name(),
                         node,
-                        "refresh token rotated by another replica"
+                        rotation,
+                        had,
+                        "took the cluster's refresh token: it has more rotations than this replica's"
                     );
                     taken += 1;
+                    refresh_token = true;
                 }
             }
         }
@@ -486,7 +853,7 @@ impl Cluster {
                 }
             }
         }
-        Ok(taken)
+        Ok((taken, refresh_token))
     }
 
     /// Writes `token`'s state, if it ever changed; whether it was taken.

@@ -101,6 +101,19 @@ pub enum Strategy {
     MostRemaining,
 }
 
+/// What a replica may refresh while it cannot coordinate with the cluster
+/// (`[cluster] refresh_alone`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshAlone {
+    /// Only tokens whose refresh token never rotated, as far as the
+    /// cluster last told it or its state file says (Warp's never do).
+    #[default]
+    Unrotated,
+    /// Nothing: a token that needs a refresh waits for the cluster.
+    Never,
+}
+
 /// Where request quotas are polled from (`[quota] provider`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -285,6 +298,8 @@ pub struct ClusterConfig {
     /// CA certificates (PEM) trusted for `rediss://` instead of the
     /// built-in web roots (`ca_file`).
     pub ca_pem: Option<Vec<u8>>,
+    /// What it may refresh while it cannot coordinate.
+    pub refresh_alone: RefreshAlone,
 }
 
 /// Where a token was configured.
@@ -544,7 +559,7 @@ impl Config {
 /// A URL as `check` shows it: its query string replaced by `?…`
 /// (Firebase refresh URLs carry an API key there) and its user
 /// information by `…@` (a password sent as Basic authentication).
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((base, _)) => (base, "?…"),
         None => (url, ""),

@@ -109,7 +109,7 @@ impl Generations {
         let cluster = config
             .cluster
             .as_ref()
-            .map(|c| Cluster::new(c, &metrics).map(Arc::new))
+            .map(|c| Cluster::new(c, &metrics, state.clone(), config.refresh.timeout).map(Arc::new))
             .transpose()?;
         let pool = Arc::new(Pool::new(
             &config.pool,
@@ -118,9 +118,18 @@ impl Generations {
             None,
         ));
         if let Some(store) = &state {
-            let n = store.restore(&pool);
-            if n > 0 {
-                tracing::info!(tokens = n, path = %store.path().display(), "restored token state");
+            let restored = store.restore_tokens(&pool);
+            if !restored.is_empty() {
+                tracing::info!(tokens = restored.len(), path = %store.path().display(), "restored token state");
+            }
+            if let Some(cluster) = &cluster {
+                // What the state file says of these tokens is history the
+                // cluster's rule may go by while Redis is away.
+                for name in &restored {
+                    if let Some(token) = pool.get(name) {
+                        cluster.known_from_state(token);
+                    }
+                }
             }
         }
         let refresher = Arc::new(Refresher::new(
@@ -250,15 +259,9 @@ impl Generations {
                 "config reload refused; the running configuration stays"
             );
         })?;
-        for what in &needs_restart {
-            tracing::warn!(setting = %what, "this setting cannot change while running; restart to apply it");
-        }
-        for risk in &risks {
-            tracing::warn!(change = %risk, "config reload applied with a risky change");
-        }
-        for warning in config.reload_warnings() {
-            tracing::warn!(warning = %warning, "config warning");
-        }
+        // Said once the new generation is in place: a step below can still
+        // refuse the reload, and the log must not say "applied" then.
+        let warnings = config.reload_warnings();
         let refresher = if config.refresh == old.config.refresh {
             Arc::clone(&old.refresher)
         } else {
@@ -322,6 +325,15 @@ impl Generations {
         };
         self.current.store(Arc::new(generation));
         self.metrics.reload_result(true);
+        for what in &summary.needs_restart {
+            tracing::warn!(setting = %what, "this setting cannot change while running; restart to apply it");
+        }
+        for risk in &risks {
+            tracing::warn!(change = %risk, "config reload applied with a risky change");
+        }
+        for warning in &warnings {
+            tracing::warn!(warning = %warning, "config warning");
+        }
         let names = |list: &[String]| {
             if list.is_empty() {
                 "-".to_string()

@@ -77,6 +77,11 @@ pub struct ClusterMetrics {
     pub sync: IntCounterVec,
     /// Changes by direction (`sent`, `received`).
     pub events: IntCounterVec,
+    /// 0 while the cluster's configuration is wrong (another
+    /// encryption_key, none, or another pool holding the same tokens).
+    pub config_ok: IntGauge,
+    /// Refreshes this replica would not present a refresh token for, by why.
+    pub refresh_refused: IntCounterVec,
 }
 
 impl ClusterMetrics {
@@ -99,6 +104,41 @@ impl ClusterMetrics {
     pub fn received(&self, n: u64) {
         self.events.with_label_values(&["received"]).inc_by(n);
     }
+
+    /// Counts a refresh not made because the refresh token could not be
+    /// shown to be current (`why`: one of [`refusal::ALL`]).
+    pub fn refused(&self, why: &str) {
+        self.refresh_refused.with_label_values(&[why]).inc();
+    }
+}
+
+/// Why a replica did not present a refresh token
+/// (`tokenpool_cluster_refresh_refused_total{why}`).
+pub mod refusal {
+    /// Redis is away, frozen, slow or unreachable.
+    pub const AWAY: &str = "away";
+    /// Redis lost or rolled back its data moments ago.
+    pub const FENCED: &str = "fenced";
+    /// A wrong or missing encryption_key, or another pool's key_prefix.
+    pub const MISCONFIGURED: &str = "misconfigured";
+    /// Its refresh token has rotated: only a lease makes it safe.
+    pub const ROTATED: &str = "rotated";
+    /// No state file and the cluster's record never read.
+    pub const NO_HISTORY: &str = "no_history";
+    /// The cluster's record is ahead of this replica's refresh token.
+    pub const BEHIND: &str = "behind";
+    /// An earlier refresh ended without its result in the cluster.
+    pub const UNSETTLED: &str = "unsettled";
+    /// Every reason.
+    pub const ALL: [&str; 7] = [
+        AWAY,
+        FENCED,
+        MISCONFIGURED,
+        ROTATED,
+        NO_HISTORY,
+        BEHIND,
+        UNSETTLED,
+    ];
 }
 
 /// Status codes below this have their `upstream_requests_total` series
@@ -475,10 +515,26 @@ impl Metrics {
             &["direction"],
         )
         .expect("metric definition is valid");
+        let config_ok = IntGauge::with_opts(opts(
+            "cluster_config_ok",
+            "0 while the cluster's configuration is wrong: another encryption_key (or none), or another key_prefix holding the same tokens. Nothing is refreshed then.",
+        ))
+        .expect("metric definition is valid");
+        config_ok.set(1);
+        let refresh_refused = IntCounterVec::new(
+            opts(
+                "cluster_refresh_refused_total",
+                "Refreshes this replica did not make because it could not show the refresh token is current, by why.",
+            ),
+            &["why"],
+        )
+        .expect("metric definition is valid");
         for m in [
             Box::new(up.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(sync.clone()),
             Box::new(events.clone()),
+            Box::new(config_ok.clone()),
+            Box::new(refresh_refused.clone()),
         ] {
             // Registered once per process; a second cluster would be a bug.
             let _ = self.registry.register(m);
@@ -489,7 +545,16 @@ impl Metrics {
         for direction in ["sent", "received"] {
             events.with_label_values(&[direction]);
         }
-        ClusterMetrics { up, sync, events }
+        for why in refusal::ALL {
+            refresh_refused.with_label_values(&[why]);
+        }
+        ClusterMetrics {
+            up,
+            sync,
+            events,
+            config_ok,
+            refresh_refused,
+        }
     }
 
     /// Counts a quota poll.

@@ -183,15 +183,35 @@ impl Refresher {
         // Another replica's call lasts at most the timeout; a dead one's
         // lease goes within LEASE_TTL.
         let patience = self.timeout + crate::cluster::LEASE_TTL + Duration::from_secs(1);
-        match cluster.coordinate(token, held, patience).await {
+        let rotation = token.rotation();
+        let coordination = cluster.coordinate(token, held, patience).await;
+        // The rotation of the refresh token a leader presents.
+        let presented = token.rotation();
+        if token.rotation() != rotation {
+            // A refresh token taken from the cluster is in the state file
+            // before anything presents it.
+            cluster.persist(pool).await;
+        }
+        match coordination {
             Coordination::Fresh => RefreshResult::Refreshed,
+            Coordination::Refused(_) => {
+                // The refresh token cannot be shown current: it is not
+                // presented. The access token serves while it lasts; then
+                // the token waits for the cluster.
+                if token.has_valid_access(Instant::now()) {
+                    RefreshResult::Unavailable
+                } else {
+                    token.report(Outcome::ClusterUnavailable, pool.settings());
+                    RefreshResult::Failed(Reason::ClusterUnavailable)
+                }
+            }
             Coordination::Out => match token.snapshot().state {
                 TokenState::Revoked => RefreshResult::Failed(Reason::Revoked),
                 _ => RefreshResult::Unavailable,
             },
             Coordination::Busy => RefreshResult::Unavailable,
             Coordination::Alone => {
-                let (result, rotated) = self.call_and_apply(pool, token).await;
+                let (result, rotated, _) = self.call_and_apply(pool, token).await;
                 if result == RefreshResult::Refreshed {
                     // Redis was slow rather than away: share it anyway.
                     let (cluster, token) = (Arc::clone(cluster), Arc::clone(token));
@@ -200,29 +220,38 @@ impl Refresher {
                 result
             }
             Coordination::Leader(lease) => {
-                let (result, rotated) = cluster
+                let (result, rotated, settled) = cluster
                     .holding(&lease, self.call_and_apply(pool, token))
                     .await;
                 let (cluster, token) = (Arc::clone(cluster), Arc::clone(token));
                 let refreshed = result == RefreshResult::Refreshed;
                 tokio::spawn(async move {
-                    if refreshed {
-                        cluster.finish(&token, rotated).await;
-                    }
-                    cluster.release(lease).await;
+                    // The token's pending mark goes only when the cluster
+                    // knows the result: written, or nothing rotated.
+                    let known = if refreshed {
+                        cluster.finish(&token, rotated).await
+                    } else {
+                        settled
+                    };
+                    cluster.release(lease, known, presented).await;
                 });
                 result
             }
         }
     }
 
-    /// One refresh call and everything that follows from its answer; and
-    /// whether it rotated the refresh token.
-    async fn call_and_apply(&self, pool: &Arc<Pool>, token: &Arc<Token>) -> (RefreshResult, bool) {
+    /// One refresh call and everything that follows from its answer;
+    /// whether it rotated the refresh token, and whether its outcome is
+    /// settled (see [`Refresher::call`]).
+    async fn call_and_apply(
+        &self,
+        pool: &Arc<Pool>,
+        token: &Arc<Token>,
+    ) -> (RefreshResult, bool, bool) {
         let tier = token.tier().as_str();
         let (used, used_rotation) = token.refresh_token_and_rotation();
         let started = Instant::now();
-        let result = self.call(&used).await;
+        let (result, settled) = self.call(&used).await;
         self.metrics
             .refresh_duration
             .with_label_values(&[tier])
@@ -252,6 +281,9 @@ impl Refresher {
             {
                 // The refresh token sent was replaced while the call ran
                 // (another replica's rotation): no revocation.
+                if let Some(cluster) = &self.cluster {
+                    cluster.persist(pool).await;
+                }
                 tracing::info!(
                     token = token.name(),
                     "the refresh endpoint rejected a refresh token that has been replaced since; not revoked"
@@ -280,7 +312,7 @@ impl Refresher {
                 if pool.refresh_blocked_until(Instant::now()).is_some() {
                     // Another call already met the 429 and paused refreshing:
                     // answers to calls that were in flight together are one event.
-                    return (RefreshResult::Unavailable, false);
+                    return (RefreshResult::Unavailable, false, settled);
                 }
                 let level = self.rate_limit_level.fetch_add(1, Ordering::Relaxed);
                 let pause = retry_after.unwrap_or_else(|| {
@@ -303,7 +335,7 @@ impl Refresher {
                 RefreshResult::Unavailable
             }
         };
-        (result, rotated)
+        (result, rotated, settled)
     }
 
     /// In a cluster, whether the refresh token the endpoint rejected
@@ -343,12 +375,28 @@ impl Refresher {
         rotated_now
     }
 
-    /// The HTTP call.
-    async fn call(&self, refresh_token: &Secret) -> Result<Grant, RefreshError> {
-        let unavailable = |detail: String| RefreshError::Unavailable { detail };
+    /// The HTTP call, and whether its outcome is *settled*: the refresh
+    /// token was never sent (a connect error), or the endpoint's answer was
+    /// read and it was not a success it could not parse. Unsettled (a
+    /// timeout or a broken answer after sending, a 2xx that does not
+    /// parse), the endpoint may have rotated the refresh token.
+    async fn call(&self, refresh_token: &Secret) -> (Result<Grant, RefreshError>, bool) {
         let Some(url) = &self.url else {
-            return Err(unavailable("no refresh url configured".into()));
+            let detail = "no refresh url configured".to_string();
+            return (Err(RefreshError::Unavailable { detail }), true);
         };
+        let mut settled = true;
+        let result = self.exchange(url, refresh_token, &mut settled).await;
+        (result, settled)
+    }
+
+    async fn exchange(
+        &self,
+        url: &str,
+        refresh_token: &Secret,
+        settled: &mut bool,
+    ) -> Result<Grant, RefreshError> {
+        let unavailable = |detail: String| RefreshError::Unavailable { detail };
         let mut body = String::with_capacity(64 + refresh_token.expose().len());
         body.push_str("grant_type=refresh_token&refresh_token=");
         form_encode(refresh_token.expose(), &mut body);
@@ -369,18 +417,26 @@ impl Refresher {
             .body(body)
             .send()
             .await
-            .map_err(|e| unavailable(describe_reqwest_error(&e)))?;
+            .map_err(|e| {
+                // Sent but not answered: the endpoint may have acted on it.
+                *settled = e.is_connect();
+                unavailable(describe_reqwest_error(&e))
+            })?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(provider::parse_retry_after);
-        let body = read_limited(response)
-            .await
-            .map_err(|e| unavailable(describe_reqwest_error(&e)))?;
+        let body = read_limited(response).await.map_err(|e| {
+            *settled = false;
+            unavailable(describe_reqwest_error(&e))
+        })?;
         if (200..300).contains(&status) {
-            provider::parse_grant(&body, SystemTime::now())
+            let grant = provider::parse_grant(&body, SystemTime::now());
+            // A success it cannot read may still have rotated the token.
+            *settled = grant.is_ok();
+            grant
         } else {
             Err(provider::classify_failure(status, &body, retry_after))
         }
@@ -397,7 +453,8 @@ impl Refresher {
             None => true,
             Some(access) => {
                 let margin = self.margin.min(access.lifetime / 2);
-                let lead = margin + jitter(token.name(), margin / 5);
+                let node = self.cluster.as_ref().map_or("", |c| c.node());
+                let lead = margin + jitter(node, token.name(), margin / 5);
                 access.expires_at <= now + lead
             }
         }
@@ -444,13 +501,15 @@ async fn wait(flight: &mut Flight) -> RefreshResult {
     }
 }
 
-/// A stable per-token spread in `[0, max)`, so tokens loaded together do
-/// not all refresh in the same second.
-fn jitter(name: &str, max: Duration) -> Duration {
+/// A stable spread in `[0, max)` per token and replica (`node`), so tokens
+/// loaded together do not all refresh in the same second, and replicas
+/// that share a token are never due at the same moment by construction.
+fn jitter(node: &str, name: &str, max: Duration) -> Duration {
     if max.is_zero() {
         return Duration::ZERO;
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.hash(&mut h);
     name.hash(&mut h);
     Duration::from_millis(h.finish() % max.as_millis().max(1) as u64)
 }
@@ -550,8 +609,14 @@ mod tests {
     #[test]
     fn jitter_is_stable_and_bounded() {
         let max = Duration::from_secs(60);
-        assert_eq!(jitter("alice", max), jitter("alice", max));
-        assert!(jitter("alice", max) < max);
-        assert_eq!(jitter("x", Duration::ZERO), Duration::ZERO);
+        assert_eq!(jitter("a", "alice", max), jitter("a", "alice", max));
+        assert!(jitter("a", "alice", max) < max);
+        assert_eq!(jitter("a", "x", Duration::ZERO), Duration::ZERO);
+        // Two replicas are due apart for the same token.
+        let spread: std::collections::HashSet<Duration> = ["r-1", "r-2", "r-3", "r-4"]
+            .iter()
+            .map(|node| jitter(node, "alice", max))
+            .collect();
+        assert_eq!(spread.len(), 4);
     }
 }

@@ -44,6 +44,10 @@ pub enum RefreshBehaviour {
     Ok,
     /// Mints a JWT and rotates the refresh token (the old one stops working).
     Rotate,
+    /// Rotates on every refresh like `Rotate`, and treats a superseded
+    /// refresh token coming back as theft (OAuth 2.0 reuse detection):
+    /// the whole account is revoked, its current refresh token too.
+    RotateStrict,
     /// 400 `INVALID_REFRESH_TOKEN`.
     Revoked,
     /// 503 for this account's refreshes.
@@ -131,6 +135,12 @@ struct Account {
     answer_headers: Vec<(HeaderName, HeaderValue)>,
     /// Quota 429s it was answered.
     quota_refusals: u64,
+    /// Refresh tokens it rotated away from (oldest first).
+    retired: Vec<String>,
+    /// Superseded refresh tokens presented for it.
+    superseded: u64,
+    /// Revoked because a superseded refresh token came back.
+    revoked_by_reuse: bool,
 }
 
 #[derive(Debug)]
@@ -313,7 +323,7 @@ impl Sim {
 
     /// The refresh endpoint, Warp-style.
     pub fn refresh_url(&self) -> String {
-        format!("{}/proxy/token?key={SIM_WEB_API_KEY}", self.url())
+        refresh_url_of(&self.url())
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -334,8 +344,35 @@ impl Sim {
                 quota: None,
                 answer_headers: Vec::new(),
                 quota_refusals: 0,
+                retired: Vec::new(),
+                superseded: 0,
+                revoked_by_reuse: false,
             },
         );
+    }
+
+    /// Superseded refresh tokens presented for an account (any provider
+    /// that rotates counts them; `RotateStrict` also revokes the account).
+    pub fn superseded_presented(&self, id: &str) -> u64 {
+        self.inner().accounts.get(id).map_or(0, |a| a.superseded)
+    }
+
+    /// Superseded refresh tokens presented, all accounts together.
+    pub fn total_superseded_presented(&self) -> u64 {
+        self.inner().accounts.values().map(|a| a.superseded).sum()
+    }
+
+    /// Accounts revoked because a superseded refresh token came back.
+    pub fn accounts_revoked_by_reuse(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .inner()
+            .accounts
+            .iter()
+            .filter(|(_, a)| a.revoked_by_reuse)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Gives an account a quota of `limit` requests, `used` of them spent,
@@ -606,6 +643,11 @@ fn too_many_attempts(retry_after: Option<u64>) -> SimResponse {
 /// The web API key the simulated refresh endpoint accepts.
 pub const SIM_WEB_API_KEY: &str = "sim-web-api-key";
 
+/// The refresh endpoint of a simulator serving at `url`.
+pub fn refresh_url_of(url: &str) -> String {
+    format!("{url}/proxy/token?key={SIM_WEB_API_KEY}")
+}
+
 /// The client headers Warp's endpoints want; the first one missing.
 fn missing_client_header(headers: &HeaderMap) -> Option<&'static str> {
     ["x-warp-client-version", "x-warp-os-category"]
@@ -796,6 +838,20 @@ impl SimState {
         }
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let ttl = inner.jwt_ttl;
+        if let Some(account) = inner
+            .accounts
+            .values_mut()
+            .find(|a| a.retired.contains(&presented))
+        {
+            // A superseded refresh token: a strict provider takes it for
+            // a stolen one and revokes the account.
+            account.superseded += 1;
+            if account.refresh == RefreshBehaviour::RotateStrict {
+                account.revoked_by_reuse = true;
+                account.refresh = RefreshBehaviour::Revoked;
+            }
+            return invalid();
+        }
         let Some((id, account)) = inner
             .accounts
             .iter_mut()
@@ -811,9 +867,15 @@ impl SimState {
             }
             RefreshBehaviour::RateLimited(retry_after) => too_many_attempts(retry_after),
             behaviour => {
-                if behaviour == RefreshBehaviour::Rotate {
+                if matches!(
+                    behaviour,
+                    RefreshBehaviour::Rotate | RefreshBehaviour::RotateStrict
+                ) {
                     account.rotations += 1;
-                    account.refresh_token = format!("{presented}~r{}", account.rotations);
+                    let next = format!("{presented}~r{}", account.rotations);
+                    account
+                        .retired
+                        .push(std::mem::replace(&mut account.refresh_token, next));
                 }
                 let jwt = make_jwt(
                     id,

@@ -148,11 +148,17 @@ impl StateStore {
     /// Reads the file and restores every token of `pool` whose configured
     /// secret is unchanged. Returns how many tokens were restored.
     pub fn restore(&self, pool: &Pool) -> usize {
+        self.restore_tokens(pool).len()
+    }
+
+    /// [`StateStore::restore`], returning the names of the tokens restored:
+    /// those whose history the file holds.
+    pub fn restore_tokens(&self, pool: &Pool) -> Vec<String> {
         let file = match self.read() {
             Some(file) => file,
-            None => return 0,
+            None => return Vec::new(),
         };
-        let mut restored = 0;
+        let mut restored = Vec::new();
         for token in pool.tokens() {
             let Some(record) = file.tokens.get(token.name()) else {
                 continue;
@@ -166,11 +172,14 @@ impl StateStore {
                 rotation: record.rotation,
                 state: Some(record.state),
                 reason: record.reason,
-                until: record.until.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+                // A number past what a clock holds is no time at all.
+                until: record
+                    .until
+                    .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s))),
                 backoff_level: record.backoff_level,
                 quota_level: record.quota_level,
             });
-            restored += 1;
+            restored.push(token.name().to_string());
         }
         restored
     }
@@ -322,6 +331,33 @@ mod tests {
         );
         assert_eq!(p2.get("b").unwrap().snapshot().state, TokenState::Revoked);
         assert_eq!(p2.get("b").unwrap().tier(), Tier::Shared);
+    }
+
+    #[test]
+    fn absurd_times_in_the_state_file_never_stop_the_start_nor_rest_for_years() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state.json"));
+        let p = pool(TWO);
+        let fp = p.get("a").unwrap().configured_secret().fingerprint();
+        for until in ["18446744073709551615", "253402300799", "1e300"] {
+            std::fs::write(
+                store.path(),
+                format!(
+                    r#"{{"version":1,"tokens":{{"a":{{"configured_fingerprint":"{fp}","state":"cooling_down","reason":"rate_limited","until":{until},"backoff_level":4294967295,"quota_level":0}}}}}}"#
+                ),
+            )
+            .unwrap();
+            let p = pool(TWO);
+            store.restore(&p);
+            let s = p.get("a").unwrap().snapshot();
+            if let Some(back) = s.cooldown_until {
+                let rest = back.duration_since(SystemTime::now()).unwrap_or_default();
+                assert!(
+                    rest <= Duration::from_secs(32 * 24 * 3600),
+                    "{until}: {rest:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<p>:token:<id>` | hash | one token: `rt`, `rt_fp`, `rt_gen` (its refresh token, when rotated, and its rotation count), `at`, `at_exp`, `at_life` (its access token), `st`, `stamp`, `revoked_fp`, `enabled_at` (its state), `node` (the last writer) |
+//! | `<p>:token:<id>` | hash | one token: `rt`, `rt_fp`, `rt_gen` (its refresh token, when rotated, and its rotation count), `at`, `at_exp`, `at_life` (its access token), `st`, `stamp`, `revoked_fp`, `enabled_at` (its state), `node` (the last writer), `pending` (the lease of a refresh whose result is not written yet) |
 //! | `<p>:lease:<id>` | string | the replica refreshing the token now; expires by itself |
 //! | `<p>:version` | counter | one more for every change written |
 //! | `<p>:changes` | sorted set | each token id, scored by the version of its last change |
-//! | `<p>:meta` | hash | `epoch` (new when Redis lost its data), `key` (the encryption key's fingerprint) |
+//! | `<p>:meta` | hash | `epoch` (new when Redis lost its data), `key` (the encryption key's fingerprint), `fence_until` (Unix ms, Redis's clock: no lease before it) |
+//! | `<p>:alive` | string | a replica of this pool is running; expires unless renewed |
+//! | `<p>:clash` | string | another pool's prefix, which found this pool holding its tokens; expires |
+//! | `tokenpool-claims` | hash | token id → the key prefix of the pool that holds it (one for every pool in this Redis) |
 //!
 //! and the channel `<p>:events` carries `<version> <node>` for each change.
 //!
@@ -59,7 +62,24 @@ impl Keys {
     pub(super) fn channel(&self) -> String {
         format!("{}:events", self.prefix)
     }
+
+    pub(super) fn alive(&self) -> String {
+        format!("{}:alive", self.prefix)
+    }
+
+    pub(super) fn clash(&self) -> String {
+        format!("{}:clash", self.prefix)
+    }
+
+    /// The prefix itself.
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
 }
+
+/// The hash of which pool holds which token id, shared by every pool in
+/// one Redis: two pools holding one token would each refresh it.
+pub(super) const CLAIMS: &str = "tokenpool-claims";
 
 /// The end of every write: a new version, the token scored with it, and
 /// the news published.
@@ -133,17 +153,93 @@ if ARGV[7] ~= '' and (ARGV[10] == '1' or stored_exp < new_exp) then
   redis.call('HSET', KEYS[1], 'at', ARGV[7], 'at_exp', ARGV[8], 'at_life', ARGV[9])
   wrote = true
 end
+if rotation == 1 or ARGV[10] == '1' then
+  -- The result of the pending refresh is written (or a newer rotation).
+  redis.call('HDEL', KEYS[1], 'pending')
+end
 if not wrote then return {rotation, 0} end
 redis.call('HSET', KEYS[1], 'node', ARGV[3])
 return {rotation, changed()}
 ";
 
-/// Creates the pool's meta record if it is missing; returns its epoch
-/// and key fingerprint. ARGV: a new epoch, this replica's key fingerprint.
+/// Creates the pool's meta record if it is missing; returns its epoch,
+/// key fingerprint, 1 if this call created the epoch, and the version.
+/// KEYS: meta, version. ARGV: a new epoch, this replica's key fingerprint.
 const META: &str = r"
-redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
+local created = redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'key', ARGV[2])
-return redis.call('HMGET', KEYS[1], 'epoch', 'key')
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'key')
+return {m[1], m[2], created, tonumber(redis.call('GET', KEYS[2]) or '0')}
+";
+
+/// Takes a token's refresh lease, only in the Redis data this replica
+/// knows: the same epoch, a version not behind what it read (a restored
+/// snapshot), no fence (Redis lost its data moments ago), and no earlier
+/// refresh whose result was never written (its holder died or was cut off
+/// after presenting the refresh token: it may have rotated). The token's
+/// record then says a refresh is pending until its result is written.
+/// KEYS: lease, meta, version, token. ARGV: lease value, ttl (ms), epoch,
+/// version read. Returns 1 taken, 0 held by another, -1 another epoch,
+/// -2 rolled back, -3 fenced, -4 an earlier refresh unsettled.
+const TAKE_LEASE: &str = r"
+local m = redis.call('HMGET', KEYS[2], 'epoch', 'fence_until')
+if m[1] ~= ARGV[3] then return -1 end
+if (tonumber(redis.call('GET', KEYS[3]) or '0')) < tonumber(ARGV[4]) then return -2 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if (tonumber(m[2]) or 0) > now then return -3 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[4], 'pending') == 1 then return -4 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[4], 'pending', ARGV[1])
+-- A lease moves the version: a failover or a restored snapshot that lost
+-- it shows as a version behind what the holder read.
+redis.call('INCR', KEYS[3])
+return 1
+";
+
+/// Says again that a refresh of a token is pending, and fences leases for
+/// `window`: its holder found its lease gone (Redis lost it) while the
+/// refresh was in flight, or a refresh it knows unsettled has no mark in
+/// the data. KEYS: token, meta. ARGV: lease value, window (ms).
+const REASSERT: &str = r"
+redis.call('HSET', KEYS[1], 'pending', ARGV[1])
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local cur = tonumber(redis.call('HGET', KEYS[2], 'fence_until') or '0')
+if until_ms > cur then redis.call('HSET', KEYS[2], 'fence_until', until_ms) end
+return 1
+";
+
+/// Fences leases for `window` ms from now (Redis's clock), keeping a later
+/// fence. KEYS: meta. ARGV: window (ms).
+const FENCE: &str = r"
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+local cur = tonumber(redis.call('HGET', KEYS[1], 'fence_until') or '0')
+if until_ms > cur then redis.call('HSET', KEYS[1], 'fence_until', until_ms) end
+return until_ms
+";
+
+/// Claims token ids for this pool unless a running pool with another
+/// prefix holds them; tells that pool of the clash. KEYS: claims. ARGV:
+/// this prefix, then ids. Returns the prefixes that hold some of them.
+const CLAIM: &str = r"
+local others = {}
+for i = 2, #ARGV do
+  local owner = redis.call('HGET', KEYS[1], ARGV[i])
+  if owner and owner ~= ARGV[1] and redis.call('EXISTS', owner .. ':alive') == 1 then
+    if not others[owner] then
+      others[owner] = true
+      redis.call('SET', owner .. ':clash', ARGV[1], 'PX', 10000)
+    end
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
+  end
+end
+local out = {}
+for owner, _ in pairs(others) do table.insert(out, owner) end
+return out
 ";
 
 /// Extends a lease if this replica still holds it. ARGV: the lease's
@@ -155,8 +251,14 @@ end
 return 0
 ";
 
-/// Deletes a lease if this replica still holds it. ARGV: the lease's value.
+/// Deletes a lease if this replica still holds it; with ARGV[2] = '1'
+/// (the refresh's result is known: written, or nothing rotated) also the
+/// token's pending mark. KEYS: lease, token. ARGV: the lease's value, '1'
+/// or '0'.
 const RELEASE: &str = r"
+if ARGV[2] == '1' and redis.call('HGET', KEYS[2], 'pending') == ARGV[1] then
+  redis.call('HDEL', KEYS[2], 'pending')
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
@@ -168,6 +270,10 @@ pub(super) struct Scripts {
     put_state: Script,
     grant: Script,
     meta: Script,
+    take_lease: Script,
+    reassert: Script,
+    fence: Script,
+    claim: Script,
     renew: Script,
     release: Script,
 }
@@ -178,6 +284,10 @@ impl Scripts {
             put_state: Script::new(&format!("{CHANGED}{PUT_STATE}")),
             grant: Script::new(&format!("{CHANGED}{GRANT}")),
             meta: Script::new(META),
+            take_lease: Script::new(TAKE_LEASE),
+            reassert: Script::new(REASSERT),
+            fence: Script::new(FENCE),
+            claim: Script::new(CLAIM),
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
         }
@@ -207,6 +317,47 @@ pub(super) struct GrantWrite<'a> {
 
 /// One token's hash as read.
 pub(super) type Record = HashMap<String, String>;
+
+/// The pool's meta record.
+pub(super) struct Meta {
+    /// The epoch of the data.
+    pub epoch: String,
+    /// The fingerprint of the key its tokens are sealed with.
+    pub key: String,
+    /// This call created the epoch: the data was empty (a new cluster, or
+    /// one that lost its data).
+    pub created: bool,
+    /// The version of the last change.
+    pub version: u64,
+}
+
+/// A lease to ask for.
+pub(super) struct LeaseAsk<'a> {
+    pub id: &'a str,
+    pub value: &'a str,
+    pub ttl_ms: u64,
+    /// The epoch this replica read.
+    pub epoch: &'a str,
+    /// The version this replica read.
+    pub version: u64,
+}
+
+/// What a lease request got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LeaseAnswer {
+    /// This replica holds it.
+    Taken,
+    /// Another replica holds it.
+    Held,
+    /// Redis lost or rolled back its data moments ago: no lease yet.
+    Fenced,
+    /// Redis's data is not the data this replica read (another epoch, or
+    /// behind the version it read): read again first.
+    NotTheDataRead,
+    /// An earlier refresh's result was never written: the refresh token it
+    /// presented may have rotated.
+    Unsettled,
+}
 
 /// The commands, for one pool's keys.
 pub(super) struct Store {
@@ -273,34 +424,118 @@ impl Store {
             .await
     }
 
-    /// The pool's `(epoch, key fingerprint)`, creating them if missing.
+    /// The pool's meta record, created if missing (see [`Meta`]).
     pub(super) async fn meta(
         &self,
         conn: &mut MultiplexedConnection,
         new_epoch: &str,
         key_fp: &str,
-    ) -> RedisResult<(String, String)> {
-        self.scripts
+    ) -> RedisResult<Meta> {
+        let (epoch, key, created, version): (String, String, i64, u64) = self
+            .scripts
             .meta
             .key(self.keys.meta())
+            .key(self.keys.version())
             .arg(new_epoch)
             .arg(key_fp)
             .invoke_async(conn)
-            .await
+            .await?;
+        Ok(Meta {
+            epoch,
+            key,
+            created: created == 1,
+            version,
+        })
     }
 
-    /// The stored epoch (`None` when Redis lost it) and version.
+    /// The stored epoch (`None` when Redis lost it), version, and another
+    /// pool's prefix that found this one holding its tokens; says this
+    /// pool is alive for `alive_ms`.
     pub(super) async fn heartbeat(
         &self,
         conn: &mut MultiplexedConnection,
-    ) -> RedisResult<(Option<String>, Option<u64>)> {
+        alive_ms: u64,
+    ) -> RedisResult<(Option<String>, Option<u64>, Option<String>)> {
         redis::pipe()
             .cmd("HGET")
             .arg(self.keys.meta())
             .arg("epoch")
             .cmd("GET")
             .arg(self.keys.version())
+            .cmd("SET")
+            .arg(self.keys.alive())
+            .arg(&self.node)
+            .arg("PX")
+            .arg(alive_ms)
+            .ignore()
+            .cmd("GET")
+            .arg(self.keys.clash())
             .query_async(conn)
+            .await
+    }
+
+    /// Says this pool is alive for `alive_ms`.
+    pub(super) async fn alive(
+        &self,
+        conn: &mut MultiplexedConnection,
+        alive_ms: u64,
+    ) -> RedisResult<()> {
+        redis::cmd("SET")
+            .arg(self.keys.alive())
+            .arg(&self.node)
+            .arg("PX")
+            .arg(alive_ms)
+            .query_async(conn)
+            .await
+    }
+
+    /// Claims `ids` for this pool; the prefixes of running pools that hold
+    /// some of them.
+    pub(super) async fn claim(
+        &self,
+        conn: &mut MultiplexedConnection,
+        ids: &[&str],
+    ) -> RedisResult<Vec<String>> {
+        let mut call = self.scripts.claim.prepare_invoke();
+        call.key(CLAIMS).arg(self.keys.prefix());
+        for id in ids {
+            call.arg(*id);
+        }
+        call.invoke_async(conn).await
+    }
+
+    /// Marks token `id`'s refresh (lease `value`) pending again and fences
+    /// leases for `window`.
+    pub(super) async fn reassert_pending(
+        &self,
+        conn: &mut MultiplexedConnection,
+        id: &str,
+        value: &str,
+        window: std::time::Duration,
+    ) -> RedisResult<()> {
+        let _: i64 = self
+            .scripts
+            .reassert
+            .key(self.keys.token(id))
+            .key(self.keys.meta())
+            .arg(value)
+            .arg(window.as_millis() as u64)
+            .invoke_async(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Fences leases for `window` from now.
+    pub(super) async fn fence(
+        &self,
+        conn: &mut MultiplexedConnection,
+        window: std::time::Duration,
+    ) -> RedisResult<u64> {
+        self.scripts
+            .fence
+            .key(self.keys.meta())
+            .arg(window.as_millis() as u64)
+            .invoke_async(conn)
             .await
     }
 
@@ -345,23 +580,33 @@ impl Store {
     }
 
     /// Takes the lease of token `id` for `ttl_ms` unless another replica
-    /// holds it.
+    /// holds it, and only in the data this replica read (`epoch`,
+    /// `version`), and not while fenced.
     pub(super) async fn take_lease(
         &self,
         conn: &mut MultiplexedConnection,
-        id: &str,
-        value: &str,
-        ttl_ms: u64,
-    ) -> RedisResult<bool> {
-        let set: Option<String> = redis::cmd("SET")
-            .arg(self.keys.lease(id))
-            .arg(value)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_ms)
-            .query_async(conn)
+        lease: LeaseAsk<'_>,
+    ) -> RedisResult<LeaseAnswer> {
+        let answer: i64 = self
+            .scripts
+            .take_lease
+            .key(self.keys.lease(lease.id))
+            .key(self.keys.meta())
+            .key(self.keys.version())
+            .key(self.keys.token(lease.id))
+            .arg(lease.value)
+            .arg(lease.ttl_ms)
+            .arg(lease.epoch)
+            .arg(lease.version)
+            .invoke_async(conn)
             .await?;
-        Ok(set.is_some())
+        Ok(match answer {
+            1 => LeaseAnswer::Taken,
+            0 => LeaseAnswer::Held,
+            -3 => LeaseAnswer::Fenced,
+            -4 => LeaseAnswer::Unsettled,
+            _ => LeaseAnswer::NotTheDataRead,
+        })
     }
 
     /// Extends a lease this replica holds; false if it no longer does.
@@ -383,18 +628,23 @@ impl Store {
         Ok(renewed == 1)
     }
 
-    /// Gives back a lease this replica holds.
+    /// Gives back a lease this replica holds; `settled`: the refresh's
+    /// result is known to the cluster (written, or nothing rotated), so the
+    /// token's pending mark goes too.
     pub(super) async fn release_lease(
         &self,
         conn: &mut MultiplexedConnection,
         id: &str,
         value: &str,
+        settled: bool,
     ) -> RedisResult<()> {
         let _: i64 = self
             .scripts
             .release
             .key(self.keys.lease(id))
+            .key(self.keys.token(id))
             .arg(value)
+            .arg(if settled { "1" } else { "0" })
             .invoke_async(conn)
             .await?;
         Ok(())

@@ -9,6 +9,14 @@
 //!
 //! Redis away: it says so once (`WARN`), sets `tokenpool_cluster_up` to 0,
 //! and the replica serves on its local state until it is back (`INFO`).
+//!
+//! It also finds what makes coordination unsafe: another encryption_key
+//! (or none), another pool (`key_prefix`) holding the same tokens — both
+//! configuration errors that stop every refresh, said once at `ERROR` —
+//! and Redis losing or rolling back its data, which fences leases for a
+//! refresh timeout (a refresh in flight elsewhere ends first). Refresh
+//! tokens it takes from the cluster are written to the state file before
+//! anything presents them.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -24,9 +32,10 @@ use super::store::describe;
 use super::{token_id, Cluster, ANSWER_TIMEOUT, CONNECT_TIMEOUT};
 use crate::pool::{Pool, Token};
 
-/// First wait before reconnecting; doubles up to [`MAX_BACKOFF`].
+/// First wait before reconnecting; doubles up to [`MAX_BACKOFF`], which
+/// is short so that a healed partition is seen within seconds.
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Tokens read or written per round trip.
 pub(super) const BATCH: usize = 256;
 
@@ -37,6 +46,8 @@ enum Ended {
     /// The pool in Redis is sealed with another key (or with none, or
     /// this replica has none).
     KeyMismatch { theirs: String },
+    /// Pools with other key prefixes hold some of the same tokens.
+    PrefixClash { others: Vec<String> },
 }
 
 impl From<redis::RedisError> for Ended {
@@ -70,6 +81,9 @@ pub(super) struct Syncer<F> {
     said_away: bool,
     /// Ids new to the pool (a reload) whose records are still to be read.
     unread: Vec<String>,
+    /// Everything is read again once the first look's settle window is
+    /// over: what was read during it did not count.
+    reread_after_settle: bool,
 }
 
 impl<F: Fn() -> Arc<Pool>> Syncer<F> {
@@ -83,35 +97,57 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
             epoch: None,
             said_away: false,
             unread: Vec::new(),
+            reread_after_settle: false,
         }
     }
 
     pub(super) async fn run(mut self) {
         let mut backoff = MIN_BACKOFF;
+        let started = tokio::time::Instant::now();
         loop {
             let Err(ended) = self.session(&mut backoff).await;
-            self.cluster.settled.send_replace(true);
+            // A failed first attempt does not end the start-up wait: a
+            // replica that cannot reach Redis yet waits as long as one
+            // whose Redis is slow to answer.
+            if started.elapsed() >= super::STARTUP_WAIT {
+                self.cluster.settled.send_replace(true);
+            }
             let was_up = self.cluster.connected();
             self.cluster.set_down();
             self.cluster.metrics.exchange(false);
             match ended {
                 Ended::KeyMismatch { theirs } => {
-                    if !self.said_away {
-                        let (ours, theirs) = (self.cluster.sealer.fingerprint(), theirs);
-                        let why = if theirs == NO_KEY {
-                            "the cluster's pool is not sealed and this replica has an encryption_key".to_string()
-                        } else if ours == NO_KEY {
-                            "the cluster's pool is sealed and this replica has no encryption_key"
-                                .to_string()
-                        } else {
-                            format!("the cluster's pool is sealed with another encryption_key (fingerprint {theirs}, this replica's {ours})")
-                        };
+                    let ours = self.cluster.sealer.fingerprint();
+                    // Fingerprints go to the log only, never to an answer.
+                    let why = if theirs == NO_KEY {
+                        "the cluster's pool is not sealed and this replica has an encryption_key"
+                    } else if ours == NO_KEY {
+                        "the cluster's pool is sealed and this replica has no encryption_key"
+                    } else {
+                        "the cluster's pool is sealed with another encryption_key"
+                    };
+                    if self.cluster.fault().is_none() {
                         tracing::error!(
                             node = %self.cluster.node,
-                            "{why}: serving on local state, not sharing; give every replica the same [cluster] encryption_key"
+                            theirs = %theirs,
+                            ours = %ours,
+                            "{why}: a configuration error; not sharing, and refreshing nothing (this replica cannot tell whether its refresh tokens are current); give every replica the same [cluster] encryption_key"
                         );
-                        self.said_away = true;
                     }
+                    self.cluster.set_fault(Some(why.to_string()));
+                    self.said_away = true;
+                }
+                Ended::PrefixClash { others } => {
+                    let why = "another pool in this Redis (another key_prefix) holds some of the same tokens";
+                    if self.cluster.fault().is_none() {
+                        tracing::error!(
+                            node = %self.cluster.node,
+                            others = %others.join(", "),
+                            "{why}: a configuration error; refreshing nothing (two pools would each refresh the same accounts); give every replica of one pool the same [cluster] key_prefix, and each token to one pool"
+                        );
+                    }
+                    self.cluster.set_fault(Some(why.to_string()));
+                    self.said_away = true;
                 }
                 Ended::Redis(why) => {
                     if was_up || !self.said_away {
@@ -154,6 +190,10 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
         let mut messages = pubsub.into_on_message();
 
         let (read, written) = self.catch_up(&mut conn).await?;
+        if cluster.fault().is_some() {
+            tracing::info!(node = %cluster.node, "the cluster's configuration error is gone");
+            cluster.set_fault(None);
+        }
         cluster.set_up(conn.clone());
         cluster.settled.send_replace(true);
         *backoff = MIN_BACKOFF;
@@ -207,32 +247,102 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
     }
 
     /// After connecting, or when Redis lost its data: checks the pool's
-    /// key, writes this replica's state, reads what is newer. Returns
+    /// key and that no other pool holds its tokens, fences leases after a
+    /// loss, writes this replica's state, reads what is newer. Returns
     /// `(read, written)` changes.
     async fn catch_up(&mut self, conn: &mut MultiplexedConnection) -> Result<(u64, u64), Ended> {
         let cluster = Arc::clone(&self.cluster);
         let new_epoch = format!("{:016x}", fastrand::u64(..));
-        let (epoch, key) = cluster
+        let meta = cluster
             .store
             .meta(conn, &new_epoch, cluster.sealer.fingerprint())
             .await?;
-        if key != cluster.sealer.fingerprint() {
-            return Err(Ended::KeyMismatch { theirs: key });
+        if meta.key != cluster.sealer.fingerprint() {
+            return Err(Ended::KeyMismatch { theirs: meta.key });
         }
-        if self.epoch.as_deref() != Some(epoch.as_str()) {
-            if self.epoch.is_some() {
-                tracing::warn!(
-                    node = %cluster.node,
-                    "the cluster's Redis lost its data (or is another one): writing this replica's pool back"
-                );
-            }
-            self.epoch = Some(epoch);
+        self.claim(conn).await?;
+        let lost = match self.epoch.as_deref() {
+            Some(old) if old != meta.epoch => Some(
+                "the cluster's Redis lost its data (flushed, or restarted without it)",
+            ),
+            Some(_) if meta.version < self.version => Some(
+                "the cluster's Redis went back in time (a snapshot restored, or a failover to a replica behind)",
+            ),
+            _ => None,
+        };
+        if let Some(what) = lost {
+            // A refresh in flight elsewhere may hold a lease that is gone:
+            // none is taken until it has ended.
+            let window = cluster.fence_window();
+            cluster.fence();
+            cluster.store.fence(conn, window).await?;
+            tracing::warn!(
+                node = %cluster.node,
+                fence = ?window,
+                "{what}: no refresh lease until the fence is over; writing this replica's pool back"
+            );
             self.version = 0;
+        } else if self.epoch.is_none() {
+            // The first data this process reads: it cannot tell a new
+            // cluster from one that lost its data while running replicas,
+            // holding newer refresh tokens, have not reconnected yet, nor
+            // current data from a restored snapshot. They get time to
+            // fence or write back first (the window is also written as the
+            // pool's fence when this replica created the epoch, so that
+            // replicas starting beside it wait too). Access tokens other
+            // replicas stored are used meanwhile; only a refresh waits.
+            let window = cluster.settle_window();
+            *cluster.trust_from.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(tokio::time::Instant::now() + window);
+            self.reread_after_settle = true;
+            if meta.created {
+                cluster.store.fence(conn, window).await?;
+            }
         }
+        let full = self.version == 0;
+        self.epoch = Some(meta.epoch);
         self.reindex();
+        // Refreshes this replica knows unsettled keep their mark, whatever
+        // the data lost.
+        cluster.reassert_unsettled(conn).await?;
         let written = self.seed(conn).await?;
         let read = self.pull(conn).await?;
+        if full {
+            // Every record was read: a token without one is one the
+            // cluster knows nothing of.
+            for id in self.index.keys() {
+                cluster.learned(id, 0);
+            }
+        }
         Ok((read, written))
+    }
+
+    /// Says this pool is alive and claims its tokens; fails when a running
+    /// pool with another key prefix holds some of them, or found this one
+    /// holding its own.
+    async fn claim(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Ended> {
+        let cluster = Arc::clone(&self.cluster);
+        cluster.store.alive(conn, cluster.alive_ms()).await?;
+        self.reindex();
+        let ids: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        let mut others = Vec::new();
+        for batch in ids.chunks(BATCH) {
+            for other in cluster.store.claim(conn, batch).await? {
+                if !others.contains(&other) {
+                    others.push(other);
+                }
+            }
+        }
+        let clash: Option<String> = redis::cmd("GET")
+            .arg(cluster.store.keys.clash())
+            .query_async(conn)
+            .await?;
+        others.extend(clash.filter(|c| !others.contains(c)));
+        if others.is_empty() {
+            Ok(())
+        } else {
+            Err(Ended::PrefixClash { others })
+        }
     }
 
     /// The current pool, re-indexed if a reload replaced it.
@@ -322,6 +432,11 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
         taken += self.read(conn, &ids).await?;
         self.cluster.metrics.exchange(true);
         self.version = self.version.max(top);
+        // What a lease request is held to.
+        *self.cluster.seen.lock().unwrap_or_else(|e| e.into_inner()) = super::Seen {
+            epoch: self.epoch.clone(),
+            version: self.version,
+        };
         Ok(taken)
     }
 
@@ -341,9 +456,11 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
         }
     }
 
-    /// Reads the records of `ids` and takes what is newer in them.
+    /// Reads the records of `ids` and takes what is newer in them; a
+    /// refresh token taken is in the state file before this returns.
     async fn read(&self, conn: &mut MultiplexedConnection, ids: &[&str]) -> Result<u64, Ended> {
         let mut taken = 0;
+        let mut refresh_tokens = false;
         for batch in ids.chunks(BATCH) {
             let records = self.cluster.store.records(conn, batch).await?;
             for (id, record) in batch.iter().zip(&records) {
@@ -351,11 +468,19 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
                     continue;
                 };
                 match self.cluster.take(token, id, record) {
-                    Ok(n) => taken += n,
+                    Ok((n, rt)) => {
+                        taken += n;
+                        refresh_tokens |= rt;
+                    }
                     Err(e) => {
                         tracing::warn!(token = token.name(), error = %e, "a shared token was not taken");
                     }
                 }
+            }
+        }
+        if refresh_tokens {
+            if let Some(pool) = &self.pool {
+                self.cluster.persist(pool).await;
             }
         }
         self.cluster.metrics.received(taken);
@@ -366,19 +491,32 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
     /// back), nothing was missed, and tokens new to a reloaded pool get
     /// what the cluster knows of them.
     async fn heartbeat(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Ended> {
-        let (epoch, version) = self.cluster.store.heartbeat(conn).await?;
+        let (epoch, version, clash) = self
+            .cluster
+            .store
+            .heartbeat(conn, self.cluster.alive_ms())
+            .await?;
         self.cluster.metrics.exchange(true);
+        if let Some(other) = clash {
+            return Err(Ended::PrefixClash {
+                others: vec![other],
+            });
+        }
         let version = version.unwrap_or(0);
+        if self.reread_after_settle && !self.cluster.settling() {
+            // The first look is trusted now: read it all again, so that
+            // every token's record counts as the cluster's word.
+            self.reread_after_settle = false;
+            self.version = 0;
+            self.pull(conn).await?;
+            for id in self.index.keys() {
+                self.cluster.learned(id, 0);
+            }
+        }
         if epoch.is_none() || epoch != self.epoch || version < self.version {
             // Gone, replaced, or older than what was read (a restored
-            // snapshot, a failover to a replica behind): written back.
-            if version < self.version {
-                tracing::warn!(
-                    node = %self.cluster.node,
-                    "the cluster's Redis went back in time (a snapshot restored, a failover): writing this replica's pool back"
-                );
-                self.epoch = None;
-            }
+            // snapshot, a failover to a replica behind): `catch_up` says
+            // which, fences leases, and writes this replica's pool back.
             self.catch_up(conn).await?;
             return Ok(());
         }

@@ -699,6 +699,7 @@ impl Builder<'_> {
             sync_interval,
             encryption_key,
             ca_pem,
+            refresh_alone: c.refresh_alone,
         })
     }
 }

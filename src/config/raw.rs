@@ -304,6 +304,8 @@ pub(super) struct RawCluster {
     pub sync_interval: Spanned<String>,
     pub encryption_key: Option<Spanned<SecretSource>>,
     pub ca_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub refresh_alone: super::RefreshAlone,
 }
 
 fn default_key_prefix() -> Spanned<String> {

@@ -63,6 +63,10 @@ mod testing {
 pub use quota::{Quota, COUNT_TRUST, MAX_QUOTA_REST};
 pub use shared::{accepts, short_fingerprint, unix_ms, SharedState, Stamp};
 
+/// Longest rest restored from a state file (a month: quotas refill
+/// monthly), whatever the file says.
+const MAX_RESTORED_REST: Duration = Duration::from_secs(31 * 24 * 3600);
+
 /// Gate value of a token that nothing but an operator (or a config change)
 /// brings back.
 const CLOSED: u64 = u64::MAX;
@@ -130,17 +134,22 @@ pub enum Reason {
     Revoked,
     /// An operator disabled it.
     Manual,
+    /// It needs a refresh, and in cluster mode this replica cannot show
+    /// that its refresh token is current (Redis away, fenced, or a
+    /// configuration error): presenting it could cost the account.
+    ClusterUnavailable,
 }
 
 impl Reason {
     /// Reasons that appear as the `reason` label of failure metrics.
-    pub const METRIC: [Reason; 6] = [
+    pub const METRIC: [Reason; 7] = [
         Reason::Unauthorized,
         Reason::Forbidden,
         Reason::RateLimited,
         Reason::QuotaExhausted,
         Reason::RefreshFailed,
         Reason::Revoked,
+        Reason::ClusterUnavailable,
     ];
 
     /// The name used in metrics and the admin API.
@@ -153,6 +162,7 @@ impl Reason {
             Reason::RefreshFailed => "refresh_failed",
             Reason::Revoked => "revoked",
             Reason::Manual => "manual",
+            Reason::ClusterUnavailable => "cluster_unavailable",
         }
     }
 }
@@ -176,6 +186,9 @@ pub enum Outcome {
     /// The refresh endpoint was unavailable while the token had no valid
     /// access token: rest briefly, without blame.
     RefreshUnavailable,
+    /// A refresh was needed and the cluster could not vouch for the
+    /// refresh token: rest briefly, without blame, and look again.
+    ClusterUnavailable,
 }
 
 /// A short-lived bearer obtained by refreshing a token.
@@ -201,6 +214,11 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
+    /// Longest life an access token is given, whatever it claims (a
+    /// static bearer gets ten years): past it, time arithmetic would
+    /// overflow.
+    pub const MAX_LIFETIME: Duration = Duration::from_secs(11 * 365 * 24 * 3600);
+
     /// Wraps a bearer valid until `expires_at` (wall-clock time), made to
     /// live `lifetime`: one another replica obtained.
     pub fn until(bearer: &str, expires_at: SystemTime, lifetime: Duration) -> AccessToken {
@@ -208,13 +226,16 @@ impl AccessToken {
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
         let mut access = AccessToken::new(bearer, left);
-        access.expires_at_wall = expires_at;
-        access.lifetime = lifetime;
+        if left < Self::MAX_LIFETIME {
+            access.expires_at_wall = expires_at;
+        }
+        access.lifetime = lifetime.min(Self::MAX_LIFETIME);
         access
     }
 
-    /// Wraps a bearer valid for `ttl` from now.
+    /// Wraps a bearer valid for `ttl` from now (at most [`Self::MAX_LIFETIME`]).
     pub fn new(bearer: &str, ttl: Duration) -> AccessToken {
+        let ttl = ttl.min(Self::MAX_LIFETIME);
         let mut value = Vec::with_capacity(7 + bearer.len());
         value.extend_from_slice(b"Bearer ");
         value.extend_from_slice(bearer.as_bytes());
@@ -835,12 +856,27 @@ impl Token {
                 self.gate.store(CLOSED, Ordering::Release);
                 self.drop_access();
             }
-            Outcome::RefreshUnavailable => {
+            Outcome::RefreshUnavailable | Outcome::ClusterUnavailable => {
+                let (reason, error) = if outcome == Outcome::ClusterUnavailable {
+                    (
+                        Reason::ClusterUnavailable,
+                        "needs a refresh the cluster cannot coordinate now",
+                    )
+                } else {
+                    (Reason::RefreshFailed, "refresh endpoint unavailable")
+                };
                 if matches!(inner.state, TokenState::Active | TokenState::CoolingDown) {
-                    let wait = refresh_rest(inner.refresh_level);
+                    // Waiting for the cluster costs the upstream nothing:
+                    // look again every second, so a token serves again as
+                    // soon as the cluster can vouch for it.
+                    let wait = if reason == Reason::ClusterUnavailable {
+                        Duration::from_secs(1)
+                    } else {
+                        refresh_rest(inner.refresh_level)
+                    };
                     inner.refresh_level = inner.refresh_level.saturating_add(1);
-                    inner.last_error = Some("refresh endpoint unavailable".to_string());
-                    self.cool(&mut inner, Reason::RefreshFailed, now, wait);
+                    inner.last_error = Some(error.to_string());
+                    self.cool(&mut inner, reason, now, wait);
                 } else if trial && inner.state == TokenState::Disabled {
                     inner.cooldown_until = Some(now);
                     self.gate.store(self.clock.millis(now), Ordering::Release);
@@ -981,7 +1017,8 @@ impl Token {
             let left = u
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
-            Instant::now() + left
+            // A state file may say anything: never a rest of years.
+            Instant::now() + left.min(MAX_RESTORED_REST)
         });
         match restored.state {
             Some(TokenState::Revoked) => {

@@ -10,6 +10,10 @@ use crate::config::Secret;
 
 /// Access-token lifetime when neither a JWT `exp` nor `expires_in` says.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// Longest lifetime believed of a refreshed access token, whatever the
+/// answer or its JWT says: an absurd one (`expires_in` of 10^40, an `exp`
+/// in the year 5000) would otherwise never be refreshed again.
+pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Codes in a refresh endpoint's error that mean the refresh token itself
 /// is dead (`docs/tokens.md`).
@@ -90,15 +94,21 @@ pub fn parse_grant(body: &[u8], now: SystemTime) -> Result<Grant, RefreshError> 
             .duration_since(now)
             .map_err(|_| garbage("the JWT has already expired"))?,
         None => expires_in.map_or(DEFAULT_TTL, Duration::from_secs),
-    };
+    }
+    .min(MAX_TTL);
     if ttl.is_zero() {
         return Err(garbage("the access token has no lifetime"));
     }
-    let rotated = obj
-        .get("refresh_token")
-        .and_then(|v| v.as_str())
-        .filter(|s| !s.is_empty() && s.trim() == *s)
-        .map(Secret::new);
+    // A rotated refresh token replaces the one presented: one that is
+    // there but cannot be used (not a string, padded) is an answer that
+    // makes no sense, not "no rotation" — the endpoint may have retired
+    // the token presented.
+    let rotated = match obj.get("refresh_token") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if s.is_empty() => None,
+        Some(serde_json::Value::String(s)) if s.trim() == s => Some(Secret::new(s.as_str())),
+        Some(_) => return Err(garbage("the refresh_token in the answer is not usable")),
+    };
     Ok(Grant {
         bearer: Secret::new(bearer),
         ttl,
@@ -199,6 +209,40 @@ mod tests {
             let g = parse_grant(body.as_bytes(), now).unwrap();
             assert_eq!(g.ttl, want, "{body}");
         }
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_bounded_and_never_panic() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        for body in [
+            r#"{"access_token":"opaque","expires_in":1e40}"#.to_string(),
+            r#"{"access_token":"opaque","expires_in":1e300}"#.to_string(),
+            r#"{"access_token":"opaque","expires_in":"99999999999999999999"}"#.to_string(),
+            r#"{"access_token":"opaque","expires_in":18446744073709551615}"#.to_string(),
+            // An exp in the year 5138.
+            format!(r#"{{"id_token":"{}"}}"#, jwt(100_000_000_000)),
+        ] {
+            let grant = parse_grant(body.as_bytes(), now);
+            if let Ok(g) = &grant {
+                assert!(g.ttl <= MAX_TTL, "{body}: {:?}", g.ttl);
+                // And the access token built from it stands.
+                let access = crate::pool::AccessToken::new(g.bearer.expose(), g.ttl);
+                assert_eq!(access.lifetime, g.ttl);
+            }
+        }
+        for body in [
+            r#"{"access_token":"opaque","expires_in":-5}"#,
+            r#"{"access_token":"opaque","expires_in":0}"#,
+        ] {
+            assert!(parse_grant(body.as_bytes(), now).is_err(), "{body}");
+        }
+        // Absurd lifetimes handed straight to an access token are bounded
+        // too (a ten-year static bearer is not).
+        let access = crate::pool::AccessToken::new("x", Duration::MAX);
+        assert_eq!(access.lifetime, crate::pool::AccessToken::MAX_LIFETIME);
+        let far = UNIX_EPOCH + Duration::from_secs(253_402_300_799); // 9999-12-31
+        let access = crate::pool::AccessToken::until("x", far, Duration::MAX);
+        assert_eq!(access.lifetime, crate::pool::AccessToken::MAX_LIFETIME);
     }
 
     #[test]

@@ -12,15 +12,15 @@ use std::time::Duration;
 use tokenpool::pool::{Reason, TokenState};
 use tokenpool::sim::{AiBehaviour, RefreshBehaviour};
 
-use crate::harness::{eventually, metric, rt, Proxy, Setup};
+use crate::harness::{eventually, metric, metric_of, rt, Proxy, Setup};
 use crate::process::Running;
 use crate::redis_server::{Options, Redis};
 
-const WAIT: Duration = Duration::from_secs(15);
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
 /// Writes `<node>.toml`: the setup's config with a `[cluster]` naming
 /// `node` (`more` goes at the end of that section, or after it).
-fn replica_config(
+pub(crate) fn replica_config(
     s: &Setup,
     tokens: &[(&str, &str)],
     url: &str,
@@ -41,11 +41,11 @@ async fn replica(s: &Setup, tokens: &[(&str, &str)], redis: &Redis, node: &str) 
     p
 }
 
-fn connected(p: &Proxy) -> bool {
+pub(crate) fn connected(p: &Proxy) -> bool {
     tokenpool::admin::pool_json(&p.generations)["cluster"]["connected"] == true
 }
 
-async fn wait_connected(p: &Proxy, yes: bool) {
+pub(crate) async fn wait_connected(p: &Proxy, yes: bool) {
     eventually(
         if yes {
             "the replica connected to Redis"
@@ -82,7 +82,7 @@ async fn admin_post(p: &Proxy, path: &str) {
 }
 
 /// Waits until `p` tried Redis and failed (a sync error counted).
-async fn tried_redis(p: &Proxy) {
+pub(crate) async fn tried_redis(p: &Proxy) {
     eventually("a failed sync with Redis", WAIT, || async {
         metric(
             &p.metrics().await,
@@ -449,8 +449,11 @@ async fn stored_tokens_are_sealed_and_a_replica_with_another_key_stays_local() {
     );
     assert_eq!(refresh_token_of(&b, "a"), s.sim.refresh_token("a").unwrap());
 
-    // Another key: it says so, shares nothing, serves alone.
+    // Another key: a configuration error. C says so, shares nothing, and
+    // refreshes nothing: it cannot tell whether its refresh token is the
+    // current one. /readyz takes it out of the load balancer.
     let other = "encryption_key = \"another-key-fedcba9876543210\"";
+    let calls = s.sim.refresh_calls("b");
     let c = Proxy::start(&replica_config(
         &s,
         &[("b", "personal")],
@@ -462,7 +465,30 @@ async fn stored_tokens_are_sealed_and_a_replica_with_another_key_stays_local() {
     tried_redis(&c).await;
     assert!(!connected(&c));
     assert!(connected(&a) && connected(&b), "the others go on sharing");
-    assert_eq!(c.ai_text().await.0, 200);
+    let (status, headers, _) = c.ai_text().await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["x-tokenpool-error"], "no_token_available");
+    assert_eq!(
+        s.sim.refresh_calls("b"),
+        calls,
+        "C presented no refresh token"
+    );
+    assert_eq!(
+        c.state("b"),
+        (TokenState::CoolingDown, Some(Reason::ClusterUnavailable))
+    );
+    let r = c.client.get(c.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let why = r.text().await.unwrap();
+    assert!(why.contains("sealed with another encryption_key"), "{why}");
+    let m = c.metrics().await;
+    assert_eq!(metric_of(&m, "tokenpool_cluster_config_ok"), 0.0);
+    assert!(
+        metric_of(
+            &m,
+            "tokenpool_cluster_refresh_refused_total{why=\"misconfigured\"}"
+        ) >= 1.0
+    );
     let dump = redis.dump("it:").await;
     assert!(!dump.iter().any(|(_, v)| v == "c"), "C wrote nothing");
     for p in [a, b, c] {
@@ -502,17 +528,31 @@ async fn the_state_file_restarts_a_replica_while_redis_is_away() {
     assert_eq!(a.ai_text().await.0, 200);
     a.stop().await;
 
-    // Redis is gone; the replica restarts on its state file alone.
+    // Redis is gone; the replica restarts on its state file, which holds
+    // the rotated refresh token. It has rotated: without the cluster to
+    // show it is still the current one, it is not presented.
     redis.kill().await;
+    let calls = s.sim.refresh_calls("a");
     let a = Proxy::start(&config).await;
     tried_redis(&a).await;
     assert!(!connected(&a));
-    // The configured refresh token is dead: only the rotated one from the
-    // state file refreshes (the background refresher may already have).
-    assert_eq!(a.ai_text().await.0, 200);
-    assert_eq!(a.state("a"), (TokenState::Active, None));
-    assert_ne!(refresh_token_of(&a, "a"), rt("a"));
-    assert!(s.sim.refresh_calls("a") >= 2);
+    assert_ne!(refresh_token_of(&a, "a"), rt("a"), "the state file's token");
+    assert_eq!(a.ai_text().await.0, 503);
+    assert_eq!(
+        a.state("a"),
+        (TokenState::CoolingDown, Some(Reason::ClusterUnavailable))
+    );
+    assert_eq!(s.sim.refresh_calls("a"), calls, "nothing presented alone");
+    // Redis comes back empty: after the settle window the replica takes
+    // the lease and presents the state file's token, the current one.
+    redis.restart_empty().await;
+    wait_connected(&a, true).await;
+    eventually("the token serves again", WAIT, || async {
+        a.ai_text().await.0 == 200
+    })
+    .await;
+    assert_eq!(s.sim.refresh_calls("a"), calls + 1);
+    assert_eq!(s.sim.total_superseded_presented(), 0);
     a.stop().await;
 }
 

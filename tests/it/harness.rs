@@ -312,6 +312,17 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The value of one sample that must be there: a renamed or missing
+/// series fails the test instead of reading as 0.
+pub fn metric_of(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no series {series} in the metrics"))
+}
+
 /// Polls `check` until it returns true, failing after `limit`. For
 /// conditions that depend on wall-clock time (cooldowns) or on background
 /// work, where there is no event to await.

@@ -3,6 +3,7 @@
 
 mod admin;
 mod cluster;
+mod cluster_faults;
 mod config_files;
 mod conformance;
 mod deploy;

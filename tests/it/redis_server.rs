@@ -132,6 +132,27 @@ impl Redis {
         }
     }
 
+    /// Writes a snapshot (SAVE) and returns the RDB file's bytes.
+    pub async fn snapshot(&self) -> Vec<u8> {
+        let mut conn = self.conn().await;
+        let () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+        std::fs::read(self.dir.path().join("dump.rdb")).unwrap()
+    }
+
+    /// Kills it and starts it again on the same port from `rdb`: an old
+    /// snapshot restored.
+    pub async fn restore(&mut self, rdb: &[u8]) {
+        self.kill().await;
+        std::fs::write(self.dir.path().join("dump.rdb"), rdb).unwrap();
+        assert!(self.spawn().await, "redis-server did not start again");
+    }
+
+    /// FLUSHALL: every key of every pool gone, the server running.
+    pub async fn flushall(&self) {
+        let mut conn = self.conn().await;
+        let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    }
+
     /// Starts it again on the same port, empty (a new folder).
     pub async fn restart_empty(&mut self) {
         self.kill().await;
