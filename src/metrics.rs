@@ -58,6 +58,10 @@ pub mod refresh_outcome {
     pub const RATE_LIMITED: &str = "rate_limited";
 }
 
+/// The background tasks that are started again when they end or panic
+/// (`tokenpool_task_restarts_total{task}`).
+pub const TASKS: [&str; 4] = ["refresh", "quota_poll", "state_saver", "cluster_sync"];
+
 /// Results of `tokenpool_cluster_sync_total`.
 pub mod cluster_result {
     /// Redis answered.
@@ -201,6 +205,8 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// Quota polls by result.
     pub quota_polls: IntCounterVec,
+    /// Background tasks started again after they ended or panicked.
+    task_restarts: IntCounterVec,
     /// Requests of sessions by how their affinity went.
     pub affinity: IntCounterVec,
     /// 1 when the last reload succeeded.
@@ -337,6 +343,13 @@ impl Metrics {
                 ),
                 &["result"]
             )),
+            task_restarts: reg!(IntCounterVec::new(
+                opts(
+                    "task_restarts_total",
+                    "Background tasks (refresh, quota_poll, state_saver, cluster_sync) started again after they ended or panicked while the instance ran."
+                ),
+                &["task"]
+            )),
             affinity: reg!(IntCounterVec::new(
                 opts(
                     "affinity_total",
@@ -407,6 +420,9 @@ impl Metrics {
         }
         for result in ["ok", "failed"] {
             m.quota_polls.with_label_values(&[result]);
+        }
+        for task in TASKS {
+            m.task_restarts.with_label_values(&[task]);
         }
         m.hot.affinity = AFFINITY
             .iter()
@@ -555,6 +571,11 @@ impl Metrics {
             config_ok,
             refresh_refused,
         }
+    }
+
+    /// Counts a background task started again (`task`: one of [`TASKS`]).
+    pub fn task_restarted(&self, task: &str) {
+        self.task_restarts.with_label_values(&[task]).inc();
     }
 
     /// Counts a quota poll.

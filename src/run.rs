@@ -72,32 +72,52 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
         );
     }
 
+    let metrics = &generations.metrics;
     let cluster_sync = generations.cluster().map(|cluster| {
-        let current = Arc::clone(&generations);
-        cluster.spawn(move || Arc::clone(&current.current().pool))
-    });
-    let current = Arc::clone(&generations);
-    let refresh_loop = crate::refresh::spawn_refresh_loop(
-        move || {
-            let g = current.current();
-            (Arc::clone(&g.refresher), Arc::clone(&g.pool))
-        },
-        generations.cluster().cloned(),
-    );
-    let current = Arc::clone(&generations);
-    let quota_poller = crate::quota::warp::spawn_poller(
-        move || {
-            let g = current.current();
-            (Arc::clone(&g.config), Arc::clone(&g.pool))
-        },
-        Arc::clone(&generations.metrics),
-    );
-    let saver = generations.state().map(|store| {
-        let current = Arc::clone(&generations);
-        crate::state::spawn_saver(Arc::clone(store), move || {
-            Arc::clone(&current.current().pool)
+        let (current, cluster) = (Arc::clone(&generations), Arc::clone(cluster));
+        supervise("cluster_sync", metrics, move || {
+            let current = Arc::clone(&current);
+            cluster.spawn(move || Arc::clone(&current.current().pool))
         })
     });
+    let current = Arc::clone(&generations);
+    let refresh_loop = supervise("refresh", metrics, move || {
+        let cluster = current.cluster().cloned();
+        let current = Arc::clone(&current);
+        crate::refresh::spawn_refresh_loop(
+            move || {
+                let g = current.current();
+                (Arc::clone(&g.refresher), Arc::clone(&g.pool))
+            },
+            cluster,
+        )
+    });
+    let current = Arc::clone(&generations);
+    let quota_poller = supervise("quota_poll", metrics, move || {
+        let current = Arc::clone(&current);
+        crate::quota::warp::spawn_poller(
+            {
+                let current = Arc::clone(&current);
+                move || {
+                    let g = current.current();
+                    (Arc::clone(&g.config), Arc::clone(&g.pool))
+                }
+            },
+            Arc::clone(&current.metrics),
+        )
+    });
+    let saver = generations.state().map(|store| {
+        let (current, store) = (Arc::clone(&generations), Arc::clone(store));
+        supervise("state_saver", metrics, move || {
+            let current = Arc::clone(&current);
+            crate::state::spawn_saver(Arc::clone(&store), move || {
+                Arc::clone(&current.current().pool)
+            })
+        })
+    });
+    // The reloader and the admin listener hold what cannot be made again
+    // (the reload channel, the bound socket): if one ends while the
+    // instance runs, the instance stops rather than run without it.
     let (reloads, reloader) =
         crate::reload::spawn_reloader(Arc::clone(&generations), shutdown.clone());
     let (admin_stop, admin_stopped) = crate::shutdown::shutdown_pair();
@@ -108,6 +128,7 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
         shutdown.clone(),
         admin_stopped,
     ));
+    let essential = spawn_essential_watch(reloader, admin, shutdown.clone());
     let drain = spawn_drain(shutdown.clone(), config.server.drain_delay);
     crate::proxy::serve(
         listeners.proxy,
@@ -119,7 +140,6 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
 
     refresh_loop.abort();
     quota_poller.abort();
-    reloader.abort();
     if let Some(saver) = saver {
         saver.abort();
     }
@@ -137,7 +157,7 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
     }
     drain.abort();
     admin_stop.trigger();
-    let _ = admin.await;
+    essential.finish().await;
     generations.save_state().await;
     tracing::info!("stopped");
 }
@@ -158,4 +178,173 @@ fn spawn_drain(mut shutdown: Shutdown, delay: std::time::Duration) -> tokio::tas
             () = stopped.wait() => {}
         }
     })
+}
+
+/// A background task run under watch: when it ends or panics while the
+/// instance runs, that is said at ERROR, counted
+/// (`tokenpool_task_restarts_total{task}`), and the task is started again
+/// a second later. Never silence.
+struct Supervised {
+    watcher: tokio::task::JoinHandle<()>,
+    current: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
+}
+
+impl Supervised {
+    /// Stops the watch and the task.
+    fn abort(&self) {
+        self.watcher.abort();
+        if let Some(task) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// Starts `task` (`start` starts it, again each time it is needed) under
+/// watch; `name` is one of [`crate::metrics::TASKS`].
+fn supervise<F>(name: &'static str, metrics: &Arc<crate::metrics::Metrics>, start: F) -> Supervised
+where
+    F: Fn() -> tokio::task::JoinHandle<()> + Send + 'static,
+{
+    let current = Arc::new(std::sync::Mutex::new(None));
+    let slot = Arc::clone(&current);
+    let metrics = Arc::clone(metrics);
+    let watcher = tokio::spawn(async move {
+        loop {
+            let task = start();
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
+            match task.await {
+                Err(e) if e.is_cancelled() => return,
+                // The panic's message is on stderr already (the panic
+                // hook); it is not repeated here, where it could carry
+                // what the code was handling.
+                Err(_) => {
+                    tracing::error!(task = name, "a background task panicked; starting it again")
+                }
+                Ok(()) => tracing::error!(
+                    task = name,
+                    "a background task ended by itself; starting it again"
+                ),
+            }
+            metrics.task_restarted(name);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
+    Supervised { watcher, current }
+}
+
+/// The reloader and the admin listener, watched: one that ends or panics
+/// while the instance runs stops the instance (at ERROR).
+struct Essential {
+    watcher: tokio::task::JoinHandle<()>,
+    reloader: tokio::task::AbortHandle,
+    admin: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Essential {
+    /// At shutdown: the reloader is stopped; the admin listener, already
+    /// told to stop, is waited for.
+    async fn finish(self) {
+        self.watcher.abort();
+        self.reloader.abort();
+        if let Some(admin) = self.admin.lock().await.take() {
+            let _ = admin.await;
+        }
+    }
+}
+
+fn spawn_essential_watch(
+    reloader: tokio::task::JoinHandle<()>,
+    admin: tokio::task::JoinHandle<()>,
+    shutdown: Shutdown,
+) -> Essential {
+    let reloader_abort = reloader.abort_handle();
+    let admin = Arc::new(tokio::sync::Mutex::new(Some(admin)));
+    let watched = Arc::clone(&admin);
+    let watcher = tokio::spawn(async move {
+        let mut stopping = shutdown.clone();
+        let mut reloader = reloader;
+        let mut admin_guard = watched.lock().await;
+        let Some(admin) = admin_guard.as_mut() else {
+            return;
+        };
+        let which = tokio::select! {
+            ended = &mut reloader => ("reloader", ended),
+            ended = admin => ("admin listener", ended),
+            () = stopping.wait() => return,
+        };
+        if which.0 == "admin listener" {
+            admin_guard.take();
+        }
+        drop(admin_guard);
+        if !shutdown.is_draining() {
+            let how = if which.1.is_err() {
+                "panicked"
+            } else {
+                "ended"
+            };
+            tracing::error!(
+                task = which.0,
+                "the {} {how} while the instance ran; stopping the instance (a restart brings it back)",
+                which.0
+            );
+            shutdown.stop();
+        }
+    });
+    Essential {
+        watcher,
+        reloader: reloader_abort,
+        admin,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_panics_or_ends_is_said_counted_and_started_again() {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let starts = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&starts);
+        let task = supervise("refresh", &metrics, move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                match n {
+                    0 => panic!("the first run panics"),
+                    1 => {}
+                    _ => std::future::pending().await,
+                }
+            })
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            3,
+            "started again after a panic and an end"
+        );
+        let text = String::from_utf8(
+            metrics.render(&crate::pool::Pool::new(
+                &crate::config::Config::parse("", None, &|_| None)
+                    .unwrap()
+                    .pool,
+                &[],
+                true,
+                None,
+            )),
+        )
+        .unwrap();
+        assert!(
+            text.contains("tokenpool_task_restarts_total{task=\"refresh\"} 2"),
+            "{text}"
+        );
+        task.abort();
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        assert_eq!(starts.load(Ordering::SeqCst), 3, "not after the abort");
+    }
 }

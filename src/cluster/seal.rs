@@ -14,7 +14,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
-use sha2::{Digest, Sha256};
 
 use crate::config::Secret;
 
@@ -71,13 +70,13 @@ impl Sealer {
             Some(secret) => {
                 let bytes = derive(secret);
                 let unbound = UnboundKey::new(&AES_256_GCM, &bytes).expect("a 32-byte AES-256 key");
-                let mut h = Sha256::new();
+                let mut h = ring::digest::Context::new(&ring::digest::SHA256);
                 h.update(b"tokenpool cluster key fingerprint v1\0");
-                h.update(bytes);
-                let fp = h.finalize();
+                h.update(&bytes);
+                let fp = h.finish();
                 (
                     Some(LessSafeKey::new(unbound)),
-                    crate::config::hex(&fp[..8]),
+                    crate::config::hex(&fp.as_ref()[..8]),
                 )
             }
             None => (None, NO_KEY.to_string()),

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 /// A resolved secret: a refresh token, an API key, an admin token.
 ///
@@ -32,7 +31,7 @@ impl Secret {
 
     /// Hex SHA-256 of the value: identifies a secret without revealing it.
     pub fn fingerprint(&self) -> String {
-        hex(&Sha256::digest(self.0.as_bytes()))
+        hex(ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes()).as_ref())
     }
 }
 

@@ -245,8 +245,8 @@ impl AccessToken {
                 v.set_sensitive(true);
                 v
             });
-        let digest = <sha2::Sha256 as sha2::Digest>::digest(bearer.as_bytes());
-        let id = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+        let digest = ring::digest::digest(&ring::digest::SHA256, bearer.as_bytes());
+        let id = u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"));
         AccessToken {
             authorization,
             id,

@@ -30,6 +30,7 @@ const FAMILIES: &[(&str, &str)] = &[
         "gauge",
     ),
     ("tokenpool_build_info", "gauge"),
+    ("tokenpool_task_restarts_total", "counter"),
 ];
 
 #[tokio::test]
