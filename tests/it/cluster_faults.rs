@@ -121,6 +121,25 @@ impl Scene {
             .collect()
     }
 
+    /// After a fault is gone: every replica connected again, every account
+    /// refreshed since `before`, then the loop's count and the verdict.
+    async fn recovered(
+        &self,
+        scenario: &str,
+        before: &[u64],
+        load: Load,
+        replicas: Vec<Arc<Proxy>>,
+    ) {
+        for p in &replicas {
+            wait_connected(p, true).await;
+        }
+        self.refreshed_after(before).await;
+        let result = load.finish().await;
+        let views: Vec<&Proxy> = replicas.iter().map(|p| &**p).collect();
+        self.verdict(scenario, &result, &views);
+        stop_all(replicas).await;
+    }
+
     /// The assertions every scenario makes, and its line of the table.
     fn verdict(&self, scenario: &str, load: &LoadResult, replicas: &[&Proxy]) {
         let superseded = self.s.sim.total_superseded_presented();
@@ -323,12 +342,9 @@ async fn redis_killed(provider: RefreshBehaviour) {
     tokio::time::sleep(FAULT).await;
     let before = scene.refresh_calls();
     scene.redis.restart_empty().await;
-    wait_connected(&a, true).await;
-    wait_connected(&b, true).await;
-    scene.refreshed_after(&before).await;
-    let result = load.finish().await;
-    scene.verdict("Redis SIGKILL, back empty", &result, &[&a, &b]);
-    stop_all(vec![a, b]).await;
+    scene
+        .recovered("Redis SIGKILL, back empty", &before, load, vec![a, b])
+        .await;
 }
 
 async fn redis_frozen(provider: RefreshBehaviour) {
@@ -338,12 +354,9 @@ async fn redis_frozen(provider: RefreshBehaviour) {
     tokio::time::sleep(FAULT).await;
     let before = scene.refresh_calls();
     scene.redis.resume();
-    wait_connected(&a, true).await;
-    wait_connected(&b, true).await;
-    scene.refreshed_after(&before).await;
-    let result = load.finish().await;
-    scene.verdict("Redis SIGSTOP", &result, &[&a, &b]);
-    stop_all(vec![a, b]).await;
+    scene
+        .recovered("Redis SIGSTOP", &before, load, vec![a, b])
+        .await;
 }
 
 async fn one_replica_partitioned(provider: RefreshBehaviour) {
