@@ -164,6 +164,11 @@ pub struct Cluster {
     /// the lease value and the rotation presented. Marked pending again
     /// whenever the data lost the mark, until a newer rotation is known.
     unsettled: Mutex<HashMap<String, (String, u64)>>,
+    /// Leases asked for whose answer never came (Redis froze or the link
+    /// broke): Redis may still take them when it thaws, marking the token
+    /// pending for a refresh that was never made. Given back (the mark
+    /// with them) on the next connection. By token id, the lease value.
+    abandoned: Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -233,6 +238,7 @@ impl Cluster {
             seen: Mutex::new(Seen::default()),
             refresh_timeout,
             unsettled: Mutex::new(HashMap::new()),
+            abandoned: Mutex::new(Vec::new()),
         })
     }
 
@@ -354,6 +360,27 @@ impl Cluster {
         }
         if token.rotation() > 0 || cluster_rotation.unwrap_or(0) > 0 {
             return Err(refusal::ROTATED);
+        }
+        Ok(())
+    }
+
+    /// Gives back the leases whose answer never came (with their pending
+    /// marks: no refresh was made under them).
+    async fn give_back_abandoned(
+        &self,
+        conn: &mut MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
+        let abandoned =
+            std::mem::take(&mut *self.abandoned.lock().unwrap_or_else(|e| e.into_inner()));
+        for (i, (id, value)) in abandoned.iter().enumerate() {
+            if let Err(e) = self.store.release_lease(conn, id, value, true).await {
+                // The rest is given back on the next connection.
+                self.abandoned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(abandoned[i..].iter().cloned());
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -642,6 +669,12 @@ impl Cluster {
                     return self.alone_or_refused(token, refusal::FENCED);
                 }
                 Err(e) => {
+                    // Redis may still run this request when it answers
+                    // again: the lease, if taken, is given back then.
+                    self.abandoned
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((id.clone(), value.clone()));
                     self.lost(number, &e);
                     return self.alone_or_refused(token, refusal::AWAY);
                 }

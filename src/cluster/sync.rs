@@ -302,8 +302,10 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
         let full = self.version == 0;
         self.epoch = Some(meta.epoch);
         self.reindex();
-        // Refreshes this replica knows unsettled keep their mark, whatever
+        // Leases asked for while Redis stopped answering are given back;
+        // refreshes this replica knows unsettled keep their mark, whatever
         // the data lost.
+        cluster.give_back_abandoned(conn).await?;
         cluster.reassert_unsettled(conn).await?;
         let written = self.seed(conn).await?;
         let read = self.pull(conn).await?;

@@ -105,12 +105,18 @@ impl Scene {
     /// Until every rotating account was refreshed again after `since`
     /// (its refresh calls then).
     async fn refreshed_after(&self, since: &[u64]) {
-        eventually("every account refreshed after the fault", WAIT, || async {
-            ROTATING
-                .iter()
-                .zip(since)
-                .all(|(n, before)| self.s.sim.refresh_calls(n) > *before)
-        })
+        // Recovery takes a reconnection, maybe a fence and a settle window;
+        // under a loaded CI machine, more than WAIT.
+        eventually(
+            "every account refreshed after the fault",
+            WAIT * 2,
+            || async {
+                ROTATING
+                    .iter()
+                    .zip(since)
+                    .all(|(n, before)| self.s.sim.refresh_calls(n) > *before)
+            },
+        )
         .await;
     }
 
