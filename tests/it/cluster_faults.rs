@@ -83,6 +83,20 @@ impl Scene {
         Arc::new(p)
     }
 
+    /// Replica `f`, with no history, started now (not waited for), under
+    /// a client loop of its own.
+    async fn fresh_replica(&self) -> (Arc<Proxy>, Load) {
+        let path = self.config(
+            "f",
+            &self.redis.url(),
+            "it",
+            &format!("encryption_key = {KEY:?}"),
+        );
+        let f = Arc::new(Proxy::start(&path).await);
+        let load = Load::over(&[&f]);
+        (f, load)
+    }
+
     /// Two replicas, `a` and `b`, under a client loop, warmed.
     async fn warm_pair(&self) -> (Arc<Proxy>, Arc<Proxy>, Load) {
         let (a, b) = (self.replica("a").await, self.replica("b").await);
@@ -222,24 +236,8 @@ impl Load {
                         .send()
                         .await;
                     let good = match answer {
-                        Ok(r) => {
-                            let status = r.status();
-                            let code = r.headers().get("x-tokenpool-error").cloned();
-                            let fine = status == 200 && r.bytes().await.is_ok();
-                            if !fine && std::env::var("FAULT_DEBUG").is_ok() {
-                                eprintln!(
-                                    "failure at {at}: {status} {code:?} {:?}",
-                                    std::time::Instant::now()
-                                );
-                            }
-                            fine
-                        }
-                        Err(e) => {
-                            if std::env::var("FAULT_DEBUG").is_ok() {
-                                eprintln!("failure at {at}: {e}");
-                            }
-                            false
-                        }
+                        Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                        Err(_) => false,
                     };
                     if good {
                         ok.fetch_add(1, Ordering::Relaxed);
@@ -512,14 +510,7 @@ async fn old_snapshot_restored(provider: RefreshBehaviour) {
     scene.refreshed_after(&before).await;
     scene.redis.restore(&snapshot).await;
     // A replica with no history starts at once, as after a rollout.
-    let fresh_path = scene.config(
-        "f",
-        &scene.redis.url(),
-        "it",
-        &format!("encryption_key = {KEY:?}"),
-    );
-    let f = Arc::new(Proxy::start(&fresh_path).await);
-    let fresh = Load::over(&[&f]);
+    let (f, fresh) = scene.fresh_replica().await;
     tokio::time::sleep(FAULT).await;
     let before = scene.refresh_calls();
     scene.refreshed_after(&before).await;
@@ -537,14 +528,7 @@ async fn fresh_replica_refused(provider: RefreshBehaviour) {
     let mut scene = Scene::new(provider).await;
     let (a, b, load) = scene.warm_pair().await;
     scene.redis.kill().await;
-    let fresh_path = scene.config(
-        "f",
-        &scene.redis.url(),
-        "it",
-        &format!("encryption_key = {KEY:?}"),
-    );
-    let f = Arc::new(Proxy::start(&fresh_path).await);
-    let fresh = Load::over(&[&f]);
+    let (f, fresh) = scene.fresh_replica().await;
     tokio::time::sleep(FAULT).await;
     let before = scene.refresh_calls();
     scene.redis.restart_empty().await;
@@ -609,19 +593,6 @@ async fn every_replica_killed_after_a_rotation(provider: RefreshBehaviour) {
         again.push(run);
     }
     let load = Load::start(addrs);
-    if std::env::var("FAULT_DEBUG").is_ok() {
-        tokio::time::sleep(Duration::from_secs(12)).await;
-        for run in &again {
-            for line in run.lines() {
-                if line.contains("WARN")
-                    || line.contains("ERROR")
-                    || line.contains("INFO") && line.contains("cluster")
-                {
-                    eprintln!("{line}");
-                }
-            }
-        }
-    }
     scene.refreshed_after(&before).await;
     let second = load.finish().await;
     let all = LoadResult {

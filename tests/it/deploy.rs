@@ -136,31 +136,23 @@ async fn the_container_layout_works_for_a_non_root_user() {
         "path = \"missing/tokenpool-state.json\"",
     );
     std::fs::write(&config, config_text).unwrap();
-    let out = run_to_end(
-        tokio::process::Command::new(bin)
-            .args(["serve", "-c", config.to_str().unwrap()])
-            .current_dir(root.path()),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("cannot write the state file missing/tokenpool-state.json ([state] path)"),
-        "{stderr}"
-    );
-    // And `check` says so before `serve` would.
-    let out = run_to_end(
-        tokio::process::Command::new(bin)
-            .args(["check", "-c", config.to_str().unwrap()])
-            .current_dir(root.path()),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("cannot write the state file missing/tokenpool-state.json ([state] path)"),
-        "{stderr}"
-    );
+    // `check` says so too, before `serve` would.
+    for command in ["serve", "check"] {
+        let out = run_to_end(
+            tokio::process::Command::new(bin)
+                .args([command, "-c", config.to_str().unwrap()])
+                .current_dir(root.path()),
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "cannot write the state file missing/tokenpool-state.json ([state] path)"
+            ),
+            "{command}: {stderr}"
+        );
+    }
 }
 
 /// The effective uid, read from /proc (no `unsafe` for `geteuid`).
