@@ -185,7 +185,7 @@ pub fn token_id(token: &Token) -> String {
     format!(
         "{}:{}",
         token.name(),
-        short_fingerprint(token.configured_secret())
+        short_fingerprint(token.credentials().configured())
     )
 }
 
@@ -334,7 +334,7 @@ impl Cluster {
     pub fn known_from_state(&self, token: &Token) {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         let seen = known.entry(token_id(token)).or_insert(0);
-        *seen = (*seen).max(token.rotation());
+        *seen = (*seen).max(token.credentials().rotation());
     }
 
     /// Whether this replica may refresh `token` without the cluster; the
@@ -358,7 +358,7 @@ impl Cluster {
         if cluster_rotation.is_none() {
             return Err(refusal::NO_HISTORY);
         }
-        if token.rotation() > 0 || cluster_rotation.unwrap_or(0) > 0 {
+        if token.credentials().rotation() > 0 || cluster_rotation.unwrap_or(0) > 0 {
             return Err(refusal::ROTATED);
         }
         Ok(())
@@ -553,6 +553,7 @@ impl Cluster {
         let id = token_id(token);
         let fresh = || {
             token
+                .credentials()
                 .access()
                 .is_some_and(|a| Some(a.id) != held && a.valid_at(Instant::now()))
         };
@@ -629,7 +630,7 @@ impl Cluster {
                         self.release(lease, true, 0).await;
                         return Coordination::Fresh;
                     }
-                    if field(&record, "rt_gen") > token.rotation() {
+                    if field(&record, "rt_gen") > token.credentials().rotation() {
                         // The cluster knows a newer refresh token this
                         // replica could not take: presenting its own
                         // would present a superseded one.
@@ -838,9 +839,11 @@ impl Cluster {
             }
         }
         if let (Some(stored), Some(fp)) = (record.get("rt"), record.get("rt_fp")) {
-            if rotation > token.rotation() && *fp != token.refresh_fingerprint() {
+            if rotation > token.credentials().rotation()
+                && *fp != token.credentials().refresh_fingerprint()
+            {
                 let rt = self.sealer.open(id, "rt", stored)?;
-                let had = token.rotation();
+                let had = token.credentials().rotation();
                 if token.adopt_refresh_token(Secret::new(rt), rotation, false) {
                     tracing::info!(
                         token = token.name(),
@@ -873,7 +876,10 @@ impl Cluster {
         }
         if let Some(stored) = record.get("at") {
             let expires = field(record, "at_exp");
-            let held = token.access().map_or(0, |a| unix_ms(a.expires_at_wall));
+            let held = token
+                .credentials()
+                .access()
+                .map_or(0, |a| unix_ms(a.expires_at_wall));
             if expires >= held && expires > unix_ms(SystemTime::now()) && !token.is_out_for_good() {
                 let bearer = self.sealer.open(id, "at", stored)?;
                 let access = AccessToken::until(
@@ -906,7 +912,7 @@ impl Cluster {
             ""
         };
         let id = token_id(token);
-        let configured_fp = short_fingerprint(token.configured_secret());
+        let configured_fp = short_fingerprint(token.credentials().configured());
         let version = self
             .store
             .put_state(
@@ -942,22 +948,25 @@ impl Cluster {
         let id = token_id(token);
         // Read together: a rotation between two reads would pair the
         // token with another's count.
-        let (rt, rotation) = token.refresh_token_and_rotation();
+        let (rt, rotation) = token.credentials().refresh_token_and_rotation();
         let refresh = (rotated && rotation > 0).then(|| {
             (
                 short_fingerprint(&rt),
                 self.sealer.seal(&id, "rt", rt.expose()),
             )
         });
-        let access = token.valid_access(Instant::now()).and_then(|a| {
-            a.bearer().map(|b| {
-                (
-                    self.sealer.seal(&id, "at", b),
-                    unix_ms(a.expires_at_wall),
-                    a.lifetime.as_millis() as u64,
-                )
-            })
-        });
+        let access = token
+            .credentials()
+            .valid_access(Instant::now())
+            .and_then(|a| {
+                a.bearer().map(|b| {
+                    (
+                        self.sealer.seal(&id, "at", b),
+                        unix_ms(a.expires_at_wall),
+                        a.lifetime.as_millis() as u64,
+                    )
+                })
+            });
         if refresh.is_none() && access.is_none() {
             return Ok(false);
         }

@@ -502,7 +502,7 @@ impl Pool {
         // reads it; the scans read it first).
         let eligible = |token: &Arc<Token>| {
             !tried.iter().any(|t| Arc::ptr_eq(t, token))
-                && (!refresh_blocked || token.has_valid_access(now))
+                && (!refresh_blocked || token.credentials().has_valid_access(now))
         };
         let mut first_tier: Option<Tier> = None;
         // The session's own token: the highest-ranked of the first tier

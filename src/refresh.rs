@@ -107,8 +107,11 @@ impl Refresher {
             return;
         }
         for token in pool.tokens() {
-            if token.access().is_none() {
-                token.set_access(AccessToken::new(token.refresh_token().expose(), STATIC_TTL));
+            if token.credentials().access().is_none() {
+                token.set_access(AccessToken::new(
+                    token.credentials().refresh_token().expose(),
+                    STATIC_TTL,
+                ));
             }
         }
     }
@@ -119,17 +122,22 @@ impl Refresher {
         pool: &Arc<Pool>,
         token: &Arc<Token>,
     ) -> Result<Arc<AccessToken>, RefreshResult> {
-        if let Some(access) = token.valid_access(Instant::now()) {
+        if let Some(access) = token.credentials().valid_access(Instant::now()) {
             return Ok(access);
         }
         if self.provider == Provider::Static {
-            token.set_access(AccessToken::new(token.refresh_token().expose(), STATIC_TTL));
+            token.set_access(AccessToken::new(
+                token.credentials().refresh_token().expose(),
+                STATIC_TTL,
+            ));
             return token
+                .credentials()
                 .valid_access(Instant::now())
                 .ok_or(RefreshResult::Unavailable);
         }
         match self.refresh(pool, token).await {
             RefreshResult::Refreshed => token
+                .credentials()
                 .valid_access(Instant::now())
                 .ok_or(RefreshResult::Unavailable),
             other => Err(other),
@@ -151,13 +159,13 @@ impl Refresher {
         token: &Arc<Token>,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Flight {
-        let (rx, tx) = token.join_flight();
+        let (rx, tx) = token.credentials().join_flight();
         if let Some(tx) = tx {
             let this = Arc::clone(self);
             let pool = Arc::clone(pool);
             let token = Arc::clone(token);
             // The access token that made this refresh needed.
-            let held = token.access().map(|a| a.id);
+            let held = token.credentials().access().map(|a| a.id);
             tokio::spawn(async move {
                 let result = this.run(&pool, &token, held).await;
                 drop(permit);
@@ -183,11 +191,11 @@ impl Refresher {
         // Another replica's call lasts at most the timeout; a dead one's
         // lease goes within LEASE_TTL.
         let patience = self.timeout + crate::cluster::LEASE_TTL + Duration::from_secs(1);
-        let rotation = token.rotation();
+        let rotation = token.credentials().rotation();
         let coordination = cluster.coordinate(token, held, patience).await;
         // The rotation of the refresh token a leader presents.
-        let presented = token.rotation();
-        if token.rotation() != rotation {
+        let presented = token.credentials().rotation();
+        if token.credentials().rotation() != rotation {
             // A refresh token taken from the cluster is in the state file
             // before anything presents it.
             cluster.persist(pool).await;
@@ -198,7 +206,7 @@ impl Refresher {
                 // The refresh token cannot be shown current: it is not
                 // presented. The access token serves while it lasts; then
                 // the token waits for the cluster.
-                if token.has_valid_access(Instant::now()) {
+                if token.credentials().has_valid_access(Instant::now()) {
                     RefreshResult::Unavailable
                 } else {
                     token.report(Outcome::ClusterUnavailable, pool.settings());
@@ -249,7 +257,7 @@ impl Refresher {
         token: &Arc<Token>,
     ) -> (RefreshResult, bool, bool) {
         let tier = token.tier().as_str();
-        let (used, used_rotation) = token.refresh_token_and_rotation();
+        let (used, used_rotation) = token.credentials().refresh_token_and_rotation();
         let started = Instant::now();
         let (result, settled) = self.call(&used).await;
         self.metrics
@@ -276,7 +284,7 @@ impl Refresher {
                 RefreshResult::Refreshed
             }
             Err(RefreshError::Revoked { .. })
-                if token.refresh_token() != used
+                if token.credentials().refresh_token() != used
                     || self.superseded(token, &short_fingerprint(&used)).await =>
             {
                 // The refresh token sent was replaced while the call ran
@@ -326,7 +334,7 @@ impl Refresher {
                 RefreshResult::Unavailable
             }
             Err(e @ RefreshError::Unavailable { .. }) => {
-                if token.has_valid_access(Instant::now()) {
+                if token.credentials().has_valid_access(Instant::now()) {
                     tracing::info!(token = token.name(), error = %e, "refresh failed; current access token still valid");
                 } else {
                     tracing::warn!(token = token.name(), error = %e, "refresh failed and no valid access token; token rests briefly");
@@ -353,7 +361,9 @@ impl Refresher {
     async fn install(&self, pool: &Arc<Pool>, token: &Arc<Token>, grant: Grant, from: u64) -> bool {
         let mut rotated_now = false;
         if let Some(rotated) = grant.rotated {
-            if rotated != token.refresh_token() && token.rotate_from(from, rotated) {
+            if rotated != token.credentials().refresh_token()
+                && token.credentials().rotate_from(from, rotated)
+            {
                 rotated_now = true;
                 tracing::info!(token = token.name(), "refresh token rotated");
                 if let Some(store) = &self.state {
@@ -449,7 +459,7 @@ impl Refresher {
     /// (`margin = "2h"` for a one-hour JWT) would otherwise have the token
     /// refreshed again on every pass, once a second.
     fn due(&self, token: &Token, now: Instant) -> bool {
-        match token.access() {
+        match token.credentials().access() {
             None => true,
             Some(access) => {
                 let margin = self.margin.min(access.lifetime / 2);
@@ -472,7 +482,7 @@ impl Refresher {
         }
         for token in pool.tokens() {
             if !token.background_refreshable(now)
-                || token.refresh_in_flight()
+                || token.credentials().refresh_in_flight()
                 || !self.due(token, now)
             {
                 continue;

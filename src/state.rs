@@ -163,7 +163,7 @@ impl StateStore {
             let Some(record) = file.tokens.get(token.name()) else {
                 continue;
             };
-            if record.configured_fingerprint != token.configured_secret().fingerprint() {
+            if record.configured_fingerprint != token.credentials().configured().fingerprint() {
                 // The operator changed the secret: the operator wins.
                 continue;
             }
@@ -231,11 +231,12 @@ impl StateStore {
             file.tokens.insert(
                 token.name().to_string(),
                 TokenRecord {
-                    configured_fingerprint: token.configured_secret().fingerprint(),
+                    configured_fingerprint: token.credentials().configured().fingerprint(),
                     refresh_token: token
+                        .credentials()
                         .rotated_refresh_token()
                         .map(|s| s.expose().to_string()),
-                    rotation: token.rotation(),
+                    rotation: token.credentials().rotation(),
                     state: s.state,
                     reason: s.reason,
                     until: s.cooldown_until.map(|u| {
@@ -309,7 +310,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("state.json"));
         let p = pool(TWO);
-        p.get("a").unwrap().rotate(Secret::new("rt-a-rotated"));
+        p.get("a")
+            .unwrap()
+            .credentials()
+            .rotate(Secret::new("rt-a-rotated"));
         p.get("b").unwrap().report(Outcome::Revoked, p.settings());
         store.save(&p).unwrap();
 
@@ -326,7 +330,7 @@ mod tests {
         let p2 = pool(TWO);
         assert_eq!(store.restore(&p2), 2);
         assert_eq!(
-            p2.get("a").unwrap().refresh_token().expose(),
+            p2.get("a").unwrap().credentials().refresh_token().expose(),
             "rt-a-rotated"
         );
         assert_eq!(p2.get("b").unwrap().snapshot().state, TokenState::Revoked);
@@ -338,7 +342,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("state.json"));
         let p = pool(TWO);
-        let fp = p.get("a").unwrap().configured_secret().fingerprint();
+        let fp = p.get("a").unwrap().credentials().configured().fingerprint();
         for until in ["18446744073709551615", "253402300799", "1e300"] {
             std::fs::write(
                 store.path(),
@@ -365,11 +369,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("state.json"));
         let p = pool(TWO);
-        p.get("a").unwrap().rotate(Secret::new("rt-a-rotated"));
+        p.get("a")
+            .unwrap()
+            .credentials()
+            .rotate(Secret::new("rt-a-rotated"));
         store.save(&p).unwrap();
         let p2 = pool(&TWO.replace("rt-a\"", "rt-a-new\""));
         store.restore(&p2);
-        assert_eq!(p2.get("a").unwrap().refresh_token().expose(), "rt-a-new");
+        assert_eq!(
+            p2.get("a").unwrap().credentials().refresh_token().expose(),
+            "rt-a-new"
+        );
     }
 
     #[test]

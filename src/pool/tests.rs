@@ -395,7 +395,7 @@ async fn a_reload_carries_unchanged_tokens_with_their_state() {
     let new = Pool::new(&c.pool, &c.tokens, false, Some(&old));
     assert!(Arc::ptr_eq(new.get("a").unwrap(), old.get("a").unwrap()));
     assert_eq!(state(&new, "a"), TokenState::CoolingDown);
-    assert!(new.get("a").unwrap().access().is_some());
+    assert!(new.get("a").unwrap().credentials().access().is_some());
     assert!(!Arc::ptr_eq(new.get("b").unwrap(), old.get("b").unwrap()));
     assert!(new.get("c").is_none());
 }
@@ -670,4 +670,98 @@ async fn sessions_stay_on_their_token_and_only_its_own_move() {
     // Ranking is by name alone: every replica places a session alike.
     let other = pool_with(&spec, SETTINGS);
     assert_eq!(placements(&other, &sessions), first);
+}
+
+/// An operation of the strategy proptest: a report, time passing, a quota
+/// report (`Some(seconds)`: with a refill that far away), a pick with or
+/// without a session.
+#[derive(Debug, Clone)]
+enum Move {
+    Report(usize, u8),
+    Advance(u16),
+    Learn(usize, u64, Option<u16>),
+    Pick,
+    PickFor(u64),
+}
+
+fn a_move() -> impl Strategy<Value = Move> {
+    prop_oneof![
+        (0..8usize, 0..7u8).prop_map(|(t, o)| Move::Report(t, o)),
+        (0..120u16).prop_map(Move::Advance),
+        (0..8usize, 0..4u64, proptest::option::of(1..600u16))
+            .prop_map(|(t, n, r)| Move::Learn(t, n, r)),
+        Just(Move::Pick),
+        (0..6u64).prop_map(Move::PickFor),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Under `most_remaining`, and for sessions, a pick is still of an
+    /// available token of the first tier that has one; `most_remaining`
+    /// takes a token with no fewer requests left than any other it could
+    /// have taken; a session asked twice in a row lands on the same token.
+    #[test]
+    fn most_remaining_and_sessions_respect_availability_and_counts(
+        tiers in proptest::collection::vec(0..3usize, 1..7),
+        moves in proptest::collection::vec(a_move(), 1..60),
+    ) {
+        let names: Vec<String> = (0..tiers.len()).map(|i| format!("t{i}")).collect();
+        let tier_names = ["personal", "shared", "anonymous"];
+        let spec: Vec<(&str, &str)> = names.iter().zip(&tiers).map(|(n, &t)| (n.as_str(), tier_names[t])).collect();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        rt.block_on(async {
+            let pool = pool_with(&spec, &format!("{SETTINGS}\nstrategy = \"most_remaining\""));
+            let n = spec.len();
+            for step in moves {
+                match step {
+                    Move::Report(i, o) => { pool.tokens()[i % n].report(outcome(o), pool.settings()); }
+                    Move::Advance(s) => advance(Duration::from_secs(u64::from(s))).await,
+                    Move::Learn(i, left, refill) => pool.tokens()[i % n].learn_quota(Quota {
+                        limit: Some(10),
+                        remaining: Some(left),
+                        resets_at: refill.map(|s| std::time::SystemTime::now() + Duration::from_secs(u64::from(s))),
+                        unlimited: false,
+                    }),
+                    Move::Pick | Move::PickFor(_) => {
+                        let session = match step { Move::PickFor(k) => Some(session_key(&k.to_be_bytes())), _ => None };
+                        let snaps: Vec<Snapshot> = pool.tokens().iter().map(|t| t.snapshot()).collect();
+                        let now = std::time::SystemTime::now() + Duration::from_millis(1);
+                        let now_ms = pool.clock.now_millis();
+                        let left: Vec<u64> = pool.tokens().iter().map(|t| t.remaining_at(now_ms)).collect();
+                        let picked = pool.select_for(&[], session).map(|s| s.token.name().to_string());
+                        let Some(name) = picked else {
+                            for s in &snaps {
+                                prop_assert!(!available(s, now), "{} was available but nothing was picked", s.name);
+                            }
+                            continue;
+                        };
+                        let i = snaps.iter().position(|s| *s.name == *name).unwrap();
+                        let s = &snaps[i];
+                        // A disabled token taken for its trial is available
+                        // once; the others are judged by their snapshots.
+                        prop_assert!(available(s, now), "{} was picked while {:?}", s.name, s.state);
+                        let rank = |t: Tier| Tier::ALL.iter().position(|&x| x == t).unwrap();
+                        for (j, other) in snaps.iter().enumerate() {
+                            if !available(other, now) {
+                                continue;
+                            }
+                            prop_assert!(rank(other.tier) >= rank(s.tier), "{} ({}) was available but {} ({}) was picked", other.name, other.tier, s.name, s.tier);
+                            if session.is_none() && other.tier == s.tier && other.state == TokenState::Active && s.state == TokenState::Active {
+                                prop_assert!(left[i] >= left[j], "{} ({} left) was picked over {} ({} left)", s.name, left[i], other.name, left[j]);
+                            }
+                        }
+                        if let Some(key) = session {
+                            if s.state == TokenState::Active {
+                                let again = pool.select_for(&[], Some(key)).map(|s| s.token.name().to_string());
+                                prop_assert_eq!(again.as_deref(), Some(name.as_str()), "a session moved with nothing changed");
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
 }

@@ -1,10 +1,15 @@
-//! One token: its identity, its access token, and the state machine of
-//! `docs/tokens.md` (`active`, `cooling_down`, `disabled`, `revoked`).
+//! One token: its name and tier, its [`Credentials`], its quota count
+//! and its [`Health`] (the state machine of `docs/tokens.md`: `active`,
+//! `cooling_down`, `disabled`, `revoked`).
 //!
 //! The hot path reads a single atomic, the *gate*: the clock reading (in
 //! milliseconds) from which the token may be picked. Every transition runs
 //! under a short `std::sync::Mutex` that is never held across an `.await`,
-//! and ends by storing the new gate.
+//! through one commit point: a [`Change`] lets its caller edit the
+//! [`Health`] and, when it ends, compares the [`Facts`] before and after
+//! and applies what follows — the gate, the state file's dirty flag, the
+//! stamp other replicas learn by, the log line and the count of state
+//! changes. No transition places those by hand.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -12,18 +17,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwapOption;
-use bytes::Bytes;
-use http::HeaderValue;
-use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{Clock, PoolSettings};
 use crate::config::{Secret, Tier, TokenConfig};
 
+mod credentials;
+mod health;
 mod quota;
 mod shared;
+mod vocab;
 
 /// What the token tests beside the code share: a token, and settings.
 #[cfg(test)]
@@ -60,8 +64,12 @@ mod testing {
     }
 }
 
+pub use credentials::{AccessToken, Credentials, Flight, RefreshResult};
 pub use quota::{Quota, COUNT_TRUST, MAX_QUOTA_REST};
 pub use shared::{accepts, short_fingerprint, unix_ms, SharedState, Stamp};
+pub use vocab::{Outcome, Reason, TokenState};
+
+use health::{Facts, Health};
 
 /// Longest rest restored from a state file (a month: quotas refill
 /// monthly), whatever the file says.
@@ -71,355 +79,131 @@ const MAX_RESTORED_REST: Duration = Duration::from_secs(31 * 24 * 3600);
 /// brings back.
 const CLOSED: u64 = u64::MAX;
 
-/// A token's state, as shown in the admin API and the `state` metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenState {
-    /// In rotation.
-    Active,
-    /// Resting until its cooldown ends.
-    CoolingDown,
-    /// Out after repeated failures (back after a trial) or by hand.
-    Disabled,
-    /// Its refresh token was rejected; back only by enable or a new secret.
-    Revoked,
-}
-
-impl TokenState {
-    /// Every state, in display order.
-    pub const ALL: [TokenState; 4] = [
-        TokenState::Active,
-        TokenState::CoolingDown,
-        TokenState::Disabled,
-        TokenState::Revoked,
-    ];
-
-    /// Its place in [`TokenState::ALL`], for tables indexed by state.
-    pub fn index(self) -> usize {
-        match self {
-            TokenState::Active => 0,
-            TokenState::CoolingDown => 1,
-            TokenState::Disabled => 2,
-            TokenState::Revoked => 3,
-        }
-    }
-
-    /// The name used in metrics and the admin API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenState::Active => "active",
-            TokenState::CoolingDown => "cooling_down",
-            TokenState::Disabled => "disabled",
-            TokenState::Revoked => "revoked",
-        }
-    }
-}
-
-/// Why a token left `active`, or why a request left a token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// The upstream answered 401 twice.
-    Unauthorized,
-    /// The upstream answered 403 (not an HTML block page).
-    Forbidden,
-    /// A 429 that is not about quota.
-    RateLimited,
-    /// A 429 matching `quota_pattern`.
-    QuotaExhausted,
-    /// The refresh endpoint failed (rejected the call, or was unreachable
-    /// while the token held no valid access token).
-    RefreshFailed,
-    /// The refresh endpoint rejected the refresh token itself.
-    Revoked,
-    /// An operator disabled it.
-    Manual,
-    /// It needs a refresh, and in cluster mode this replica cannot show
-    /// that its refresh token is current (Redis away, fenced, or a
-    /// configuration error): presenting it could cost the account.
-    ClusterUnavailable,
-}
-
-impl Reason {
-    /// Reasons that appear as the `reason` label of failure metrics.
-    pub const METRIC: [Reason; 7] = [
-        Reason::Unauthorized,
-        Reason::Forbidden,
-        Reason::RateLimited,
-        Reason::QuotaExhausted,
-        Reason::RefreshFailed,
-        Reason::Revoked,
-        Reason::ClusterUnavailable,
-    ];
-
-    /// The name used in metrics and the admin API.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Unauthorized => "unauthorized",
-            Reason::Forbidden => "forbidden",
-            Reason::RateLimited => "rate_limited",
-            Reason::QuotaExhausted => "quota_exhausted",
-            Reason::RefreshFailed => "refresh_failed",
-            Reason::Revoked => "revoked",
-            Reason::Manual => "manual",
-            Reason::ClusterUnavailable => "cluster_unavailable",
-        }
-    }
-}
-
-/// What happened when a token was used; the proxy and the refresher
-/// translate HTTP answers into these, so the pool never sees HTTP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The token worked.
-    Success,
-    /// Something failed that is not the token's fault (5xx, transport).
-    Neutral,
-    /// A failure that is the token's fault and counts toward `failure_threshold`.
-    Failure(Reason),
-    /// A 429 that is not about quota, with the upstream's Retry-After.
-    RateLimited(Option<Duration>),
-    /// A quota-exhausted 429.
-    QuotaExhausted,
-    /// The refresh token was rejected.
-    Revoked,
-    /// The refresh endpoint was unavailable while the token had no valid
-    /// access token: rest briefly, without blame.
-    RefreshUnavailable,
-    /// A refresh was needed and the cluster could not vouch for the
-    /// refresh token: rest briefly, without blame, and look again.
-    ClusterUnavailable,
-}
-
-/// A short-lived bearer obtained by refreshing a token.
-///
-/// It is kept as the ready `Authorization` value — the one HTTP type the
-/// pool holds — because checking a JWT of a kilobyte as a header value
-/// costs thousands of instructions, and should be paid once per refresh,
-/// not once per request.
-pub struct AccessToken {
-    /// `Bearer <token>`, marked sensitive; `None` if the token has bytes a
-    /// header cannot carry.
-    authorization: Option<HeaderValue>,
-    /// When it stops being valid, on the pool's clock.
-    pub expires_at: Instant,
-    /// When it stops being valid, as wall-clock time (for metrics and the admin API).
-    pub expires_at_wall: SystemTime,
-    /// How long it was valid for when it was made.
-    pub lifetime: Duration,
-    /// Tells it from another access token without holding it (the first
-    /// 8 bytes of its SHA-256): two minted in the same second may expire
-    /// at the same time.
-    pub id: u64,
-}
-
-impl AccessToken {
-    /// Longest life an access token is given, whatever it claims (a
-    /// static bearer gets ten years): past it, time arithmetic would
-    /// overflow.
-    pub const MAX_LIFETIME: Duration = Duration::from_secs(11 * 365 * 24 * 3600);
-
-    /// Wraps a bearer valid until `expires_at` (wall-clock time), made to
-    /// live `lifetime`: one another replica obtained.
-    pub fn until(bearer: &str, expires_at: SystemTime, lifetime: Duration) -> AccessToken {
-        let left = expires_at
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        let mut access = AccessToken::new(bearer, left);
-        if left < Self::MAX_LIFETIME {
-            access.expires_at_wall = expires_at;
-        }
-        access.lifetime = lifetime.min(Self::MAX_LIFETIME);
-        access
-    }
-
-    /// Wraps a bearer valid for `ttl` from now (at most [`Self::MAX_LIFETIME`]).
-    pub fn new(bearer: &str, ttl: Duration) -> AccessToken {
-        let ttl = ttl.min(Self::MAX_LIFETIME);
-        let mut value = Vec::with_capacity(7 + bearer.len());
-        value.extend_from_slice(b"Bearer ");
-        value.extend_from_slice(bearer.as_bytes());
-        let authorization = HeaderValue::from_maybe_shared(Bytes::from(value))
-            .ok()
-            .map(|mut v| {
-                v.set_sensitive(true);
-                v
-            });
-        let digest = ring::digest::digest(&ring::digest::SHA256, bearer.as_bytes());
-        let id = u64::from_be_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"));
-        AccessToken {
-            authorization,
-            id,
-            expires_at: Instant::now() + ttl,
-            expires_at_wall: SystemTime::now() + ttl,
-            lifetime: ttl,
-        }
-    }
-
-    /// The `Authorization` value (`Bearer <token>`), if the token can be
-    /// one. A secret: never log it.
-    pub fn authorization(&self) -> Option<&HeaderValue> {
-        self.authorization.as_ref()
-    }
-
-    /// The bearer itself (the `Authorization` value without `Bearer `),
-    /// to share with other replicas. A secret: never log it.
-    pub fn bearer(&self) -> Option<&str> {
-        self.authorization
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-    }
-
-    /// Whether it is still valid at `now`.
-    pub fn valid_at(&self, now: Instant) -> bool {
-        self.expires_at > now
-    }
-}
-
-impl fmt::Debug for AccessToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AccessToken")
-            .field("authorization", &"***")
-            .field("expires_at", &self.expires_at)
-            .finish()
-    }
-}
-
-/// How a refresh ended, shared with every request waiting on it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RefreshResult {
-    /// A fresh access token is installed.
-    Refreshed,
-    /// It failed; the token's state already says how.
-    Failed(Reason),
-    /// The endpoint is unavailable or backing off; not the token's fault.
-    Unavailable,
-}
-
-/// The receiving side of an in-flight refresh: `None` until it ends.
-pub type Flight = watch::Receiver<Option<RefreshResult>>;
-
-/// The parts of a token's state that change together, under one lock.
-#[derive(Debug, Clone)]
-struct Inner {
-    state: TokenState,
-    reason: Option<Reason>,
-    /// A half-open trial of a disabled token is under way.
-    trial: bool,
-    consecutive_failures: u32,
-    cooldown_until: Option<Instant>,
-    /// Consecutive quota cooldowns: the next one lasts `quota_cooldown * 2^level`.
-    quota_level: u32,
-    /// Failed recovery trials: the next wait is `recovery_backoff * 2^level`.
-    backoff_level: u32,
-    /// Consecutive refresh-unavailable rests: 1 s doubling, capped at 10 s.
-    refresh_level: u32,
-    /// The refresh token in use: the configured one, or a rotated one.
-    refresh_token: Secret,
-    /// Set when `refresh_token` came from a rotation.
-    rotated: bool,
-    /// Rotations since the configured refresh token (0: it is in use). Of
-    /// two refresh tokens of one token, the one with more rotations is
-    /// the newer: replicas keep it, whoever rotated.
-    rotation: u64,
-    last_error: Option<String>,
-    /// Wall-clock time (Unix ms) of the last change replicas share; 0
-    /// before the first.
-    stamp: u64,
-    /// Stamp of the last operator's enable (0: none): a revocation stamped
-    /// before it is void on every replica.
-    enabled_at: u64,
-    /// What is known of its quota besides the remaining count.
-    quota: Option<quota::QuotaInfo>,
-    /// It rests because its count reached zero (not because the upstream
-    /// refused a request): a report of quota left ends the rest.
-    counted_out: bool,
-}
-
 /// One configured token and everything the proxy knows about it.
 pub struct Token {
     name: Arc<str>,
     /// A stable hash of the name, for session affinity.
     name_hash: u64,
     tier: Tier,
-    /// The secret as configured; identifies the token across reloads.
-    configured: Secret,
     clock: Clock,
-    /// Clock reading (ms) from which the token may be picked; `CLOSED` for never.
+    credentials: Credentials,
+    /// Clock reading (ms) from which the token may be picked; `CLOSED` for
+    /// never. Always what [`Health::gate`] says, stored by the commit.
     gate: AtomicU64,
-    /// Requests left in its quota (`quota::UNKNOWN`: not known, or no
-    /// limit). Beside the gate: `most_remaining` reads both.
-    remaining: AtomicU64,
-    /// Clock reading (ms) from which `remaining` reads as unknown: the
-    /// refill, or a while after a report without one.
-    remaining_until: AtomicU64,
-    /// The quota poller should look at it soon.
-    quota_poll: AtomicBool,
-    /// Clock reading (ms) until which a rest its own count decided awaits
-    /// the poll that confirms it (0: none): till then a client is told to
-    /// retry soon, not at the refill.
-    confirming: AtomicU64,
+    /// The remaining request count and the quota poller's flags.
+    count: quota::Count,
     /// Requests this token was picked for.
     requests: AtomicU64,
     /// Clock reading (ms) of the last pick (0 = never); turned into wall
     /// time only when a snapshot is taken, so a pick reads no wall clock.
     last_used_ms: AtomicU64,
+    /// Changes of state or reason since start.
+    state_changes: AtomicU64,
     /// Set when a transition happened that the state file should record.
-    dirty: std::sync::atomic::AtomicBool,
+    dirty: AtomicBool,
     /// Set when a change happened that other replicas should learn.
     shared_dirty: AtomicBool,
     /// Woken on such a change (the pool's, shared by every token).
     changes: Arc<Notify>,
-    access: ArcSwapOption<AccessToken>,
-    /// The id of the last access token dropped (after a 401): the same one
-    /// from another replica is not taken back.
-    dropped_access: AtomicU64,
-    flight: Mutex<Option<Flight>>,
-    inner: Mutex<Inner>,
-    /// Whether a success would change nothing in `inner` (see
-    /// [`Inner::success_is_noop`]); kept by [`InnerGuard`] on every release
-    /// of the lock, so that the usual report — a success on a healthy
-    /// token — takes no lock.
+    health: Mutex<Health>,
+    /// Whether a success would change nothing (see
+    /// [`Health::success_is_noop`]); kept by the commit, so that the usual
+    /// report — a success on a healthy token — takes no lock.
     clean: AtomicBool,
 }
 
-/// The lock on a token's [`Inner`]. Releasing it records whether a success
-/// would be a no-op.
-struct InnerGuard<'a> {
-    inner: MutexGuard<'a, Inner>,
-    clean: &'a AtomicBool,
+/// Where a change came from: it decides which side effects apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin<'a> {
+    /// Something that happened here: a report, a quota report, a new
+    /// access token, an operator's disable. Shared with other replicas.
+    Here,
+    /// An operator's enable: always recorded and shared, as an enable.
+    Enable,
+    /// A pick that ended a rest or started a trial: recorded, not shared
+    /// (every replica sees its own rest end).
+    Pick,
+    /// A change another replica made (named): recorded, not sent back.
+    Replica(&'a str),
+    /// Another replica's newer refresh token lifted a revocation.
+    NewerSecret,
+    /// The state file, at start: nothing to record, share or say.
+    StateFile,
 }
 
-impl Deref for InnerGuard<'_> {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.inner
+/// An edit of a token's [`Health`] under its lock, committed when dropped.
+struct Change<'a> {
+    token: &'a Token,
+    health: Option<MutexGuard<'a, Health>>,
+    before: Facts,
+    origin: Origin<'a>,
+}
+
+impl Deref for Change<'_> {
+    type Target = Health;
+    fn deref(&self) -> &Health {
+        self.health.as_ref().expect("held until dropped")
     }
 }
 
-impl DerefMut for InnerGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Inner {
-        &mut self.inner
+impl DerefMut for Change<'_> {
+    fn deref_mut(&mut self) -> &mut Health {
+        self.health.as_mut().expect("held until dropped")
     }
 }
 
-impl Drop for InnerGuard<'_> {
+impl Drop for Change<'_> {
     fn drop(&mut self) {
-        self.clean
-            .store(self.inner.success_is_noop(), Ordering::Release);
+        let Some(mut health) = self.health.take() else {
+            return;
+        };
+        let token = self.token;
+        let origin = self.origin;
+        let before = self.before;
+        let after = health.facts();
+        // Under the lock: what readers of the atomics must see together.
+        let gate = health.gate(&token.clock);
+        if token.gate.load(Ordering::Acquire) != gate {
+            token.gate.store(gate, Ordering::Release);
+        }
+        token
+            .clean
+            .store(health.success_is_noop(), Ordering::Release);
+        let changed = after != before;
+        if after.persisted() != before.persisted() || origin == Origin::Enable {
+            token.dirty.store(true, Ordering::Release);
+        }
+        if (changed && origin == Origin::Here) || origin == Origin::Enable {
+            health.stamp = shared::unix_ms(SystemTime::now()).max(health.stamp + 1);
+            if origin == Origin::Enable {
+                health.enabled_at = health.stamp;
+            }
+            token.shared_dirty.store(true, Ordering::Release);
+            token.changes.notify_one();
+        }
+        let back = before.state != TokenState::Active && after.state == TokenState::Active;
+        if back || origin == Origin::Enable {
+            // A count at zero is unknown again: refilled, or to be learned anew.
+            token.count.forget_zero();
+        }
+        drop(health);
+        if after.state == TokenState::Revoked && before.state != TokenState::Revoked {
+            token.credentials.drop_access();
+        }
+        if after.standing() != before.standing() {
+            token.state_changes.fetch_add(1, Ordering::Relaxed);
+            token.log_change(before, after, origin);
+        }
     }
 }
 
-impl Inner {
-    /// Whether `report(Success)` would change nothing: an active token with
-    /// no failure, quota level, error or trial to clear.
-    fn success_is_noop(&self) -> bool {
-        self.state == TokenState::Active
-            && !self.trial
-            && self.consecutive_failures == 0
-            && self.quota_level == 0
-            && self.last_error.is_none()
+/// The lock on a token's [`Health`] for reading.
+struct Reading<'a>(MutexGuard<'a, Health>);
+
+impl Deref for Reading<'_> {
+    type Target = Health;
+    fn deref(&self) -> &Health {
+        &self.0
     }
 }
 
@@ -464,6 +248,8 @@ pub struct Snapshot {
     pub manual: bool,
     /// What is known of its quota.
     pub quota: Option<Quota>,
+    /// Changes of its state or reason since start.
+    pub state_changes: u64,
 }
 
 /// The persisted part of a token's state (the state file), restored at start.
@@ -493,40 +279,18 @@ impl Token {
             name: Arc::from(config.name.as_str()),
             name_hash: super::session_key(config.name.as_bytes()),
             tier: config.tier,
-            configured: config.secret.clone(),
             clock,
+            credentials: Credentials::new(&config.secret),
             gate: AtomicU64::new(0),
-            remaining: AtomicU64::new(quota::UNKNOWN),
-            remaining_until: AtomicU64::new(0),
-            confirming: AtomicU64::new(0),
-            quota_poll: AtomicBool::new(false),
+            count: quota::Count::default(),
             requests: AtomicU64::new(0),
             last_used_ms: AtomicU64::new(0),
-            dirty: std::sync::atomic::AtomicBool::new(false),
+            state_changes: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
             shared_dirty: AtomicBool::new(false),
             changes,
-            access: ArcSwapOption::empty(),
-            dropped_access: AtomicU64::new(0),
-            flight: Mutex::new(None),
+            health: Mutex::new(Health::default()),
             clean: AtomicBool::new(true),
-            inner: Mutex::new(Inner {
-                state: TokenState::Active,
-                reason: None,
-                trial: false,
-                consecutive_failures: 0,
-                cooldown_until: None,
-                quota_level: 0,
-                backoff_level: 0,
-                refresh_level: 0,
-                refresh_token: config.secret.clone(),
-                rotated: false,
-                rotation: 0,
-                last_error: None,
-                stamp: 0,
-                enabled_at: 0,
-                quota: None,
-                counted_out: false,
-            }),
         }
     }
 
@@ -545,135 +309,73 @@ impl Token {
         self.tier
     }
 
-    /// The secret as configured (not a rotated one).
-    pub fn configured_secret(&self) -> &Secret {
-        &self.configured
+    /// Its refresh and access tokens.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// Whether this token is the one configured as `config` (same name,
     /// tier and secret): such a token keeps its state across a reload.
     pub fn same_as(&self, config: &TokenConfig) -> bool {
-        *self.name == *config.name && self.tier == config.tier && self.configured == config.secret
+        *self.name == *config.name
+            && self.tier == config.tier
+            && *self.credentials.configured() == config.secret
     }
 
-    fn lock(&self) -> InnerGuard<'_> {
+    fn guard(&self) -> MutexGuard<'_, Health> {
         // A panic while holding the lock leaves plain data behind; keep serving.
-        InnerGuard {
-            inner: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
-            clean: &self.clean,
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Its health, for reading.
+    fn read(&self) -> Reading<'_> {
+        Reading(self.guard())
+    }
+
+    /// Its health, for a transition that `origin` made; committed when the
+    /// returned [`Change`] is dropped.
+    fn change<'a>(&'a self, origin: Origin<'a>) -> Change<'a> {
+        let health = self.guard();
+        Change {
+            token: self,
+            before: health.facts(),
+            health: Some(health),
+            origin,
         }
-    }
-
-    /// The refresh token to send: the rotated one if there is one.
-    pub fn refresh_token(&self) -> Secret {
-        self.lock().refresh_token.clone()
-    }
-
-    /// Installs a rotated refresh token.
-    pub fn rotate(&self, new: Secret) {
-        let mut inner = self.lock();
-        inner.refresh_token = new;
-        inner.rotated = true;
-        inner.rotation += 1;
-        self.dirty.store(true, Ordering::Release);
-    }
-
-    /// Rotations since the configured refresh token (0: it is in use).
-    pub fn rotation(&self) -> u64 {
-        self.lock().rotation
-    }
-
-    /// The refresh token to send and its rotation count, read together.
-    pub fn refresh_token_and_rotation(&self) -> (Secret, u64) {
-        let inner = self.lock();
-        (inner.refresh_token.clone(), inner.rotation)
-    }
-
-    /// Installs what a refresh of the refresh token at rotation `from`
-    /// returned. If a newer one (another replica's) was taken while the
-    /// call ran, that one stays. Returns whether `new` was installed.
-    pub fn rotate_from(&self, from: u64, new: Secret) -> bool {
-        let mut inner = self.lock();
-        if inner.rotation > from {
-            return false;
-        }
-        inner.refresh_token = new;
-        inner.rotated = true;
-        inner.rotation = from.saturating_add(1);
-        self.dirty.store(true, Ordering::Release);
-        true
-    }
-
-    /// The rotated refresh token, if the current one came from a rotation.
-    pub fn rotated_refresh_token(&self) -> Option<Secret> {
-        let inner = self.lock();
-        inner.rotated.then(|| inner.refresh_token.clone())
-    }
-
-    /// The current access token, valid or not.
-    pub fn access(&self) -> Option<Arc<AccessToken>> {
-        self.access.load_full()
-    }
-
-    /// The access token if it is still valid at `now`.
-    pub fn valid_access(&self, now: Instant) -> Option<Arc<AccessToken>> {
-        let guard = self.access.load();
-        match &*guard {
-            Some(a) if a.valid_at(now) => Some(Arc::clone(a)),
-            _ => None,
-        }
-    }
-
-    /// Whether a valid access token is held at `now`, without cloning it.
-    pub fn has_valid_access(&self, now: Instant) -> bool {
-        self.access.load().as_ref().is_some_and(|a| a.valid_at(now))
     }
 
     /// Installs a new access token (and ends any refresh-unavailable rest).
     pub fn set_access(&self, access: AccessToken) {
-        self.access.store(Some(Arc::new(access)));
-        let mut inner = self.lock();
-        inner.refresh_level = 0;
-        if inner.state == TokenState::CoolingDown && inner.reason == Some(Reason::RefreshFailed) {
-            self.activate(&mut inner);
-            drop(inner);
-            self.log_change(
-                (TokenState::CoolingDown, Some(Reason::RefreshFailed)),
-                (TokenState::Active, None),
-                None,
-            );
-        }
+        self.credentials.store_access(access);
+        self.change(Origin::Here).refreshed();
     }
 
-    /// Forgets the access token (after a 401, or when the secret changed).
-    pub fn drop_access(&self) {
-        if let Some(old) = self.access.swap(None) {
-            self.dropped_access.store(old.id, Ordering::Relaxed);
+    /// Installs an access token another replica obtained, unless it is
+    /// the one held, expires before it, or is the one this replica dropped
+    /// after a 401. Returns whether it was installed.
+    pub fn adopt_access(&self, access: AccessToken) -> bool {
+        if !self.credentials.would_adopt(&access) {
+            return false;
         }
+        self.set_access(access);
+        true
     }
 
-    /// The refresh in flight for this token, or a new one to start.
-    ///
-    /// Returns `(receiver, Some(sender))` when the caller must run the
-    /// refresh and report through the sender; `(receiver, None)` when one is
-    /// already under way.
-    pub fn join_flight(&self) -> (Flight, Option<watch::Sender<Option<RefreshResult>>>) {
-        let mut slot = self.flight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rx) = slot.as_ref() {
-            if rx.borrow().is_none() && rx.has_changed().is_ok() {
-                return (rx.clone(), None);
-            }
+    /// Takes the refresh token another replica rotated to, if it is newer
+    /// (more rotations; on a tie, only when `tie` says the other one won).
+    /// A revocation seen here was of the token it replaced, so it is
+    /// lifted. Returns whether anything changed.
+    pub fn adopt_refresh_token(&self, refresh_token: Secret, rotation: u64, tie: bool) -> bool {
+        if !self.credentials.adopt(refresh_token, rotation, tie) {
+            return false;
         }
-        let (tx, rx) = watch::channel(None);
-        *slot = Some(rx.clone());
-        (rx, Some(tx))
-    }
-
-    /// Whether a refresh is under way for this token.
-    pub fn refresh_in_flight(&self) -> bool {
-        let slot = self.flight.lock().unwrap_or_else(|e| e.into_inner());
-        slot.as_ref()
-            .is_some_and(|rx| rx.borrow().is_none() && rx.has_changed().is_ok())
+        let mut change = self.change(Origin::NewerSecret);
+        if change.state == TokenState::Revoked {
+            change.activate();
+            change.consecutive_failures = 0;
+            change.last_error = None;
+        }
+        true
     }
 
     /// Counts a pick (hot path: one relaxed add, and a store at most once
@@ -693,9 +395,10 @@ impl Token {
     /// Tries to take the token for one request at clock reading `now_ms`.
     ///
     /// An active token is taken with one atomic load. A token whose gate
-    /// has passed takes the slow path: an ended cooldown becomes active;
-    /// a disabled token due for recovery is taken for one trial, and its
-    /// gate moves so that no other request trials it at the same time.
+    /// has passed takes the slow path ([`Health::take`]): an ended
+    /// cooldown becomes active; a disabled token due for recovery is taken
+    /// for one trial, and its gate moves so that no other request trials
+    /// it at the same time.
     pub(super) fn try_acquire(&self, now_ms: u64, settings: &PoolSettings) -> bool {
         let gate = self.gate.load(Ordering::Acquire);
         if gate == 0 {
@@ -705,42 +408,17 @@ impl Token {
         if gate > now_ms {
             return false;
         }
-        let now = self.clock.instant(now_ms);
-        let mut inner = self.lock();
+        let mut change = self.change(Origin::Pick);
         // Re-check under the lock: another request may have moved the gate.
         if self.gate.load(Ordering::Acquire) > now_ms {
             return false;
         }
-        match inner.state {
-            TokenState::Active => {}
-            TokenState::CoolingDown => {
-                self.quota_refilled(&mut inner);
-                let from = (inner.state, inner.reason);
-                self.activate(&mut inner);
-                self.dirty.store(true, Ordering::Release);
-                drop(inner);
-                self.log_change(from, (TokenState::Active, None), None);
-                self.note_pick(now_ms);
-                return true;
-            }
-            TokenState::Disabled => {
-                // Half-open: one trial. If its outcome never arrives (the
-                // client went away), another trial is due after one more wait.
-                inner.trial = true;
-                let wait = settings.recovery_wait(inner.backoff_level);
-                inner.cooldown_until = Some(now + wait);
-                self.gate
-                    .store(self.clock.millis(now + wait), Ordering::Release);
-                drop(inner);
-                self.note_pick(now_ms);
-                return true;
-            }
-            TokenState::Revoked => return false,
+        let taken = change.take(self.clock.instant(now_ms), settings);
+        drop(change);
+        if taken {
+            self.note_pick(now_ms);
         }
-        self.gate.store(0, Ordering::Release);
-        drop(inner);
-        self.note_pick(now_ms);
-        true
+        taken
     }
 
     /// Whether the background refresher should keep this token's access
@@ -749,7 +427,7 @@ impl Token {
         match self.gate.load(Ordering::Acquire) {
             0 => true,
             CLOSED => false,
-            gate => gate <= self.clock.millis(now) && self.lock().state == TokenState::CoolingDown,
+            gate => gate <= self.clock.millis(now) && self.read().state == TokenState::CoolingDown,
         }
     }
 
@@ -777,12 +455,17 @@ impl Token {
     /// or sooner while a poll may still end a rest its own count decided.
     pub(super) fn retry_due_ms(&self, now_ms: u64) -> Option<u64> {
         let due = self.due_ms()?;
-        let confirming = self.confirming.load(Ordering::Relaxed);
-        Some(if confirming > now_ms {
-            due.min(confirming)
-        } else {
-            due
+        Some(match self.count.confirming_until() {
+            confirming if confirming > now_ms => due.min(confirming),
+            _ => due,
         })
+    }
+
+    /// Whether only an operator (or a new secret, or a newer refresh
+    /// token from another replica) brings it back: revoked, or disabled
+    /// by hand.
+    pub fn is_out_for_good(&self) -> bool {
+        self.gate.load(Ordering::Acquire) == CLOSED
     }
 
     /// Applies what happened on a request or refresh; returns the new state.
@@ -791,228 +474,85 @@ impl Token {
             // Nothing to clear: the common case takes no lock.
             return TokenState::Active;
         }
-        let now = Instant::now();
-        let mut inner = self.lock();
-        let before = persisted(&inner);
-        let failures_before = inner.consecutive_failures;
-        let trial = std::mem::take(&mut inner.trial);
-        match outcome {
-            Outcome::Success => {
-                inner.consecutive_failures = 0;
-                inner.quota_level = 0;
-                inner.last_error = None;
-                if inner.state == TokenState::Disabled && !is_manual(&inner) {
-                    inner.backoff_level = 0;
-                    self.activate(&mut inner);
-                }
-            }
-            Outcome::Neutral => {
-                if trial && inner.state == TokenState::Disabled {
-                    // The trial said nothing about the token: it may be tried again now.
-                    inner.cooldown_until = Some(now);
-                    self.gate.store(self.clock.millis(now), Ordering::Release);
-                }
-            }
-            Outcome::Failure(reason) => {
-                inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
-                inner.last_error = Some(reason.as_str().to_string());
-                if inner.state == TokenState::Revoked || is_manual(&inner) {
-                    // Already out for a stronger reason.
-                } else if trial && inner.state == TokenState::Disabled {
-                    inner.backoff_level = inner.backoff_level.saturating_add(1);
-                    self.disable(&mut inner, reason, now, settings);
-                } else if inner.consecutive_failures >= settings.failure_threshold {
-                    inner.backoff_level = 0;
-                    self.disable(&mut inner, reason, now, settings);
-                }
-            }
-            Outcome::RateLimited(retry_after) => {
-                let wait = retry_after
-                    .unwrap_or(settings.cooldown)
-                    .min(settings.max_cooldown);
-                inner.last_error = Some(Reason::RateLimited.as_str().to_string());
-                self.cool(&mut inner, Reason::RateLimited, now, wait);
-            }
-            Outcome::QuotaExhausted => {
-                // Until the refill when it is known, and at least the
-                // doubling guess: a refill time read from answer headers
-                // may be a per-minute window's, not the quota's.
-                let guess = settings.quota_wait(inner.quota_level);
-                let wait = inner
-                    .quota
-                    .and_then(|q| q.refill_in())
-                    .map_or(guess, |refill| refill.max(guess));
-                self.count_is(0, now + wait);
-                inner.counted_out = false;
-                inner.quota_level = inner.quota_level.saturating_add(1);
-                inner.last_error = Some(Reason::QuotaExhausted.as_str().to_string());
-                self.cool(&mut inner, Reason::QuotaExhausted, now, wait);
-            }
-            Outcome::Revoked => {
-                inner.state = TokenState::Revoked;
-                inner.reason = Some(Reason::Revoked);
-                inner.cooldown_until = None;
-                inner.last_error = Some("refresh token rejected".to_string());
-                self.gate.store(CLOSED, Ordering::Release);
-                self.drop_access();
-            }
-            Outcome::RefreshUnavailable | Outcome::ClusterUnavailable => {
-                let (reason, error) = if outcome == Outcome::ClusterUnavailable {
-                    (
-                        Reason::ClusterUnavailable,
-                        "needs a refresh the cluster cannot coordinate now",
-                    )
-                } else {
-                    (Reason::RefreshFailed, "refresh endpoint unavailable")
-                };
-                if matches!(inner.state, TokenState::Active | TokenState::CoolingDown) {
-                    // Waiting for the cluster costs the upstream nothing:
-                    // look again every second, so a token serves again as
-                    // soon as the cluster can vouch for it.
-                    let wait = if reason == Reason::ClusterUnavailable {
-                        Duration::from_secs(1)
-                    } else {
-                        refresh_rest(inner.refresh_level)
-                    };
-                    inner.refresh_level = inner.refresh_level.saturating_add(1);
-                    inner.last_error = Some(error.to_string());
-                    self.cool(&mut inner, reason, now, wait);
-                } else if trial && inner.state == TokenState::Disabled {
-                    inner.cooldown_until = Some(now);
-                    self.gate.store(self.clock.millis(now), Ordering::Release);
-                }
-            }
+        let mut change = self.change(Origin::Here);
+        if let Some(until) = change.apply(outcome, Instant::now(), settings) {
+            self.count.set(0, &self.clock, until);
         }
-        // Only what the state file keeps makes it dirty: a plain success on
-        // a healthy token must not rewrite the file.
-        let after = persisted(&inner);
-        if after != before {
-            self.dirty.store(true, Ordering::Release);
-        }
-        if after != before || inner.consecutive_failures != failures_before {
-            self.mark_shared(&mut inner, false);
-        }
-        drop(inner);
-        self.log_change((before.0, before.1), (after.0, after.1), after.2);
-        after.0
+        change.state
     }
 
     /// Says a state change in the log: leaving rotation (or changing why it
-    /// is out) at WARN, with when it comes back; coming back at INFO.
-    fn log_change(
-        &self,
-        from: (TokenState, Option<Reason>),
-        to: (TokenState, Option<Reason>),
-        until: Option<Instant>,
-    ) {
-        if from == to {
-            return;
-        }
-        let reason = to.1.map_or("-", Reason::as_str);
-        if to.0 == TokenState::Active {
-            tracing::info!(
+    /// is out) at WARN, with when it comes back; coming back at INFO; a
+    /// change another replica made at INFO, naming it.
+    fn log_change(&self, from: Facts, to: Facts, origin: Origin<'_>) {
+        let reason = to.reason.map_or("-", Reason::as_str);
+        match origin {
+            Origin::StateFile => {}
+            Origin::Replica(node) => tracing::info!(
                 token = &*self.name,
                 tier = self.tier.as_str(),
-                from = from.0.as_str(),
-                to = to.0.as_str(),
+                from = from.state.as_str(),
+                to = to.state.as_str(),
+                reason,
+                node,
+                "token state changed on another replica"
+            ),
+            Origin::NewerSecret => tracing::info!(
+                token = &*self.name,
+                tier = self.tier.as_str(),
+                "token back in rotation: another replica holds a newer refresh token"
+            ),
+            _ if to.state == TokenState::Active => tracing::info!(
+                token = &*self.name,
+                tier = self.tier.as_str(),
+                from = from.state.as_str(),
+                to = to.state.as_str(),
                 "token back in rotation"
-            );
-            return;
-        }
-        let back = match until {
-            Some(at) => {
-                let wall = SystemTime::now() + at.saturating_duration_since(Instant::now());
-                humantime::format_rfc3339_seconds(wall).to_string()
+            ),
+            _ => {
+                let back = match to.until {
+                    _ if to.reason == Some(Reason::Manual) => "when enabled".into(),
+                    Some(at) => {
+                        let wall = SystemTime::now() + at.saturating_duration_since(Instant::now());
+                        humantime::format_rfc3339_seconds(wall).to_string()
+                    }
+                    None if to.state == TokenState::Revoked => {
+                        "when enabled or its secret changes".into()
+                    }
+                    None => "when enabled".into(),
+                };
+                tracing::warn!(
+                    token = &*self.name,
+                    tier = self.tier.as_str(),
+                    from = from.state.as_str(),
+                    to = to.state.as_str(),
+                    reason,
+                    back = %back,
+                    "token state changed"
+                );
             }
-            None if to.0 == TokenState::Revoked => "when enabled or its secret changes".into(),
-            None => "when enabled".into(),
-        };
-        tracing::warn!(
-            token = &*self.name,
-            tier = self.tier.as_str(),
-            from = from.0.as_str(),
-            to = to.0.as_str(),
-            reason,
-            back = %back,
-            "token state changed"
-        );
-    }
-
-    fn activate(&self, inner: &mut Inner) {
-        inner.state = TokenState::Active;
-        inner.reason = None;
-        inner.cooldown_until = None;
-        self.gate.store(0, Ordering::Release);
-    }
-
-    fn cool(&self, inner: &mut Inner, reason: Reason, now: Instant, wait: Duration) {
-        if inner.state == TokenState::Revoked || is_manual(inner) {
-            return;
         }
-        // A longer rest already under way is kept.
-        let until = now + wait;
-        if inner.state == TokenState::CoolingDown && inner.cooldown_until.is_some_and(|u| u > until)
-        {
-            return;
-        }
-        inner.state = TokenState::CoolingDown;
-        inner.reason = Some(reason);
-        inner.cooldown_until = Some(until);
-        self.gate.store(self.clock.millis(until), Ordering::Release);
-    }
-
-    fn disable(&self, inner: &mut Inner, reason: Reason, now: Instant, settings: &PoolSettings) {
-        let until = now + settings.recovery_wait(inner.backoff_level);
-        inner.state = TokenState::Disabled;
-        inner.reason = Some(reason);
-        inner.cooldown_until = Some(until);
-        self.gate.store(self.clock.millis(until), Ordering::Release);
     }
 
     /// Takes the token out of rotation until [`Token::enable`] (reason `manual`).
     pub fn disable_manually(&self) {
-        let mut inner = self.lock();
-        let from = (inner.state, inner.reason);
-        inner.state = TokenState::Disabled;
-        inner.reason = Some(Reason::Manual);
-        inner.trial = false;
-        inner.cooldown_until = None;
-        self.gate.store(CLOSED, Ordering::Release);
-        self.dirty.store(true, Ordering::Release);
-        self.mark_shared(&mut inner, false);
-        drop(inner);
-        self.log_change(from, (TokenState::Disabled, Some(Reason::Manual)), None);
+        self.change(Origin::Here).disable_manually();
     }
 
     /// Puts the token back into rotation, clearing failures, cooldowns and
     /// revocation.
     pub fn enable(&self) {
-        let mut inner = self.lock();
-        let from = (inner.state, inner.reason);
-        inner.consecutive_failures = 0;
-        inner.quota_level = 0;
-        inner.backoff_level = 0;
-        inner.refresh_level = 0;
-        inner.trial = false;
-        inner.last_error = None;
-        self.activate(&mut inner);
-        self.quota_refilled(&mut inner);
-        self.dirty.store(true, Ordering::Release);
-        self.mark_shared(&mut inner, true);
-        drop(inner);
-        self.log_change(from, (TokenState::Active, None), None);
+        self.change(Origin::Enable).enable();
     }
 
     /// Restores persisted state (at start, from the state file).
     pub fn restore(&self, restored: Restored) {
-        let mut inner = self.lock();
         if let Some(rt) = restored.refresh_token {
-            inner.refresh_token = rt;
-            inner.rotated = true;
-            inner.rotation = restored.rotation.max(1);
+            self.credentials.restore(rt, restored.rotation);
         }
-        inner.backoff_level = restored.backoff_level;
-        inner.quota_level = restored.quota_level;
+        let mut health = self.change(Origin::StateFile);
+        health.backoff_level = restored.backoff_level;
+        health.quota_level = restored.quota_level;
         let until = restored.until.map(|u| {
             let left = u
                 .duration_since(SystemTime::now())
@@ -1022,43 +562,40 @@ impl Token {
         });
         match restored.state {
             Some(TokenState::Revoked) => {
-                inner.state = TokenState::Revoked;
-                inner.reason = Some(Reason::Revoked);
-                self.gate.store(CLOSED, Ordering::Release);
+                health.state = TokenState::Revoked;
+                health.reason = Some(Reason::Revoked);
             }
             Some(TokenState::Disabled) if restored.reason == Some(Reason::Manual) => {
-                inner.state = TokenState::Disabled;
-                inner.reason = Some(Reason::Manual);
-                self.gate.store(CLOSED, Ordering::Release);
+                health.disable_manually();
             }
             Some(state @ (TokenState::Disabled | TokenState::CoolingDown)) => {
                 if let Some(until) = until {
-                    inner.state = state;
-                    inner.reason = restored.reason;
-                    inner.cooldown_until = Some(until);
-                    self.gate.store(self.clock.millis(until), Ordering::Release);
+                    health.state = state;
+                    health.reason = restored.reason;
+                    health.cooldown_until = Some(until);
                 }
             }
             _ => {}
         }
-        if inner.state != TokenState::Active {
+        if health.state != TokenState::Active {
             // Shared as older than any change a replica makes while running.
-            inner.stamp = 1;
+            health.stamp = 1;
         }
     }
 
     /// Whether state changed since the last call (for the state file).
     pub fn take_dirty(&self) -> bool {
-        self.dirty.swap(false, Ordering::AcqRel)
+        let secret = self.credentials.take_changed();
+        self.dirty.swap(false, Ordering::AcqRel) | secret
     }
 
     /// A copy of its state at `now`.
     pub fn snapshot(&self) -> Snapshot {
         let now = Instant::now();
-        let inner = self.lock().clone();
-        let mut state = inner.state;
-        let mut reason = inner.reason;
-        let mut cooldown_until = inner.cooldown_until;
+        let health = self.read().clone();
+        let mut state = health.state;
+        let mut reason = health.reason;
+        let mut cooldown_until = health.cooldown_until;
         if state == TokenState::CoolingDown && cooldown_until.is_some_and(|u| u <= now) {
             state = TokenState::Active;
             reason = None;
@@ -1078,37 +615,146 @@ impl Token {
             tier: self.tier,
             state,
             reason,
-            consecutive_failures: inner.consecutive_failures,
+            consecutive_failures: health.consecutive_failures,
             cooldown_until: cooldown_until.map(wall),
-            access_token_expires_at: self.access.load().as_ref().map(|a| a.expires_at_wall),
+            access_token_expires_at: self.credentials.access_expires_at(),
             requests: self.requests(),
             last_used_at: (last_ms > 0).then(|| wall(self.clock.instant(last_ms))),
-            last_error: inner.last_error.clone(),
-            backoff_level: inner.backoff_level,
-            quota_level: inner.quota_level,
-            manual: inner.reason == Some(Reason::Manual),
+            last_error: health.last_error.clone(),
+            backoff_level: health.backoff_level,
+            quota_level: health.quota_level,
+            manual: health.reason == Some(Reason::Manual),
             quota: self.quota(),
+            state_changes: self.state_changes.load(Ordering::Relaxed),
         }
     }
 }
 
-/// The fields of a token the state file records.
-fn persisted(inner: &Inner) -> (TokenState, Option<Reason>, Option<Instant>, u32, u32) {
-    (
-        inner.state,
-        inner.reason,
-        inner.cooldown_until,
-        inner.backoff_level,
-        inner.quota_level,
-    )
-}
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::thread;
 
-fn is_manual(inner: &Inner) -> bool {
-    inner.state == TokenState::Disabled && inner.reason == Some(Reason::Manual)
-}
+    use super::testing::{settings, token};
+    use super::*;
 
-/// Rest after the refresh endpoint was unavailable: 1 s doubling, capped at
-/// 10 s, so the pool serves again within seconds of the endpoint's return.
-fn refresh_rest(level: u32) -> Duration {
-    Duration::from_secs(1u64 << level.min(4)).min(Duration::from_secs(10))
+    impl Token {
+        /// Whether what is kept beside the lock agrees with the health
+        /// under it: the gate and the no-op flag the fast paths read.
+        fn agrees(&self) -> bool {
+            let health = self.read();
+            self.gate.load(Ordering::Acquire) == health.gate(&self.clock)
+                && self.clean.load(Ordering::Acquire) == health.success_is_noop()
+        }
+    }
+
+    /// Threads report, pick, enable and disable one token at once; after
+    /// each one's turn and at the end, the atomics the hot path reads
+    /// agree with the state under the lock, and every change of state was
+    /// counted exactly once.
+    #[test]
+    fn concurrent_reports_on_one_token_leave_it_consistent() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _time = runtime.enter();
+        let t = Arc::new(token("busy"));
+        let outcomes = [
+            Outcome::Success,
+            Outcome::Failure(Reason::Forbidden),
+            Outcome::RateLimited(Some(Duration::from_millis(3))),
+            Outcome::QuotaExhausted,
+            Outcome::Neutral,
+            Outcome::RefreshUnavailable,
+            Outcome::Revoked,
+        ];
+        let threads: Vec<_> = (0..4u64)
+            .map(|seed| {
+                let t = Arc::clone(&t);
+                thread::spawn(move || {
+                    let settings = settings();
+                    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                    for _ in 0..5_000 {
+                        // xorshift: a different, repeatable mix per thread.
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        match x % 12 {
+                            0 => t.enable(),
+                            1 => t.disable_manually(),
+                            2 | 3 => {
+                                t.try_acquire(t.clock.now_millis(), &settings);
+                            }
+                            n => {
+                                t.report(outcomes[(n as usize) % outcomes.len()], &settings);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert!(t.agrees());
+        // One more change from a known state is counted once and logged once.
+        t.enable();
+        let before = t.snapshot().state_changes;
+        t.disable_manually();
+        t.disable_manually();
+        assert_eq!(t.snapshot().state_changes, before + 1);
+        assert!(t.agrees());
+        assert!(t.take_dirty());
+        assert!(!t.take_dirty());
+    }
+
+    /// Each way a token changes goes through the one commit: the dirty
+    /// and shared flags follow what changed and where it came from.
+    #[tokio::test(start_paused = true)]
+    async fn side_effects_follow_the_origin() {
+        let t = token("a");
+        let s = settings();
+        // A success on a healthy token changes nothing.
+        t.report(Outcome::Success, &s);
+        assert!(!t.take_dirty() && !t.take_shared_dirty());
+        // A failure below the threshold: replicas learn the count, the
+        // state file has nothing new.
+        t.report(Outcome::Failure(Reason::Forbidden), &s);
+        assert!(!t.take_dirty());
+        assert!(t.take_shared_dirty());
+        // A rest: both.
+        t.report(Outcome::RateLimited(None), &s);
+        assert!(t.take_dirty() && t.take_shared_dirty());
+        // Its end on a pick: the state file, not the replicas.
+        tokio::time::advance(s.cooldown + Duration::from_millis(1)).await;
+        assert!(t.try_acquire(t.clock.now_millis(), &s));
+        assert_eq!(t.snapshot().state, TokenState::Active);
+        assert!(t.take_dirty());
+        assert!(!t.take_shared_dirty());
+        // A change from another replica is recorded, never sent back.
+        let mut remote = t.shared_state();
+        remote.state = TokenState::CoolingDown;
+        remote.reason = Some(Reason::RateLimited);
+        remote.until = Some(unix_ms(SystemTime::now()) + 60_000);
+        remote.stamp.at = unix_ms(SystemTime::now()) + 10;
+        assert!(t.apply_shared(&remote, "node-b"));
+        assert!(t.take_dirty());
+        assert!(!t.take_shared_dirty());
+        assert!(t.agrees());
+        // An enable is always recorded and shared, stamped as an enable.
+        t.enable();
+        assert!(t.take_dirty() && t.take_shared_dirty());
+        let shared = t.shared_state();
+        assert_eq!(shared.stamp.enabled_at, shared.stamp.at);
+        // A rotation marks the state file only.
+        t.credentials().rotate(Secret::new("rt-a-2"));
+        assert!(t.take_dirty());
+        assert!(!t.take_shared_dirty());
+        // Revocation drops the access token.
+        t.set_access(AccessToken::new("bearer", Duration::from_secs(60)));
+        t.report(Outcome::Revoked, &s);
+        assert!(t.credentials().access().is_none());
+        assert!(t.is_out_for_good());
+    }
 }

@@ -191,7 +191,7 @@ async fn attempt(
                     // The access token may have expired or been revoked
                     // early: refresh and retry once on the same token.
                     retried_unauthorized = true;
-                    token.drop_access();
+                    token.credentials().drop_access();
                     match refresher.access(pool, token).await {
                         Ok(fresh) => {
                             access = fresh;

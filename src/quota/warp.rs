@@ -127,7 +127,7 @@ async fn poll(
     url: &str,
     token: &Token,
 ) -> Result<Option<Quota>, PollError> {
-    let Some(access) = token.valid_access(Instant::now()) else {
+    let Some(access) = token.credentials().valid_access(Instant::now()) else {
         return Ok(None);
     };
     let Some(authorization) = access.authorization() else {

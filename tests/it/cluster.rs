@@ -71,6 +71,7 @@ fn refresh_token_of(p: &Proxy, name: &str) -> String {
         .pool
         .get(name)
         .unwrap()
+        .credentials()
         .refresh_token()
         .expose()
         .to_string()
@@ -430,7 +431,7 @@ async fn stored_tokens_are_sealed_and_a_replica_with_another_key_stays_local() {
     let mut secrets = vec![rt("a"), rt("b"), s.sim.refresh_token("a").unwrap()];
     for name in ["a", "b"] {
         let token = a.generations.current().pool.get(name).unwrap().clone();
-        let access = token.access().expect("refreshed");
+        let access = token.credentials().access().expect("refreshed");
         secrets.push(access.bearer().unwrap().to_string());
     }
     let dump = redis.dump("it:").await;

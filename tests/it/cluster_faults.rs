@@ -483,13 +483,13 @@ async fn flushall_in_flight(provider: RefreshBehaviour) {
             .pool
             .tokens()
             .iter()
-            .any(|t| t.refresh_in_flight())
+            .any(|t| t.credentials().refresh_in_flight())
             || b.generations
                 .current()
                 .pool
                 .tokens()
                 .iter()
-                .any(|t| t.refresh_in_flight())
+                .any(|t| t.credentials().refresh_in_flight())
     })
     .await;
     scene.redis.flushall().await;

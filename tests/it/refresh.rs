@@ -58,7 +58,12 @@ async fn a_revoked_token_is_sent_at_most_once() {
     // no refresh for the revoked token.
     background_pass(&p);
     let g = p.generations.current();
-    assert!(!g.pool.get("dead").unwrap().refresh_in_flight());
+    assert!(!g
+        .pool
+        .get("dead")
+        .unwrap()
+        .credentials()
+        .refresh_in_flight());
     assert_eq!(s.sim.refresh_calls("dead"), 1);
 }
 
@@ -218,7 +223,10 @@ async fn a_429_from_the_refresh_endpoint_pauses_all_refreshing_without_blame() {
         background_pass(&p);
         let g = p.generations.current();
         for name in ["a", "b"] {
-            assert!(!g.pool.get(name).unwrap().refresh_in_flight(), "{name}");
+            assert!(
+                !g.pool.get(name).unwrap().credentials().refresh_in_flight(),
+                "{name}"
+            );
         }
     }
     assert_eq!(

@@ -220,7 +220,7 @@ async fn state_is_carried_across_a_reload_and_removed_tokens_series_go() {
         "counters kept"
     );
     assert!(
-        g.pool.get("b").unwrap().access().is_some(),
+        g.pool.get("b").unwrap().credentials().access().is_some(),
         "access token kept"
     );
     let refreshes = s.sim.refresh_calls("b");

@@ -3,17 +3,19 @@
 //! and when it refills. A token with none left rests until the refill
 //! instead of spending a request on a 429 to learn it.
 //!
-//! The remaining count is one atomic, read by `most_remaining` selection
-//! and counted down by each request sent (the next report corrects it);
-//! it is trusted until the refill, or for [`COUNT_TRUST`] when no refill
-//! time is known. The rest is under the token's lock.
+//! The remaining count is one atomic ([`Count`]), read by `most_remaining`
+//! selection and counted down by each request sent (the next report
+//! corrects it); it is trusted until the refill, or for [`COUNT_TRUST`]
+//! when no refill time is known. The rest ([`QuotaInfo`]) is part of the
+//! token's health, under its lock.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::{Inner, Reason, Token, TokenState};
+use super::{Origin, Token};
+use crate::pool::Clock;
 
 /// The `remaining` atomic's value when the count is not known (or there is
 /// no limit): counts as full.
@@ -30,13 +32,6 @@ pub const COUNT_TRUST: Duration = Duration::from_secs(10 * 60);
 /// How long a rest decided by the token's own count waits for the poll
 /// that confirms it before clients are told the refill time.
 const CONFIRM_WINDOW: Duration = Duration::from_secs(10);
-
-/// A state change to log: from, to, and when the token comes back.
-type Change = (
-    (TokenState, Option<Reason>),
-    (TokenState, Option<Reason>),
-    Option<Instant>,
-);
 
 /// What is known of a token's request quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,11 +69,69 @@ impl QuotaInfo {
     }
 }
 
+/// The lock-free part of a token's quota: the remaining count and the
+/// quota poller's flags.
+#[derive(Debug)]
+pub(super) struct Count {
+    /// Requests left ([`UNKNOWN`]: not known, or no limit).
+    remaining: AtomicU64,
+    /// Clock reading (ms) from which `remaining` reads as unknown: the
+    /// refill, or a while after a report without one.
+    until: AtomicU64,
+    /// The quota poller should look at it soon.
+    poll: AtomicBool,
+    /// Clock reading (ms) until which a rest its own count decided awaits
+    /// the poll that confirms it (0: none): till then a client is told to
+    /// retry soon, not at the refill.
+    confirming: AtomicU64,
+}
+
+impl Default for Count {
+    fn default() -> Count {
+        Count {
+            remaining: AtomicU64::new(UNKNOWN),
+            until: AtomicU64::new(0),
+            poll: AtomicBool::new(false),
+            confirming: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Count {
+    /// Sets the remaining count, trusted until `until`.
+    pub(super) fn set(&self, remaining: u64, clock: &Clock, until: Instant) {
+        self.until.store(clock.millis(until), Ordering::Relaxed);
+        self.remaining.store(remaining, Ordering::Relaxed);
+    }
+
+    /// The count at clock reading `now_ms`: unknown once no longer trusted.
+    fn at(&self, now_ms: u64) -> u64 {
+        match self.remaining.load(Ordering::Relaxed) {
+            UNKNOWN => UNKNOWN,
+            _ if self.until.load(Ordering::Relaxed) <= now_ms => UNKNOWN,
+            n => n,
+        }
+    }
+
+    /// A count at zero is unknown again (a rest ended, or an operator
+    /// enabled the token: refilled, or to be learned anew).
+    pub(super) fn forget_zero(&self) {
+        let _ = self
+            .remaining
+            .compare_exchange(0, UNKNOWN, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Clock reading (ms) until which a rest awaits its confirming poll.
+    pub(super) fn confirming_until(&self) -> u64 {
+        self.confirming.load(Ordering::Relaxed)
+    }
+}
+
 impl Token {
     /// What is known of its quota; `None` if nothing was ever learned. A
     /// refill time that has passed reads as an unknown count.
     pub fn quota(&self) -> Option<Quota> {
-        let info = self.lock().quota?;
+        let info = self.read().quota?;
         let refilled = info.resets_at.is_some_and(|r| r <= SystemTime::now());
         let remaining = match self.remaining_at(self.clock.now_millis()) {
             UNKNOWN => None,
@@ -96,18 +149,7 @@ impl Token {
     /// The remaining count selection compares at clock reading `now_ms`:
     /// unknown, unlimited, refilled or no longer trusted counts as full.
     pub fn remaining_at(&self, now_ms: u64) -> u64 {
-        match self.remaining.load(Ordering::Relaxed) {
-            UNKNOWN => UNKNOWN,
-            _ if self.remaining_until.load(Ordering::Relaxed) <= now_ms => UNKNOWN,
-            n => n,
-        }
-    }
-
-    /// Sets the remaining count, trusted until `until`.
-    pub(super) fn count_is(&self, remaining: u64, until: Instant) {
-        self.remaining_until
-            .store(self.clock.millis(until), Ordering::Relaxed);
-        self.remaining.store(remaining, Ordering::Relaxed);
+        self.count.at(now_ms)
     }
 
     /// Takes what the upstream said of the quota. At none left with a
@@ -119,16 +161,16 @@ impl Token {
         } else {
             quota.remaining.unwrap_or(UNKNOWN)
         };
-        let mut inner = self.lock();
+        let mut health = self.change(Origin::Here);
         // A report answers any confirmation awaited.
-        self.confirming.store(0, Ordering::Relaxed);
+        self.count.confirming.store(0, Ordering::Relaxed);
         let info = QuotaInfo {
             limit: quota.limit.filter(|_| !quota.unlimited),
             resets_at: quota.resets_at.filter(|_| !quota.unlimited),
             unlimited: quota.unlimited,
         };
         // A partial report (headers with no limit, say) keeps what is known.
-        let merged = match inner.quota {
+        let merged = match health.quota {
             Some(old) if !quota.unlimited => QuotaInfo {
                 limit: info.limit.or(old.limit),
                 resets_at: info.resets_at.or(old.resets_at),
@@ -136,29 +178,16 @@ impl Token {
             },
             _ => info,
         };
-        inner.quota = Some(merged);
+        health.quota = Some(merged);
         // Under the lock, so that reports taken in turn leave the count
         // and the rest agreeing.
+        let now = Instant::now();
         let trust = merged.refill_in().unwrap_or(COUNT_TRUST);
-        self.count_is(remaining, Instant::now() + trust);
-        let change = if remaining == 0 {
-            self.rest_for_quota(&mut inner).1
-        } else if inner.counted_out
-            && inner.state == TokenState::CoolingDown
-            && inner.reason == Some(Reason::QuotaExhausted)
-        {
-            let before = (inner.state, inner.reason);
-            inner.counted_out = false;
-            self.activate(&mut inner);
-            self.dirty.store(true, Ordering::Release);
-            self.mark_shared(&mut inner, false);
-            Some((before, (TokenState::Active, None), None))
+        self.count.set(remaining, &self.clock, now + trust);
+        if remaining == 0 {
+            health.rest_for_quota(now);
         } else {
-            None
-        };
-        drop(inner);
-        if let Some((from, to, until)) = change {
-            self.log_change(from, to, until);
+            health.quota_left();
         }
     }
 
@@ -166,69 +195,34 @@ impl Token {
     /// next report corrects it); at zero with a refill time, the token
     /// rests, and the quota poller is asked to confirm.
     pub fn spend_quota(&self) {
-        let spent =
-            self.remaining
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| match n {
-                    UNKNOWN | 0 => None,
-                    n => Some(n - 1),
-                });
+        let spent = self
+            .count
+            .remaining
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| match n {
+                UNKNOWN | 0 => None,
+                n => Some(n - 1),
+            });
         if spent == Ok(1) {
-            let mut inner = self.lock();
-            let (rested, change) = self.rest_for_quota(&mut inner);
-            drop(inner);
-            if let Some((from, to, until)) = change {
-                self.log_change(from, to, until);
-            }
+            let now = Instant::now();
+            let rested = self.change(Origin::Here).rest_for_quota(now);
             if rested {
-                let until = Instant::now() + CONFIRM_WINDOW;
-                self.confirming
-                    .store(self.clock.millis(until), Ordering::Relaxed);
+                self.count
+                    .confirming
+                    .store(self.clock.millis(now + CONFIRM_WINDOW), Ordering::Relaxed);
                 self.want_quota_poll();
             }
-        }
-    }
-
-    /// Rests the token until its quota refills, if the refill time is
-    /// known; returns whether it did, and the state change to log once the
-    /// lock is let go.
-    fn rest_for_quota(&self, inner: &mut super::InnerGuard<'_>) -> (bool, Option<Change>) {
-        let Some(wait) = inner.quota.and_then(|q| q.refill_in()) else {
-            return (false, None);
-        };
-        let before = (inner.state, inner.reason, inner.cooldown_until);
-        inner.last_error = Some(Reason::QuotaExhausted.as_str().to_string());
-        self.cool(inner, Reason::QuotaExhausted, Instant::now(), wait);
-        let after = (inner.state, inner.reason, inner.cooldown_until);
-        if after != before {
-            inner.counted_out = true;
-            self.dirty.store(true, Ordering::Release);
-            self.mark_shared(inner, false);
-            return (
-                true,
-                Some(((before.0, before.1), (after.0, after.1), after.2)),
-            );
-        }
-        (true, None)
-    }
-
-    /// When a rest ends (or an operator enables the token), a count at
-    /// zero is unknown again: refilled, or to be learned anew.
-    pub(super) fn quota_refilled(&self, inner: &mut Inner) {
-        inner.counted_out = false;
-        if self.remaining.load(Ordering::Relaxed) == 0 {
-            self.remaining.store(UNKNOWN, Ordering::Relaxed);
         }
     }
 
     /// Asks the quota poller to look at this token soon (after a refresh,
     /// or a quota 429).
     pub fn want_quota_poll(&self) {
-        self.quota_poll.store(true, Ordering::Release);
+        self.count.poll.store(true, Ordering::Release);
     }
 
     /// Whether a poll was asked for since the last call.
     pub fn take_quota_poll(&self) -> bool {
-        self.quota_poll.swap(false, Ordering::AcqRel)
+        self.count.poll.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -236,6 +230,7 @@ impl Token {
 mod tests {
     use super::*;
     use crate::pool::token::testing::{settings, token};
+    use crate::pool::token::{Reason, TokenState};
     use crate::pool::Outcome;
 
     #[tokio::test(start_paused = true)]

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{AccessToken, Inner, Reason, Token, TokenState, CLOSED};
+use super::{Origin, Reason, Token, TokenState};
 use crate::config::Secret;
 
 /// How a shared change is ordered against another.
@@ -92,17 +92,6 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 impl Token {
-    /// Records a change other replicas should learn: stamps it (never
-    /// twice with the same time) and wakes the cluster's sync task.
-    pub(super) fn mark_shared(&self, inner: &mut Inner, enabled: bool) {
-        inner.stamp = unix_ms(SystemTime::now()).max(inner.stamp + 1);
-        if enabled {
-            inner.enabled_at = inner.stamp;
-        }
-        self.shared_dirty.store(true, Ordering::Release);
-        self.changes.notify_one();
-    }
-
     /// Whether a change other replicas should learn happened since the
     /// last call.
     pub fn take_shared_dirty(&self) -> bool {
@@ -116,10 +105,11 @@ impl Token {
 
     /// Its state as replicas share it.
     pub fn shared_state(&self) -> SharedState {
-        let inner = self.lock();
+        let refresh_fp = self.credentials.refresh_fingerprint();
+        let health = self.read();
         let now = Instant::now();
         let now_wall = SystemTime::now();
-        let until = inner.cooldown_until.map(|u| {
+        let until = health.cooldown_until.map(|u| {
             if u >= now {
                 unix_ms(now_wall + (u - now))
             } else {
@@ -127,17 +117,17 @@ impl Token {
             }
         });
         SharedState {
-            state: inner.state,
-            reason: inner.reason,
+            state: health.state,
+            reason: health.reason,
             until,
-            failures: inner.consecutive_failures,
-            backoff_level: inner.backoff_level,
-            quota_level: inner.quota_level,
-            refresh_fp: short_fingerprint(&inner.refresh_token),
+            failures: health.consecutive_failures,
+            backoff_level: health.backoff_level,
+            quota_level: health.quota_level,
+            refresh_fp,
             stamp: Stamp {
-                at: inner.stamp,
-                revoked: inner.state == TokenState::Revoked,
-                enabled_at: inner.enabled_at,
+                at: health.stamp,
+                revoked: health.state == TokenState::Revoked,
+                enabled_at: health.enabled_at,
             },
         }
     }
@@ -146,134 +136,52 @@ impl Token {
     /// for a revocation, it is of the refresh token this replica uses.
     /// Returns whether it was taken.
     pub fn apply_shared(&self, remote: &SharedState, node: &str) -> bool {
-        let mut inner = self.lock();
+        let refresh_fp = self.credentials.refresh_fingerprint();
+        let mut health = self.change(Origin::Replica(node));
         let local = Stamp {
-            at: inner.stamp,
-            revoked: inner.state == TokenState::Revoked,
-            enabled_at: inner.enabled_at,
+            at: health.stamp,
+            revoked: health.state == TokenState::Revoked,
+            enabled_at: health.enabled_at,
         };
         if !accepts(local, remote.stamp) {
             return false;
         }
-        if remote.state == TokenState::Revoked
-            && remote.refresh_fp != short_fingerprint(&inner.refresh_token)
-        {
+        if remote.state == TokenState::Revoked && remote.refresh_fp != refresh_fp {
             // It revoked a refresh token this replica has replaced since.
             return false;
         }
-        let from = (inner.state, inner.reason);
         let now = Instant::now();
         let now_wall = SystemTime::now();
         let until = remote.until.map(|ms| {
             let at = UNIX_EPOCH + Duration::from_millis(ms);
             match at.duration_since(now_wall) {
-                Ok(ahead) => now + ahead,
+                Ok(ahead) => now.checked_add(ahead).unwrap_or(now),
                 Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
             }
         });
-        inner.state = remote.state;
-        inner.reason = remote.reason;
-        inner.cooldown_until = match remote.state {
+        health.state = remote.state;
+        health.reason = remote.reason;
+        health.cooldown_until = match remote.state {
             TokenState::Active | TokenState::Revoked => None,
-            _ => until,
+            // A rest with no end given may end now.
+            _ => Some(until.unwrap_or(now)),
         };
-        inner.consecutive_failures = remote.failures;
-        inner.backoff_level = remote.backoff_level;
-        inner.quota_level = remote.quota_level;
-        inner.trial = false;
-        inner.stamp = remote.stamp.at;
-        if remote.stamp.enabled_at > inner.enabled_at {
-            inner.enabled_at = remote.stamp.enabled_at;
-            inner.refresh_level = 0;
+        health.consecutive_failures = remote.failures;
+        health.backoff_level = remote.backoff_level;
+        health.quota_level = remote.quota_level;
+        health.trial = false;
+        health.stamp = remote.stamp.at;
+        if remote.stamp.enabled_at > health.enabled_at {
+            health.enabled_at = remote.stamp.enabled_at;
+            health.refresh_level = 0;
         }
-        inner.last_error = match (remote.state, remote.reason) {
-            (_, Some(Reason::Manual)) => inner.last_error.take(),
+        health.last_error = match (remote.state, remote.reason) {
+            (_, Some(Reason::Manual)) => health.last_error.take(),
             (TokenState::Active, _) if remote.failures == 0 => None,
             (_, Some(reason)) => Some(reason.as_str().to_string()),
-            (_, None) => inner.last_error.take(),
+            (_, None) => health.last_error.take(),
         };
-        let gate = match (remote.state, remote.reason) {
-            (TokenState::Active, _) => 0,
-            (TokenState::Revoked, _) | (TokenState::Disabled, Some(Reason::Manual)) => CLOSED,
-            _ => self.clock.millis(inner.cooldown_until.unwrap_or(now)),
-        };
-        self.gate.store(gate, Ordering::Release);
-        self.dirty.store(true, Ordering::Release);
-        drop(inner);
-        if remote.state == TokenState::Revoked {
-            self.drop_access();
-        }
-        if from != (remote.state, remote.reason) {
-            tracing::info!(
-                token = self.name(),
-                tier = self.tier.as_str(),
-                from = from.0.as_str(),
-                to = remote.state.as_str(),
-                reason = remote.reason.map_or("-", Reason::as_str),
-                node,
-                "token state changed on another replica"
-            );
-        }
         true
-    }
-
-    /// The short fingerprint of the refresh token in use.
-    pub fn refresh_fingerprint(&self) -> String {
-        short_fingerprint(&self.lock().refresh_token)
-    }
-
-    /// Takes the refresh token another replica rotated to, if it is newer
-    /// (more rotations; on a tie, only when `tie` says the other one won).
-    /// A revocation seen here was of the token it replaced, so it is
-    /// lifted. Returns whether anything changed.
-    pub fn adopt_refresh_token(&self, refresh_token: Secret, rotation: u64, tie: bool) -> bool {
-        let mut inner = self.lock();
-        let newer = rotation > inner.rotation || (tie && rotation == inner.rotation);
-        if !newer || inner.refresh_token == refresh_token {
-            return false;
-        }
-        inner.rotated = refresh_token != self.configured;
-        inner.refresh_token = refresh_token;
-        inner.rotation = rotation;
-        self.dirty.store(true, Ordering::Release);
-        let lifted = inner.state == TokenState::Revoked;
-        if lifted {
-            self.activate(&mut inner);
-            inner.consecutive_failures = 0;
-            inner.last_error = None;
-        }
-        drop(inner);
-        if lifted {
-            tracing::info!(
-                token = self.name(),
-                tier = self.tier.as_str(),
-                "token back in rotation: another replica holds a newer refresh token"
-            );
-        }
-        true
-    }
-
-    /// Installs an access token another replica obtained, unless it is
-    /// the one held, expires before it, or is the one this replica dropped
-    /// after a 401. Returns whether it was installed.
-    pub fn adopt_access(&self, access: AccessToken) -> bool {
-        if access.id == self.dropped_access.load(Ordering::Relaxed) {
-            return false;
-        }
-        if self.access.load().as_ref().is_some_and(|held| {
-            held.id == access.id || held.expires_at_wall > access.expires_at_wall
-        }) {
-            return false;
-        }
-        self.set_access(access);
-        true
-    }
-
-    /// Whether only an operator (or a new secret, or a newer refresh
-    /// token from another replica) brings it back: revoked, or disabled
-    /// by hand.
-    pub fn is_out_for_good(&self) -> bool {
-        self.gate.load(Ordering::Acquire) == CLOSED
     }
 }
 
@@ -281,6 +189,7 @@ impl Token {
 mod tests {
     use super::*;
     use crate::pool::token::testing::{settings, token};
+    use crate::pool::token::AccessToken;
     use crate::pool::Outcome;
 
     fn stamp(at: u64, revoked: bool, enabled_at: u64) -> Stamp {
@@ -394,9 +303,9 @@ mod tests {
     #[test]
     fn the_refresh_token_with_more_rotations_wins() {
         let a = token("alice");
-        a.rotate(Secret::new("rt-alice-2"));
-        a.rotate(Secret::new("rt-alice-3"));
-        assert_eq!(a.rotation(), 2);
+        a.credentials().rotate(Secret::new("rt-alice-2"));
+        a.credentials().rotate(Secret::new("rt-alice-3"));
+        assert_eq!(a.credentials().rotation(), 2);
         // An older one from another replica is not taken...
         assert!(!a.adopt_refresh_token(Secret::new("rt-alice-2"), 1, false));
         // ...a rival of the same age only when it won in Redis...
@@ -404,8 +313,11 @@ mod tests {
         assert!(a.adopt_refresh_token(Secret::new("rt-alice-x"), 2, true));
         // ...a newer one always.
         assert!(a.adopt_refresh_token(Secret::new("rt-alice-4"), 3, false));
-        assert_eq!(a.refresh_token(), Secret::new("rt-alice-4"));
-        assert_eq!(a.rotated_refresh_token(), Some(Secret::new("rt-alice-4")));
+        assert_eq!(a.credentials().refresh_token(), Secret::new("rt-alice-4"));
+        assert_eq!(
+            a.credentials().rotated_refresh_token(),
+            Some(Secret::new("rt-alice-4"))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -428,11 +340,11 @@ mod tests {
             later,
             Duration::from_secs(3600)
         )));
-        let held = a.valid_access(Instant::now()).unwrap();
+        let held = a.credentials().valid_access(Instant::now()).unwrap();
         assert_eq!(held.authorization().unwrap(), "Bearer jwt-1");
         assert_eq!(held.lifetime, Duration::from_secs(3600));
         // Dropped after a 401: the same one is not taken back.
-        a.drop_access();
+        a.credentials().drop_access();
         assert!(!a.adopt_access(AccessToken::until(
             "jwt-1",
             later,
