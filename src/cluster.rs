@@ -45,7 +45,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::{ClusterConfig, RefreshAlone, Secret};
-use crate::metrics::{refusal, ClusterMetrics, Metrics};
+use crate::metrics::{ClusterMetrics, Metrics, Refusal};
 use crate::pool::token::{short_fingerprint, unix_ms};
 use crate::pool::{AccessToken, Pool, SharedState, Stamp, Token, TokenState};
 use seal::{SealError, Sealer};
@@ -93,8 +93,8 @@ pub enum Coordination {
     /// alone.
     Alone,
     /// It cannot show the refresh token is current: no refresh (`why`: one
-    /// of [`refusal::ALL`]).
-    Refused(&'static str),
+    /// of [`Refusal::ALL`]).
+    Refused(Refusal),
     /// While waiting, another replica took the token out of rotation.
     Out,
     /// Another replica's refresh did not end in time.
@@ -217,7 +217,7 @@ impl Cluster {
             )
         })?;
         let metrics = metrics.cluster();
-        metrics.up.set(0);
+        metrics.connected(false);
         Ok(Cluster {
             node: config.node.clone(),
             sync_interval: config.sync_interval,
@@ -276,7 +276,7 @@ impl Cluster {
     }
 
     fn set_fault(&self, fault: Option<String>) {
-        self.metrics.config_ok.set(i64::from(fault.is_none()));
+        self.metrics.config_ok(fault.is_none());
         self.fault.store(fault.map(Arc::new));
     }
 
@@ -339,9 +339,9 @@ impl Cluster {
 
     /// Whether this replica may refresh `token` without the cluster; the
     /// refusal's why when not.
-    fn may_refresh_alone(&self, token: &Token, why: &'static str) -> Result<(), &'static str> {
+    fn may_refresh_alone(&self, token: &Token, why: Refusal) -> Result<(), Refusal> {
         if self.fault.load().is_some() {
-            return Err(refusal::MISCONFIGURED);
+            return Err(Refusal::Misconfigured);
         }
         if self.refresh_alone == RefreshAlone::Never {
             return Err(why);
@@ -356,10 +356,10 @@ impl Cluster {
         // the cluster. A configured state file that never saw the token
         // (a new volume) is no history.
         if cluster_rotation.is_none() {
-            return Err(refusal::NO_HISTORY);
+            return Err(Refusal::NoHistory);
         }
         if token.credentials().rotation() > 0 || cluster_rotation.unwrap_or(0) > 0 {
-            return Err(refusal::ROTATED);
+            return Err(Refusal::Rotated);
         }
         Ok(())
     }
@@ -405,14 +405,14 @@ impl Cluster {
     }
 
     /// `Alone` if `token` may be refreshed alone, else `Refused`, counted.
-    fn alone_or_refused(&self, token: &Token, why: &'static str) -> Coordination {
+    fn alone_or_refused(&self, token: &Token, why: Refusal) -> Coordination {
         match self.may_refresh_alone(token, why) {
             Ok(()) => Coordination::Alone,
             Err(why) => {
                 self.metrics.refused(why);
                 tracing::debug!(
                     token = token.name(),
-                    why,
+                    why = why.as_str(),
                     "not refreshing: the refresh token cannot be shown current"
                 );
                 Coordination::Refused(why)
@@ -497,12 +497,12 @@ impl Cluster {
     fn set_up(&self, conn: MultiplexedConnection) {
         let number = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         self.conn.store(Some(Arc::new((number, conn))));
-        self.metrics.up.set(1);
+        self.metrics.connected(true);
     }
 
     fn set_down(&self) {
         self.conn.store(None);
-        self.metrics.up.set(0);
+        self.metrics.connected(false);
     }
 
     /// A refresh's exchange with Redis on connection `number` failed: go
@@ -538,8 +538,8 @@ impl Cluster {
         patience: Duration,
     ) -> Coordination {
         if self.fault.load().is_some() {
-            self.metrics.refused(refusal::MISCONFIGURED);
-            return Coordination::Refused(refusal::MISCONFIGURED);
+            self.metrics.refused(Refusal::Misconfigured);
+            return Coordination::Refused(Refusal::Misconfigured);
         }
         if !self.connected() && !*self.settled.borrow() {
             // At start, the cluster's refresh token may be newer than this
@@ -548,7 +548,7 @@ impl Cluster {
         }
         let mut give_up = Instant::now() + patience;
         let Some((number, mut conn)) = self.conn() else {
-            return self.alone_or_refused(token, refusal::AWAY);
+            return self.alone_or_refused(token, Refusal::Away);
         };
         let id = token_id(token);
         let fresh = || {
@@ -566,7 +566,7 @@ impl Cluster {
                 Ok(record) => record,
                 Err(e) => {
                     self.lost(number, &e);
-                    return self.alone_or_refused(token, refusal::AWAY);
+                    return self.alone_or_refused(token, Refusal::Away);
                 }
             };
             waited += asked.elapsed();
@@ -575,7 +575,7 @@ impl Cluster {
                 Ok((n, _)) => self.metrics.received(n),
                 Err(e) => {
                     tracing::warn!(token = token.name(), error = %e, "cannot read the cluster's record of this token");
-                    return self.alone_or_refused(token, refusal::MISCONFIGURED);
+                    return self.alone_or_refused(token, Refusal::Misconfigured);
                 }
             }
             if fresh() {
@@ -593,12 +593,12 @@ impl Cluster {
                 continue;
             }
             if self.fenced() {
-                return self.alone_or_refused(token, refusal::FENCED);
+                return self.alone_or_refused(token, Refusal::Fenced);
             }
             let value = format!("{} {:016x}", self.node, fastrand::u64(..));
             let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let Some(epoch) = seen.epoch.as_deref() else {
-                return self.alone_or_refused(token, refusal::AWAY);
+                return self.alone_or_refused(token, Refusal::Away);
             };
             let asked = Instant::now();
             let answer = self
@@ -623,7 +623,7 @@ impl Cluster {
                         Ok(record) => record,
                         Err(e) => {
                             self.lost(number, &e);
-                            return self.alone_or_refused(token, refusal::AWAY);
+                            return self.alone_or_refused(token, Refusal::Away);
                         }
                     };
                     if self.take(token, &lease.id, &record).is_ok() && fresh() {
@@ -635,19 +635,19 @@ impl Cluster {
                         // replica could not take: presenting its own
                         // would present a superseded one.
                         self.release(lease, true, 0).await;
-                        self.metrics.refused(refusal::BEHIND);
+                        self.metrics.refused(Refusal::Behind);
                         tracing::warn!(
                             token = token.name(),
                             "the cluster holds a newer refresh token than this replica can read; not refreshing"
                         );
-                        return Coordination::Refused(refusal::BEHIND);
+                        return Coordination::Refused(Refusal::Behind);
                     }
                     return Coordination::Leader(lease);
                 }
                 Ok(LeaseAnswer::Held) => {}
                 Ok(LeaseAnswer::Fenced) => {
                     self.fence();
-                    return self.alone_or_refused(token, refusal::FENCED);
+                    return self.alone_or_refused(token, Refusal::Fenced);
                 }
                 Ok(LeaseAnswer::Unsettled) => {
                     // A refresh another replica (or this one) started ended
@@ -655,7 +655,7 @@ impl Cluster {
                     // may have rotated under it. Its holder writes the
                     // result when it is back; until then only what never
                     // rotates may be refreshed.
-                    return self.alone_or_refused(token, refusal::UNSETTLED);
+                    return self.alone_or_refused(token, Refusal::Unsettled);
                 }
                 Ok(LeaseAnswer::NotTheDataRead) => {
                     // Redis lost or rolled back its data since this replica
@@ -667,7 +667,7 @@ impl Cluster {
                     );
                     self.fence();
                     self.anomaly(number);
-                    return self.alone_or_refused(token, refusal::FENCED);
+                    return self.alone_or_refused(token, Refusal::Fenced);
                 }
                 Err(e) => {
                     // Redis may still run this request when it answers
@@ -677,13 +677,13 @@ impl Cluster {
                         .unwrap_or_else(|e| e.into_inner())
                         .push((id.clone(), value.clone()));
                     self.lost(number, &e);
-                    return self.alone_or_refused(token, refusal::AWAY);
+                    return self.alone_or_refused(token, Refusal::Away);
                 }
             }
             waited += asked.elapsed();
             if waited > ANSWER_TIMEOUT {
                 tracing::debug!(token = token.name(), "Redis is slow; not waiting for it");
-                return self.alone_or_refused(token, refusal::AWAY);
+                return self.alone_or_refused(token, Refusal::Away);
             }
             if Instant::now() >= give_up {
                 return Coordination::Busy;

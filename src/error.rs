@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::metrics::outcome;
+use crate::metrics::RequestOutcome;
 use crate::upstream::UpstreamError;
 
 /// Header that marks an answer made by the proxy, not the upstream.
@@ -30,6 +30,17 @@ pub enum ErrorSource {
     Upstream,
     /// The proxy itself cannot serve (no token, a failed task).
     Internal,
+}
+
+impl ErrorSource {
+    /// The access log's `error_source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Client => "client",
+            ErrorSource::Upstream => "upstream",
+            ErrorSource::Internal => "internal",
+        }
+    }
 }
 
 /// An error the proxy answers with.
@@ -108,20 +119,20 @@ impl ProxyError {
 
     /// The `outcome` label of `tokenpool_requests_total` for a proxied
     /// request that ended with this error.
-    pub fn outcome(&self) -> &'static str {
+    pub fn outcome(&self) -> RequestOutcome {
         match self {
-            ProxyError::Unauthorized => outcome::REJECTED,
-            ProxyError::NoTokenAvailable { .. } => outcome::NO_TOKEN,
+            ProxyError::Unauthorized => RequestOutcome::Rejected,
+            ProxyError::NoTokenAvailable { .. } => RequestOutcome::NoToken,
             ProxyError::UpstreamUnreachable
             | ProxyError::UpstreamTimeout
-            | ProxyError::Internal => outcome::UPSTREAM_ERROR,
+            | ProxyError::Internal => RequestOutcome::UpstreamError,
             ProxyError::RequestTooLarge { .. }
             | ProxyError::BadRequest { .. }
             | ProxyError::RequestTimeout { .. }
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed
             | ProxyError::UnknownToken
-            | ProxyError::ConfigRejected { .. } => outcome::CLIENT_ERROR,
+            | ProxyError::ConfigRejected { .. } => RequestOutcome::ClientError,
         }
     }
 

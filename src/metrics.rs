@@ -20,83 +20,200 @@ use prometheus::{
 use crate::config::Tier;
 use crate::pool::{Affinity, Pool, Reason, Snapshot, StateCounts, TokenState};
 
-/// Outcomes of `tokenpool_requests_total`.
-pub mod outcome {
+/// How a client request ended (`outcome` of `tokenpool_requests_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestOutcome {
     /// The client got an answer below 400.
-    pub const SUCCESS: &str = "success";
+    Success,
     /// The upstream answered 5xx, or the proxy could not reach it (502/504).
-    pub const UPSTREAM_ERROR: &str = "upstream_error";
-    /// The upstream answered 4xx, or the request was bad (413, 400).
-    pub const CLIENT_ERROR: &str = "client_error";
+    UpstreamError,
+    /// The upstream answered 4xx, or the request was bad (413, 400), or the
+    /// client left.
+    ClientError,
     /// No token was available (503).
-    pub const NO_TOKEN: &str = "no_token";
+    NoToken,
     /// The client did not authenticate (401 from the proxy).
-    pub const REJECTED: &str = "rejected";
+    Rejected,
+}
+
+impl RequestOutcome {
+    /// Every outcome, in the order of the cached series.
+    pub const ALL: [RequestOutcome; 5] = [
+        RequestOutcome::Success,
+        RequestOutcome::UpstreamError,
+        RequestOutcome::ClientError,
+        RequestOutcome::NoToken,
+        RequestOutcome::Rejected,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Success => "success",
+            RequestOutcome::UpstreamError => "upstream_error",
+            RequestOutcome::ClientError => "client_error",
+            RequestOutcome::NoToken => "no_token",
+            RequestOutcome::Rejected => "rejected",
+        }
+    }
 
     /// The outcome of a request whose answer (the upstream's, passed
     /// through) has `status`.
-    pub fn of_status(status: http::StatusCode) -> &'static str {
+    pub fn of_status(status: http::StatusCode) -> RequestOutcome {
         match status.as_u16() {
-            0..=399 => SUCCESS,
-            400..=499 => CLIENT_ERROR,
-            _ => UPSTREAM_ERROR,
+            0..=399 => RequestOutcome::Success,
+            400..=499 => RequestOutcome::ClientError,
+            _ => RequestOutcome::UpstreamError,
         }
     }
 }
 
-/// Outcomes of `tokenpool_refreshes_total`.
-pub mod refresh_outcome {
+/// How a refresh call ended (`outcome` of `tokenpool_refreshes_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefreshOutcome {
     /// A new access token.
-    pub const SUCCESS: &str = "success";
+    Success,
     /// The endpoint rejected the call for a reason other than revocation.
-    pub const FAILED: &str = "failed";
+    Failed,
     /// The refresh token was rejected.
-    pub const REVOKED: &str = "revoked";
+    Revoked,
     /// Unreachable, timed out, 5xx or garbage.
-    pub const UNAVAILABLE: &str = "unavailable";
+    Unavailable,
     /// The endpoint answered 429.
-    pub const RATE_LIMITED: &str = "rate_limited";
+    RateLimited,
+}
+
+impl RefreshOutcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshOutcome::Success => "success",
+            RefreshOutcome::Failed => "failed",
+            RefreshOutcome::Revoked => "revoked",
+            RefreshOutcome::Unavailable => "unavailable",
+            RefreshOutcome::RateLimited => "rate_limited",
+        }
+    }
 }
 
 /// The background tasks that are started again when they end or panic
-/// (`tokenpool_task_restarts_total{task}`).
-pub const TASKS: [&str; 4] = ["refresh", "quota_poll", "state_saver", "cluster_sync"];
+/// (`task` of `tokenpool_task_restarts_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// The background refresher.
+    Refresh,
+    /// The quota poller.
+    QuotaPoll,
+    /// The state file's writer.
+    StateSaver,
+    /// The cluster's sync task.
+    ClusterSync,
+}
 
-/// Results of `tokenpool_cluster_sync_total`.
-pub mod cluster_result {
-    /// Redis answered.
-    pub const OK: &str = "ok";
-    /// Redis could not be reached, timed out or answered an error.
-    pub const ERROR: &str = "error";
-    /// Every result.
-    pub const ALL: [&str; 2] = [OK, ERROR];
+impl Task {
+    /// Every task.
+    pub const ALL: [Task; 4] = [
+        Task::Refresh,
+        Task::QuotaPoll,
+        Task::StateSaver,
+        Task::ClusterSync,
+    ];
+
+    /// The label value (and the name the log uses).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Refresh => "refresh",
+            Task::QuotaPoll => "quota_poll",
+            Task::StateSaver => "state_saver",
+            Task::ClusterSync => "cluster_sync",
+        }
+    }
+}
+
+/// Why a replica did not present a refresh token (`why` of
+/// `tokenpool_cluster_refresh_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Redis is away, frozen, slow or unreachable.
+    Away,
+    /// Redis lost or rolled back its data moments ago.
+    Fenced,
+    /// A wrong or missing encryption_key, or another pool's key_prefix.
+    Misconfigured,
+    /// Its refresh token has rotated: only a lease makes it safe.
+    Rotated,
+    /// No state file and the cluster's record never read.
+    NoHistory,
+    /// The cluster's record is ahead of this replica's refresh token.
+    Behind,
+    /// An earlier refresh ended without its result in the cluster.
+    Unsettled,
+}
+
+impl Refusal {
+    /// Every reason.
+    pub const ALL: [Refusal; 7] = [
+        Refusal::Away,
+        Refusal::Fenced,
+        Refusal::Misconfigured,
+        Refusal::Rotated,
+        Refusal::NoHistory,
+        Refusal::Behind,
+        Refusal::Unsettled,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Away => "away",
+            Refusal::Fenced => "fenced",
+            Refusal::Misconfigured => "misconfigured",
+            Refusal::Rotated => "rotated",
+            Refusal::NoHistory => "no_history",
+            Refusal::Behind => "behind",
+            Refusal::Unsettled => "unsettled",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The cluster's metrics.
 #[derive(Clone)]
 pub struct ClusterMetrics {
     /// 1 while connected.
-    pub up: IntGauge,
+    up: IntGauge,
     /// Exchanges with Redis by result.
-    pub sync: IntCounterVec,
+    sync: IntCounterVec,
     /// Changes by direction (`sent`, `received`).
-    pub events: IntCounterVec,
+    events: IntCounterVec,
     /// 0 while the cluster's configuration is wrong (another
     /// encryption_key, none, or another pool holding the same tokens).
-    pub config_ok: IntGauge,
+    config_ok: IntGauge,
     /// Refreshes this replica would not present a refresh token for, by why.
-    pub refresh_refused: IntCounterVec,
+    refresh_refused: IntCounterVec,
 }
 
 impl ClusterMetrics {
+    /// Says whether this replica is connected and sharing the pool.
+    pub fn connected(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+
+    /// Says whether the cluster's configuration is right.
+    pub fn config_ok(&self, ok: bool) {
+        self.config_ok.set(i64::from(ok));
+    }
+
     /// Counts an exchange with Redis.
     pub fn exchange(&self, ok: bool) {
-        let result = if ok {
-            cluster_result::OK
-        } else {
-            cluster_result::ERROR
-        };
-        self.sync.with_label_values(&[result]).inc();
+        self.sync
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     /// Counts changes sent to other replicas.
@@ -110,39 +227,12 @@ impl ClusterMetrics {
     }
 
     /// Counts a refresh not made because the refresh token could not be
-    /// shown to be current (`why`: one of [`refusal::ALL`]).
-    pub fn refused(&self, why: &str) {
-        self.refresh_refused.with_label_values(&[why]).inc();
+    /// shown to be current.
+    pub fn refused(&self, why: Refusal) {
+        self.refresh_refused
+            .with_label_values(&[why.as_str()])
+            .inc();
     }
-}
-
-/// Why a replica did not present a refresh token
-/// (`tokenpool_cluster_refresh_refused_total{why}`).
-pub mod refusal {
-    /// Redis is away, frozen, slow or unreachable.
-    pub const AWAY: &str = "away";
-    /// Redis lost or rolled back its data moments ago.
-    pub const FENCED: &str = "fenced";
-    /// A wrong or missing encryption_key, or another pool's key_prefix.
-    pub const MISCONFIGURED: &str = "misconfigured";
-    /// Its refresh token has rotated: only a lease makes it safe.
-    pub const ROTATED: &str = "rotated";
-    /// No state file and the cluster's record never read.
-    pub const NO_HISTORY: &str = "no_history";
-    /// The cluster's record is ahead of this replica's refresh token.
-    pub const BEHIND: &str = "behind";
-    /// An earlier refresh ended without its result in the cluster.
-    pub const UNSETTLED: &str = "unsettled";
-    /// Every reason.
-    pub const ALL: [&str; 7] = [
-        AWAY,
-        FENCED,
-        MISCONFIGURED,
-        ROTATED,
-        NO_HISTORY,
-        BEHIND,
-        UNSETTLED,
-    ];
 }
 
 /// Status codes below this have their `upstream_requests_total` series
@@ -152,7 +242,7 @@ const CACHED_CODES: usize = 600;
 /// Series handles the request path uses, looked up once instead of hashing
 /// their labels on every request.
 struct Hot {
-    /// `requests_total` by outcome, in [`OUTCOMES`] order.
+    /// `requests_total` by outcome, in [`RequestOutcome::ALL`] order.
     requests: Vec<IntCounter>,
     /// `upstream_response_seconds` by tier, in [`Tier::ALL`] order.
     upstream_response: Vec<Histogram>,
@@ -165,54 +255,46 @@ struct Hot {
 /// The `result` labels of `affinity_total`, in [`Affinity`] order.
 const AFFINITY: [Affinity; 3] = [Affinity::Hit, Affinity::Moved, Affinity::None];
 
-const OUTCOMES: [&str; 5] = [
-    outcome::SUCCESS,
-    outcome::UPSTREAM_ERROR,
-    outcome::CLIENT_ERROR,
-    outcome::NO_TOKEN,
-    outcome::REJECTED,
-];
-
 /// The registry and every metric family.
 pub struct Metrics {
     registry: Registry,
     hot: Hot,
     /// Requests by outcome.
-    pub requests: IntCounterVec,
+    requests: IntCounterVec,
     /// Time to response headers.
-    pub request_duration: Histogram,
+    request_duration: Histogram,
     /// Requests being served.
-    pub inflight: IntGauge,
+    inflight: IntGauge,
     /// Requests served by a lower tier than the first.
-    pub tier_fallbacks: IntCounterVec,
+    tier_fallbacks: IntCounterVec,
     /// Requests that moved to another token, by the reason.
-    pub failovers: IntCounterVec,
+    failovers: IntCounterVec,
     /// Failures charged to a token.
-    pub token_failures: IntCounterVec,
+    token_failures: IntCounterVec,
     /// Tokens per tier and state.
-    pub tokens: IntGaugeVec,
+    tokens: IntGaugeVec,
     /// Refresh calls by outcome.
-    pub refreshes: IntCounterVec,
+    refreshes: IntCounterVec,
     /// Refresh call latency.
-    pub refresh_duration: HistogramVec,
+    refresh_duration: HistogramVec,
     /// Upstream answers by status code.
-    pub upstream_requests: IntCounterVec,
+    upstream_requests: IntCounterVec,
     /// Upstream time to headers.
-    pub upstream_response: HistogramVec,
+    upstream_response: HistogramVec,
     /// Requests by client key name and outcome.
-    pub client_requests: IntCounterVec,
+    client_requests: IntCounterVec,
     /// Reloads by result.
-    pub reloads: IntCounterVec,
+    reloads: IntCounterVec,
     /// Quota polls by result.
-    pub quota_polls: IntCounterVec,
+    quota_polls: IntCounterVec,
     /// Background tasks started again after they ended or panicked.
     task_restarts: IntCounterVec,
     /// Requests of sessions by how their affinity went.
-    pub affinity: IntCounterVec,
+    affinity: IntCounterVec,
     /// 1 when the last reload succeeded.
-    pub last_reload_successful: IntGauge,
+    last_reload_successful: IntGauge,
     /// Unix time of the last successful reload (or the first load).
-    pub last_reload_success_timestamp: Gauge,
+    last_reload_success_timestamp: Gauge,
 }
 
 /// Buckets from 5 ms to 30 s, for refresh calls.
@@ -389,9 +471,9 @@ impl Metrics {
         }
 
         // Series that must exist from the start, with zeros.
-        m.hot.requests = OUTCOMES
+        m.hot.requests = RequestOutcome::ALL
             .iter()
-            .map(|o| m.requests.with_label_values(&[o]))
+            .map(|o| m.requests.with_label_values(&[o.as_str()]))
             .collect();
         m.hot.upstream_response = Tier::ALL
             .iter()
@@ -406,13 +488,13 @@ impl Metrics {
                     .with_label_values(&[tier.as_str(), reason.as_str()]);
             }
             for o in [
-                refresh_outcome::SUCCESS,
-                refresh_outcome::FAILED,
-                refresh_outcome::REVOKED,
-                refresh_outcome::UNAVAILABLE,
-                refresh_outcome::RATE_LIMITED,
+                RefreshOutcome::Success,
+                RefreshOutcome::Failed,
+                RefreshOutcome::Revoked,
+                RefreshOutcome::Unavailable,
+                RefreshOutcome::RateLimited,
             ] {
-                m.refreshes.with_label_values(&[tier.as_str(), o]);
+                m.refreshes.with_label_values(&[tier.as_str(), o.as_str()]);
             }
         }
         for result in ["success", "failure"] {
@@ -421,8 +503,8 @@ impl Metrics {
         for result in ["ok", "failed"] {
             m.quota_polls.with_label_values(&[result]);
         }
-        for task in TASKS {
-            m.task_restarts.with_label_values(&[task]);
+        for task in Task::ALL {
+            m.task_restarts.with_label_values(&[task.as_str()]);
         }
         m.hot.affinity = AFFINITY
             .iter()
@@ -439,21 +521,39 @@ impl Metrics {
         m
     }
 
-    /// Counts a finished client request (one of the [`outcome`]s) and the
-    /// time it took to its response headers.
-    pub fn request_done(&self, outcome: &str, elapsed: Duration) {
-        match OUTCOMES.iter().position(|&o| o == outcome) {
-            Some(i) => self.hot.requests[i].inc(),
-            None => self.requests.with_label_values(&[outcome]).inc(),
-        }
-        self.request_duration.observe(elapsed.as_secs_f64());
+    /// Counts a client request begun (`tokenpool_inflight_requests`).
+    pub fn request_started(&self) {
+        self.inflight.inc();
     }
 
-    /// Counts a finished request of the client whose key is named `client`
+    /// Counts a client request that is no longer served (its answer's body
+    /// ended, or the client left).
+    pub fn request_ended(&self) {
+        self.inflight.dec();
+    }
+
+    /// Counts a client request answered, the time it took to its
+    /// response headers, and the client whose key is named `client`
     /// (`None`: no key, or no keys configured).
-    pub fn client_request(&self, client: Option<&str>, outcome: &str) {
+    pub fn request_done(&self, outcome: RequestOutcome, client: Option<&str>, elapsed: Duration) {
+        let i = RequestOutcome::ALL
+            .iter()
+            .position(|&o| o == outcome)
+            .expect("ALL holds every outcome");
+        self.hot.requests[i].inc();
+        self.request_duration.observe(elapsed.as_secs_f64());
         self.client_requests
-            .with_label_values(&[client.unwrap_or("-"), outcome])
+            .with_label_values(&[client.unwrap_or("-"), outcome.as_str()])
+            .inc();
+    }
+
+    /// Counts a refresh call of a token of `tier`, and how long it took.
+    pub fn refresh_done(&self, tier: Tier, outcome: RefreshOutcome, elapsed: Duration) {
+        self.refresh_duration
+            .with_label_values(&[tier.as_str()])
+            .observe(elapsed.as_secs_f64());
+        self.refreshes
+            .with_label_values(&[tier.as_str(), outcome.as_str()])
             .inc();
     }
 
@@ -555,14 +655,14 @@ impl Metrics {
             // Registered once per process; a second cluster would be a bug.
             let _ = self.registry.register(m);
         }
-        for result in cluster_result::ALL {
+        for result in ["ok", "error"] {
             sync.with_label_values(&[result]);
         }
         for direction in ["sent", "received"] {
             events.with_label_values(&[direction]);
         }
-        for why in refusal::ALL {
-            refresh_refused.with_label_values(&[why]);
+        for why in Refusal::ALL {
+            refresh_refused.with_label_values(&[why.as_str()]);
         }
         ClusterMetrics {
             up,
@@ -573,9 +673,9 @@ impl Metrics {
         }
     }
 
-    /// Counts a background task started again (`task`: one of [`TASKS`]).
-    pub fn task_restarted(&self, task: &str) {
-        self.task_restarts.with_label_values(&[task]).inc();
+    /// Counts a background task started again.
+    pub fn task_restarted(&self, task: Task) {
+        self.task_restarts.with_label_values(&[task.as_str()]).inc();
     }
 
     /// Counts a quota poll.
@@ -672,6 +772,7 @@ fn token_families(snapshots: &[Snapshot]) -> Vec<MetricFamily> {
         Vec::new(),
     );
     let (mut limit, mut remaining, mut reset) = (Vec::new(), Vec::new(), Vec::new());
+    let mut changes = Vec::with_capacity(n);
     for s in snapshots {
         let tier = s.tier.as_str();
         let base = || vec![label("tier", tier), label("token", &s.name)];
@@ -680,6 +781,11 @@ fn token_families(snapshots: &[Snapshot]) -> Vec<MetricFamily> {
         let mut m = Metric::from_label(base());
         m.set_counter(c);
         picks.push(m);
+        let mut c = ProtoCounter::default();
+        c.set_value(s.state_changes as f64);
+        let mut m = Metric::from_label(base());
+        m.set_counter(c);
+        changes.push(m);
         up.push(gauge(
             base(),
             f64::from(u8::from(s.state == TokenState::Active)),
@@ -719,6 +825,12 @@ fn token_families(snapshots: &[Snapshot]) -> Vec<MetricFamily> {
             "Tokens picked for a request.",
             MetricType::COUNTER,
             picks,
+        ),
+        family(
+            "token_state_changes_total",
+            "Changes of the token's state or reason since the process started.",
+            MetricType::COUNTER,
+            changes,
         ),
         family(
             "token_up",
@@ -770,5 +882,134 @@ fn token_families(snapshots: &[Snapshot]) -> Vec<MetricFamily> {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::pool::{AccessToken, Quota};
+
+    /// Family name → (type, label names), as `docs/metrics.md` lists them.
+    fn documented() -> BTreeMap<String, (String, BTreeSet<String>)> {
+        let doc = include_str!("../docs/metrics.md");
+        let mut out = BTreeMap::new();
+        for row in doc.lines().filter(|l| l.starts_with("| `tokenpool_")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let name = cells[1].trim_matches('`').to_string();
+            // Label names are the backticked words outside parentheses
+            // (inside them: the label's values).
+            let mut labels = BTreeSet::new();
+            let mut depth = 0;
+            let mut word: Option<String> = None;
+            for c in cells[3].chars() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    '`' if depth == 0 => match word.take() {
+                        Some(w) => {
+                            labels.insert(w);
+                        }
+                        None => word = Some(String::new()),
+                    },
+                    c => {
+                        if let Some(w) = word.as_mut() {
+                            w.push(c);
+                        }
+                    }
+                }
+            }
+            out.insert(name, (cells[2].to_string(), labels));
+        }
+        out
+    }
+
+    /// The same, read off a scrape.
+    fn exposed(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
+        let mut out: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                if name.starts_with("tokenpool_") {
+                    out.insert(name.to_string(), (kind.to_string(), BTreeSet::new()));
+                }
+                continue;
+            }
+            if line.starts_with('#') || !line.starts_with("tokenpool_") {
+                continue;
+            }
+            let (series, labels) = match line.split_once('{') {
+                Some((series, rest)) => (series, rest.split_once('}').unwrap().0),
+                None => (line.split_once(' ').unwrap().0, ""),
+            };
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| {
+                    series
+                        .strip_suffix(s)
+                        .filter(|f| out.get(*f).is_some_and(|(k, _)| k == "histogram"))
+                })
+                .unwrap_or(series);
+            let entry = out.get_mut(family).expect("a series of a declared family");
+            for pair in labels.split(',').filter(|p| !p.is_empty()) {
+                let name = pair.split_once('=').unwrap().0;
+                if name != "le" {
+                    entry.1.insert(name.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// Every family the proxy can expose is in `docs/metrics.md` with its
+    /// type and labels, and every documented family is exposed: a rename
+    /// on either side fails here.
+    #[tokio::test]
+    async fn the_reference_and_the_registry_agree() {
+        let config = Config::parse(
+            "[[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = \"rt-a\"\n",
+            None,
+            &|_| None,
+        )
+        .unwrap();
+        let pool = Pool::new(&config.pool, &config.tokens, true, None);
+        let token = pool.get("a").unwrap();
+        // Everything a token can show: an access token, a quota, a change.
+        token.set_access(AccessToken::new("bearer", Duration::from_secs(600)));
+        token.learn_quota(Quota {
+            limit: Some(100),
+            remaining: Some(40),
+            resets_at: Some(SystemTime::now() + Duration::from_secs(3600)),
+            unlimited: false,
+        });
+        token.disable_manually();
+        let metrics = Metrics::new();
+        let cluster = metrics.cluster();
+        // Families whose series appear on first use.
+        cluster.refused(Refusal::Away);
+        metrics.request_done(RequestOutcome::Success, Some("team"), Duration::ZERO);
+        metrics.upstream_answer(Tier::Personal, http::StatusCode::OK, Duration::ZERO);
+        metrics.token_failure(Tier::Personal, "a", Reason::Forbidden);
+        metrics.refresh_done(Tier::Personal, RefreshOutcome::Success, Duration::ZERO);
+        metrics.reload_result(true);
+        let text = String::from_utf8(metrics.render(&pool)).unwrap();
+        let exposed = exposed(&text);
+        let documented = documented();
+        let names = |m: &BTreeMap<String, _>| m.keys().cloned().collect::<BTreeSet<_>>();
+        assert_eq!(
+            names(&exposed),
+            names(&documented),
+            "left: exposed, right: documented"
+        );
+        for (name, (kind, labels)) in &exposed {
+            let (doc_kind, doc_labels) = &documented[name];
+            assert_eq!(kind, doc_kind, "{name}'s type");
+            assert_eq!(labels, doc_labels, "{name}'s labels");
+        }
+        assert!(!text.contains("rt-a") && !text.contains("bearer"));
     }
 }

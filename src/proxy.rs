@@ -28,9 +28,9 @@ use hyper::body::{Body, Incoming};
 
 use crate::error::ProxyError;
 use crate::generation::{Generation, Generations};
-use crate::metrics::{outcome, Metrics};
+use crate::metrics::{Metrics, RequestOutcome};
 use body::ProxyBody;
-use exchange::Exchange;
+use exchange::{AccessLine, Exchange};
 use listener::ConnState;
 pub use listener::{serve, MAX_CONCURRENT_STREAMS, MAX_HEADER_BYTES};
 
@@ -54,7 +54,7 @@ async fn respond(
         .config
         .log
         .access
-        .then(|| (req.method().clone(), req.uri().clone(), request_id.clone()));
+        .then(|| AccessLine::new(req.method(), req.uri(), &request_id, conn.peer));
     let mut exchange = Exchange::start(&generations.metrics, conn.activity.clone(), line);
     let answer = forward(
         &generations.metrics,
@@ -68,12 +68,12 @@ async fn respond(
     let malformed = answer.as_ref().is_err_and(ProxyError::ends_connection);
     let (mut response, outcome, error) = match answer {
         Ok(response) => {
-            let o = outcome::of_status(response.status());
+            let o = RequestOutcome::of_status(response.status());
             (response, o, None)
         }
         Err(e) => {
             tracing::debug!(code = e.code(), "the proxy answered with an error");
-            (e.to_response(), e.outcome(), Some(e.code()))
+            (e.to_response(), e.outcome(), Some((e.code(), e.origin())))
         }
     };
     exchange.answered(response.status().as_u16(), error, outcome);

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::cluster::{Cluster, Coordination};
 use crate::config::{form_encode, Provider, RefreshConfig, Secret};
-use crate::metrics::{refresh_outcome, Metrics};
+use crate::metrics::{Metrics, RefreshOutcome};
 use crate::pool::token::short_fingerprint;
 use crate::pool::token::{Flight, RefreshResult};
 use crate::pool::{AccessToken, Outcome, Pool, Reason, Token, TokenState};
@@ -256,25 +256,18 @@ impl Refresher {
         pool: &Arc<Pool>,
         token: &Arc<Token>,
     ) -> (RefreshResult, bool, bool) {
-        let tier = token.tier().as_str();
         let (used, used_rotation) = token.credentials().refresh_token_and_rotation();
         let started = Instant::now();
         let (result, settled) = self.call(&used).await;
-        self.metrics
-            .refresh_duration
-            .with_label_values(&[tier])
-            .observe(started.elapsed().as_secs_f64());
         let outcome = match &result {
-            Ok(_) => refresh_outcome::SUCCESS,
-            Err(RefreshError::Revoked { .. }) => refresh_outcome::REVOKED,
-            Err(RefreshError::Rejected { .. }) => refresh_outcome::FAILED,
-            Err(RefreshError::RateLimited { .. }) => refresh_outcome::RATE_LIMITED,
-            Err(RefreshError::Unavailable { .. }) => refresh_outcome::UNAVAILABLE,
+            Ok(_) => RefreshOutcome::Success,
+            Err(RefreshError::Revoked { .. }) => RefreshOutcome::Revoked,
+            Err(RefreshError::Rejected { .. }) => RefreshOutcome::Failed,
+            Err(RefreshError::RateLimited { .. }) => RefreshOutcome::RateLimited,
+            Err(RefreshError::Unavailable { .. }) => RefreshOutcome::Unavailable,
         };
         self.metrics
-            .refreshes
-            .with_label_values(&[tier, outcome])
-            .inc();
+            .refresh_done(token.tier(), outcome, started.elapsed());
         let mut rotated = false;
         let result = match result {
             Ok(grant) => {

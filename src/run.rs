@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Bound, Config};
 use crate::generation::Generations;
+use crate::metrics::Task;
 use crate::shutdown::Shutdown;
 
 /// The listeners of a running instance, already bound.
@@ -75,13 +76,13 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
     let metrics = &generations.metrics;
     let cluster_sync = generations.cluster().map(|cluster| {
         let (current, cluster) = (Arc::clone(&generations), Arc::clone(cluster));
-        supervise("cluster_sync", metrics, move || {
+        supervise(Task::ClusterSync, metrics, move || {
             let current = Arc::clone(&current);
             cluster.spawn(move || Arc::clone(&current.current().pool))
         })
     });
     let current = Arc::clone(&generations);
-    let refresh_loop = supervise("refresh", metrics, move || {
+    let refresh_loop = supervise(Task::Refresh, metrics, move || {
         let cluster = current.cluster().cloned();
         let current = Arc::clone(&current);
         crate::refresh::spawn_refresh_loop(
@@ -93,7 +94,7 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
         )
     });
     let current = Arc::clone(&generations);
-    let quota_poller = supervise("quota_poll", metrics, move || {
+    let quota_poller = supervise(Task::QuotaPoll, metrics, move || {
         let current = Arc::clone(&current);
         crate::quota::warp::spawn_poller(
             {
@@ -108,7 +109,7 @@ pub async fn run(generations: Arc<Generations>, listeners: Listeners, shutdown: 
     });
     let saver = generations.state().map(|store| {
         let (current, store) = (Arc::clone(&generations), Arc::clone(store));
-        supervise("state_saver", metrics, move || {
+        supervise(Task::StateSaver, metrics, move || {
             let current = Arc::clone(&current);
             crate::state::spawn_saver(Arc::clone(&store), move || {
                 Arc::clone(&current.current().pool)
@@ -205,8 +206,8 @@ impl Supervised {
 }
 
 /// Starts `task` (`start` starts it, again each time it is needed) under
-/// watch; `name` is one of [`crate::metrics::TASKS`].
-fn supervise<F>(name: &'static str, metrics: &Arc<crate::metrics::Metrics>, start: F) -> Supervised
+/// watch.
+fn supervise<F>(task: Task, metrics: &Arc<crate::metrics::Metrics>, start: F) -> Supervised
 where
     F: Fn() -> tokio::task::JoinHandle<()> + Send + 'static,
 {
@@ -215,22 +216,25 @@ where
     let metrics = Arc::clone(metrics);
     let watcher = tokio::spawn(async move {
         loop {
-            let task = start();
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
-            match task.await {
+            let running = start();
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.abort_handle());
+            match running.await {
                 Err(e) if e.is_cancelled() => return,
                 // The panic's message is on stderr already (the panic
                 // hook); it is not repeated here, where it could carry
                 // what the code was handling.
                 Err(_) => {
-                    tracing::error!(task = name, "a background task panicked; starting it again")
+                    tracing::error!(
+                        task = task.as_str(),
+                        "a background task panicked; starting it again"
+                    )
                 }
                 Ok(()) => tracing::error!(
-                    task = name,
+                    task = task.as_str(),
                     "a background task ended by itself; starting it again"
                 ),
             }
-            metrics.task_restarted(name);
+            metrics.task_restarted(task);
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
     });
@@ -312,7 +316,7 @@ mod tests {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let starts = Arc::new(AtomicU32::new(0));
         let counted = Arc::clone(&starts);
-        let task = supervise("refresh", &metrics, move || {
+        let task = supervise(Task::Refresh, &metrics, move || {
             let n = counted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 match n {

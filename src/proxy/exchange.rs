@@ -7,12 +7,14 @@
 //! it ends.
 //!
 //! The line carries the method, the path (never the query string), the
-//! client key's name, the status and the proxy's error code, the tokens
+//! client's address, the client key's name, the status, the proxy's error
+//! code and where the error came from (client, upstream, internal), the tokens
 //! tried (`name/tier`, in order), the token that answered, the upstream's
 //! status, the attempts, the bytes sent, the time to the answer's head and
 //! in all, and the request id. Never a secret, never a body.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +23,8 @@ use tokio::time::Instant;
 
 use super::listener::Activity;
 use crate::config::Tier;
-use crate::metrics::{outcome, Metrics};
+use crate::error::ErrorSource;
+use crate::metrics::{Metrics, RequestOutcome};
 
 /// The header that carries a request's id, from the client (if it sent a
 /// sane one) or made here; it goes upstream and back to the client.
@@ -42,12 +45,33 @@ pub struct Trail {
 /// What the access log line needs beyond the counts: kept only when the
 /// access log is on.
 #[derive(Debug)]
-struct Line {
+pub(super) struct AccessLine {
     method: Method,
     uri: Uri,
     request_id: HeaderValue,
+    peer: Option<SocketAddr>,
     status: u16,
-    error: Option<&'static str>,
+    /// The proxy's error code and where the error came from.
+    error: Option<(&'static str, ErrorSource)>,
+}
+
+impl AccessLine {
+    /// The line of a request of `method` for `uri` from `peer`.
+    pub(super) fn new(
+        method: &Method,
+        uri: &Uri,
+        request_id: &HeaderValue,
+        peer: Option<SocketAddr>,
+    ) -> AccessLine {
+        AccessLine {
+            method: method.clone(),
+            uri: uri.clone(),
+            request_id: request_id.clone(),
+            peer,
+            status: 0,
+            error: None,
+        }
+    }
 }
 
 /// One client request and its answer; see the module documentation.
@@ -63,7 +87,7 @@ pub struct Exchange {
     pub trail: Trail,
     /// Bytes of the answer's body sent so far.
     bytes: u64,
-    line: Option<Box<Line>>,
+    line: Option<Box<AccessLine>>,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -107,9 +131,9 @@ impl Exchange {
     pub(super) fn start(
         metrics: &Arc<Metrics>,
         activity: Option<Arc<Activity>>,
-        access_log: Option<(Method, Uri, HeaderValue)>,
+        access_log: Option<AccessLine>,
     ) -> Exchange {
-        metrics.inflight.inc();
+        metrics.request_started();
         if let Some(a) = &activity {
             a.start();
         }
@@ -121,24 +145,21 @@ impl Exchange {
             client: None,
             trail: Trail::default(),
             bytes: 0,
-            line: access_log.map(|(method, uri, request_id)| {
-                Box::new(Line {
-                    method,
-                    uri,
-                    request_id,
-                    status: 0,
-                    error: None,
-                })
-            }),
+            line: access_log.map(Box::new),
         }
     }
 
     /// Its answer's head is ready: counts `outcome` and the time it took.
-    pub(super) fn answered(&mut self, status: u16, error: Option<&'static str>, outcome: &str) {
+    pub(super) fn answered(
+        &mut self,
+        status: u16,
+        error: Option<(&'static str, ErrorSource)>,
+        outcome: RequestOutcome,
+    ) {
         let elapsed = self.started.elapsed();
         self.to_head = Some(elapsed);
-        self.metrics.request_done(outcome, elapsed);
-        self.metrics.client_request(self.client.as_deref(), outcome);
+        self.metrics
+            .request_done(outcome, self.client.as_deref(), elapsed);
         if let Some(line) = self.line.as_mut() {
             line.status = status;
             line.error = error;
@@ -155,16 +176,17 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         if self.to_head.is_none() {
             // The client left before its answer (nginx's 499, never sent).
-            self.metrics
-                .request_done(outcome::CLIENT_ERROR, self.started.elapsed());
-            self.metrics
-                .client_request(self.client.as_deref(), outcome::CLIENT_ERROR);
+            self.metrics.request_done(
+                RequestOutcome::ClientError,
+                self.client.as_deref(),
+                self.started.elapsed(),
+            );
             if let Some(line) = self.line.as_mut() {
                 line.status = 499;
-                line.error = Some("client_closed_request");
+                line.error = Some(("client_closed_request", ErrorSource::Client));
             }
         }
-        self.metrics.inflight.dec();
+        self.metrics.request_ended();
         if let Some(a) = &self.activity {
             a.end();
         }
@@ -175,7 +197,7 @@ impl Drop for Exchange {
 }
 
 impl Exchange {
-    fn log(&self, line: &Line) {
+    fn log(&self, line: &AccessLine) {
         let mut tried = String::new();
         for (i, (name, tier)) in self.trail.tried.iter().enumerate() {
             if i > 0 {
@@ -190,9 +212,11 @@ impl Exchange {
             target: "tokenpool::access",
             method = %line.method,
             path = line.uri.path(),
+            peer = %line.peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
             client = self.client.as_deref().unwrap_or("-"),
             status = line.status,
-            error = line.error.unwrap_or("-"),
+            error = line.error.map_or("-", |(code, _)| code),
+            error_source = line.error.map_or("-", |(_, source)| source.as_str()),
             tried = if tried.is_empty() { "-" } else { tried.as_str() },
             token,
             upstream_status = self.trail.upstream_status.unwrap_or(0),

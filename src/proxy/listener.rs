@@ -19,6 +19,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, Sleep};
+use tracing::Instrument;
 
 use crate::generation::Generations;
 use crate::shutdown::Shutdown;
@@ -78,6 +80,8 @@ pub(super) struct ConnState {
     pub(super) had_trailers: AtomicBool,
     /// The open requests of an HTTP/2 connection (`None` for HTTP/1).
     pub(super) activity: Option<Arc<Activity>>,
+    /// The client's address (the access log's `peer`).
+    pub(super) peer: Option<SocketAddr>,
 }
 
 /// Open requests on an HTTP/2 connection, so that an idle one can be closed.
@@ -135,7 +139,7 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(pair) => pair,
                     Err(e) => {
                         // Usually out of file descriptors: back off instead of spinning.
@@ -145,7 +149,13 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(Arc::clone(&server).connection(stream, draining.clone()));
+                // Every line said while serving it names the client.
+                let span = tracing::info_span!("connection", peer = %peer);
+                tokio::spawn(
+                    Arc::clone(&server)
+                        .connection(stream, peer, draining.clone())
+                        .instrument(span),
+                );
             }
             _ = shutdown.wait() => break,
         }
@@ -168,13 +178,21 @@ enum Opening {
 
 impl Server {
     /// Serves one connection until it ends.
-    async fn connection(self: Arc<Self>, mut stream: TcpStream, drain: watch::Receiver<bool>) {
+    async fn connection(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        drain: watch::Receiver<bool>,
+    ) {
         let Some(opening) = self.opening(&mut stream, drain.clone()).await else {
             return;
         };
         match opening {
             Opening::Http1(read) => {
-                let state = Arc::new(ConnState::default());
+                let state = Arc::new(ConnState {
+                    peer: Some(peer),
+                    ..ConnState::default()
+                });
                 let io = ClientIo::new(stream, read, Arc::clone(&state));
                 self.serve_h1(io, state, drain).await;
             }
@@ -184,6 +202,7 @@ impl Server {
                     body_unread: AtomicBool::new(false),
                     had_trailers: AtomicBool::new(false),
                     activity: Some(Arc::clone(&activity)),
+                    peer: Some(peer),
                 });
                 let io = ClientIo::new(stream, read, Arc::clone(&state));
                 self.serve_h2(io, state, activity, drain).await;

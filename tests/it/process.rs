@@ -614,6 +614,12 @@ async fn the_access_log_tells_which_tokens_a_request_tried() {
     assert_eq!(f["client"], "team-a");
     assert_eq!(f["status"], 200);
     assert_eq!(f["error"], "-");
+    assert_eq!(f["error_source"], "-");
+    // The client's address, also on the connection's span.
+    let peer = f["peer"].as_str().unwrap();
+    assert!(peer.starts_with("127.0.0.1:"), "{peer}");
+    assert_eq!(v["span"]["name"], "connection");
+    assert_eq!(v["span"]["peer"], peer);
     assert_eq!(f["tried"], "q/personal,b/personal,g/shared");
     assert_eq!(f["token"], "g");
     assert_eq!(f["attempts"], 3);
