@@ -13,8 +13,16 @@ hold them. A child using its parent's items, or a parent its child's, is
 one subtree and not a dependency between siblings. Among the siblings of
 every module, the dependencies must not form a cycle.
 
+It also reads the code map of ARCHITECTURE.md (the table whose rows
+start with a backticked module name, outside in) and fails when a
+top-level module depends on one listed above it, or when a top-level
+module is missing from the table or the table names one that does not
+exist: the table's order is the claim "each depends only on modules
+further down".
+
 It prints the dependencies between top-level modules, then every cycle at
-any level, and exits 1 if there is one.
+any level and every dependency against the code map's order, and exits 1
+if there is one.
 """
 
 import os
@@ -145,9 +153,39 @@ all_cycles = []
 for parent in sorted(groups):
     for cycle in cycles(groups[parent]):
         all_cycles.append(cycle)
+failed = False
 if all_cycles:
     print(f"{len(all_cycles)} import cycle(s):")
     for cycle in all_cycles:
         print("  " + " -> ".join(name(m) for m in cycle))
-    sys.exit(1)
-print(f"no import cycle among {len(modules)} modules")
+    failed = True
+else:
+    print(f"no import cycle among {len(modules)} modules")
+
+# The code map's order.
+arch = os.path.join(os.path.dirname(os.path.abspath(SRC)), "ARCHITECTURE.md")
+with open(arch, encoding="utf-8") as f:
+    text = f.read()
+code_map = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+order = re.findall(r"^\| `(\w+)` \|", code_map, re.M)
+rank = {m: i for i, m in enumerate(order)}
+tops = {m[0] for m in modules if len(m) == 1}
+for m in sorted(tops - set(rank)):
+    print(f"module {m} is missing from the code map of ARCHITECTURE.md")
+    failed = True
+for m in sorted(set(rank) - tops):
+    print(f"the code map of ARCHITECTURE.md names {m}, which is no module")
+    failed = True
+against = [
+    (a, b)
+    for a in sorted(top)
+    for b in sorted(top[a])
+    if a[0] in rank and b[0] in rank and rank[b[0]] < rank[a[0]]
+]
+for a, b in against:
+    print(f"{name(a)} depends on {name(b)}, which the code map lists above it")
+if against:
+    failed = True
+elif not failed:
+    print(f"the {len(order)} modules of the code map depend only on those below them")
+sys.exit(1 if failed else 0)

@@ -1016,6 +1016,7 @@ impl Cluster {
 /// it to [`crate::pool::accepts`]: with a state stamped `stored` written
 /// first (if the script takes it), whether one stamped `incoming` is
 /// taken. A revocation is of the configured refresh token.
+#[cfg(feature = "test-util")]
 #[doc(hidden)]
 pub async fn script_takes(
     url: &str,

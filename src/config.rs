@@ -6,9 +6,11 @@
 //! the files it read change. It owns no running state.
 
 mod build;
-mod duration;
+pub(crate) mod duration;
+mod form;
 mod guard;
 mod raw;
+pub(crate) mod redact;
 mod secret;
 pub mod watch;
 
@@ -21,7 +23,9 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
+pub(crate) use form::form_encode;
 pub use guard::{check_reload, Bound};
+use redact::{redact_quoted, shown};
 pub(crate) use secret::hex;
 pub use secret::{find_key, key_matches, ClientKey, Secret, SecretSource};
 
@@ -456,181 +460,6 @@ impl Config {
         }
         .build(raw, path)
     }
-
-    /// The summary `tokenpool check` prints: never a secret.
-    pub fn summary(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let source = self
-            .path
-            .as_ref()
-            .map_or_else(|| "environment only".into(), |p| p.display().to_string());
-        let _ = writeln!(out, "config:    {source}");
-        let auth = if self.server.api_keys.is_empty() {
-            "no client authentication".to_string()
-        } else {
-            let names: Vec<&str> = self.server.api_keys.iter().map(|k| &*k.name).collect();
-            format!("client keys: {}", names.join(", "))
-        };
-        let _ = writeln!(out, "proxy:     {} ({auth})", self.server.listen);
-        let admin_auth = if self.admin.token.is_some() {
-            "bearer token"
-        } else {
-            "loopback clients only"
-        };
-        let _ = writeln!(
-            out,
-            "admin:     {} (/admin/*: {admin_auth})",
-            self.admin.listen
-        );
-        let _ = writeln!(
-            out,
-            "upstream:  {}",
-            redact_url(&self.upstream.url.to_string())
-        );
-        let refresh_url = self
-            .refresh
-            .url
-            .as_deref()
-            .map(redact_url)
-            .unwrap_or_else(|| "-".into());
-        let _ = writeln!(
-            out,
-            "refresh:   {} {refresh_url}",
-            self.refresh.provider.as_str()
-        );
-        if let Some(c) = &self.cluster {
-            let sealed = if c.encryption_key.is_some() {
-                "tokens sealed"
-            } else {
-                "tokens in clear"
-            };
-            let _ = writeln!(
-                out,
-                "cluster:   node {}, key prefix {}, sync every {} ({sealed}; the Redis URL is a secret)",
-                c.node,
-                c.key_prefix,
-                duration::format(c.sync_interval)
-            );
-        }
-        let order: Vec<&str> = self.pool.order.iter().map(|t| t.as_str()).collect();
-        let _ = writeln!(out, "order:     {}", order.join(" > "));
-        let strategy = match self.pool.strategy {
-            Strategy::RoundRobin => "round_robin",
-            Strategy::MostRemaining => "most_remaining",
-        };
-        let affinity = self.pool.affinity_header.as_ref().map_or_else(
-            || "no session affinity".to_string(),
-            |h| format!("sessions by {h}"),
-        );
-        let _ = writeln!(out, "pick:      {strategy}, {affinity}");
-        let quota = match (self.quota.provider, &self.quota.url) {
-            (QuotaProvider::Warp, Some(url)) => format!(
-                "answer headers; polled from {} every {}",
-                redact_url(url),
-                duration::format(self.quota.interval)
-            ),
-            _ => "answer headers only".to_string(),
-        };
-        let _ = writeln!(out, "quota:     {quota}");
-        let _ = writeln!(out, "tokens:    {}", self.tokens.len());
-        for tier in &self.pool.order {
-            let names: Vec<String> = self
-                .tokens
-                .iter()
-                .filter(|t| t.tier == *tier)
-                .map(|t| match t.origin {
-                    TokenOrigin::File => t.name.clone(),
-                    TokenOrigin::Env => format!("{} (env)", t.name),
-                })
-                .collect();
-            let _ = writeln!(
-                out,
-                "  {:<10} {:>3}  {}",
-                tier.as_str(),
-                names.len(),
-                names.join(", ")
-            );
-        }
-        out
-    }
-}
-
-/// A URL as `check` shows it: its query string replaced by `?…`
-/// (Firebase refresh URLs carry an API key there) and its user
-/// information by `…@` (a password sent as Basic authentication).
-pub(crate) fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, _)) => (base, "?…"),
-        None => (url, ""),
-    };
-    let (scheme, rest) = base.split_once("://").unwrap_or(("", base));
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://…@{}{query}", &rest[at + 1..]),
-        None => format!("{base}{query}"),
-    }
-}
-
-/// How a value from the file is shown in an error: quoted when it is
-/// short, `"…"` when it could be a secret typed into the wrong field (16
-/// characters or more: keys and refresh tokens are longer than any
-/// setting).
-pub(crate) fn shown(value: &str) -> String {
-    if value.chars().count() < 16 && !value.chars().any(char::is_control) {
-        format!("\"{value}\"")
-    } else {
-        "\"…\"".to_string()
-    }
-}
-
-/// A parser message whose quoted string values are shown by [`shown`].
-///
-/// serde quotes the offending value (`invalid type: string "…", expected
-/// u32`, `unknown variant `…`, expected …`); when a secret was typed into
-/// the wrong field that would put it in a log line and the `/admin/reload`
-/// answer. Field names and the expected variants stay.
-fn redact_quoted(message: &str) -> String {
-    let mut message = message.to_string();
-    for (mark, close) in [("string \"", '"'), ("unknown variant `", '`')] {
-        let mut out = String::with_capacity(message.len());
-        let mut rest = message.as_str();
-        while let Some(at) = rest.find(mark) {
-            let value_start = at + mark.len();
-            let Some(len) = rest[value_start..].find(close) else {
-                break;
-            };
-            out.push_str(&rest[..value_start - 1]);
-            let value = &rest[value_start..value_start + len];
-            match close {
-                '"' => out.push_str(&shown(value)),
-                _ => out.push_str(&format!("`{}`", shown(value).trim_matches('"'))),
-            }
-            rest = &rest[value_start + len + 1..];
-        }
-        out.push_str(rest);
-        message = out;
-    }
-    message
-}
-
-/// Appends `value` in `application/x-www-form-urlencoded` form (refresh
-/// bodies, and the key the Warp preset puts in its refresh URL).
-pub(crate) fn form_encode(value: &str, out: &mut String) {
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => {
-                const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                out.push('%');
-                out.push(HEX[usize::from(b >> 4)] as char);
-                out.push(HEX[usize::from(b & 15)] as char);
-            }
-        }
-    }
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -719,22 +548,6 @@ mod tests {
     }
 
     #[test]
-    fn summary_never_shows_a_secret() {
-        let c = parse(
-            "[server]\napi_keys = [\"client-key-1\"]\n[admin]\ntoken = \"admin-tok\"\n\
-             [refresh]\nurl = \"https://x.test/token?key=AIzaSECRET\"\n\
-             [[tokens]]\nname = \"alice\"\ntier = \"personal\"\ntoken = \"rt-alice\"\n",
-        )
-        .unwrap();
-        let s = c.summary();
-        for secret in ["client-key-1", "admin-tok", "AIzaSECRET", "rt-alice"] {
-            assert!(!s.contains(secret), "{secret} leaked:\n{s}");
-        }
-        assert!(s.contains("alice"));
-        assert!(!format!("{c:?}").contains("rt-alice"));
-    }
-
-    #[test]
     fn a_secret_in_the_wrong_field_is_not_quoted_back() {
         let err = parse("[pool]\nmax_attempts = \"sk-live-very-secret\"\n")
             .unwrap_err()
@@ -818,25 +631,6 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_shown_without_keys_or_passwords() {
-        assert_eq!(
-            redact_url("https://u:pw@h.example:8443/p?key=k"),
-            "https://…@h.example:8443/p?…"
-        );
-        assert_eq!(redact_url("https://h.example/a@b"), "https://h.example/a@b");
-        assert_eq!(redact_url("https://h.example/p"), "https://h.example/p");
-        let c = parse(
-            "[refresh]\nprovider = \"firebase\"\nurl = \"https://user:hunter2@r.example/t?key=AIzaK\"\n",
-        )
-        .unwrap();
-        let summary = c.summary();
-        assert!(
-            !summary.contains("hunter2") && !summary.contains("AIzaK"),
-            "{summary}"
-        );
-    }
-
-    #[test]
     fn selection_and_quota_settings_are_checked_where_they_are_written() {
         let c = parse(
             "[pool]\nstrategy = \"most_remaining\"\naffinity_header = \"X-Session-Id\"\n\
@@ -852,9 +646,7 @@ mod tests {
             .as_deref()
             .unwrap()
             .ends_with("/graphql/v2?op=GetRequestLimitInfo"));
-        assert!(c
-            .summary()
-            .contains("most_remaining, sessions by x-session-id"));
+        assert!(crate::cli::summary(&c).contains("most_remaining, sessions by x-session-id"));
         for (header, why) in [
             ("authorization", "reads or sets itself"),
             ("Content-Type", "reads or sets itself"),
@@ -910,8 +702,12 @@ mod tests {
             Some("warp-app")
         );
         assert!(header(&c.refresh.headers, "x-warp-client-version").is_some());
-        assert!(!c.summary().contains("AIza"), "{}", c.summary());
-        assert!(c.summary().contains("client keys: key-1, team-a"));
+        assert!(
+            !crate::cli::summary(&c).contains("AIza"),
+            "{}",
+            crate::cli::summary(&c)
+        );
+        assert!(crate::cli::summary(&c).contains("client keys: key-1, team-a"));
     }
 
     #[test]
@@ -1038,7 +834,7 @@ mod tests {
         assert!(!cluster.node.is_empty(), "the host name by default");
         assert!(cluster.encryption_key.is_none());
         assert!(c.warnings().iter().any(|w| w.contains("no encryption_key")));
-        let summary = c.summary();
+        let summary = crate::cli::summary(&c);
         assert!(summary.contains("cluster:"), "{summary}");
         assert!(!summary.contains("pw-7d1f") && !format!("{c:?}").contains("pw-7d1f"));
 

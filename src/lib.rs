@@ -18,16 +18,18 @@
 //! - [`quota`]: request quotas from answers' headers and a quota endpoint.
 //! - [`refresh`]: turning refresh tokens into access tokens, single flight.
 //! - [`cluster`]: replicas sharing one pool through Redis (`[cluster]`).
+//! - [`error`]: the errors the proxy answers with, and their one mapping
+//!   to HTTP.
 //! - [`upstream`]: where a request goes and how: URL, header rules,
 //!   connection pool, TLS.
 //! - [`state`]: the state file that survives restarts.
 //! - [`metrics`]: every Prometheus metric.
 //! - [`pool`]: tokens by tier, selection and the token state machine. No HTTP.
 //! - [`config`]: the TOML schema, validation, secrets and the file watch.
-//! - [`error`]: the errors the proxy answers with, and their one mapping
-//!   to HTTP.
 //! - [`shutdown`]: the stop signal.
-//! - [`sim`]: a simulated Warp-like upstream for tests and `tokenpool demo`.
+//! - `sim` (with the default `sim` feature): the simulated Warp-like
+//!   upstream of `tokenpool demo`, the tests and the benches. A test
+//!   double, not part of the library's API: it may change with any release.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -46,6 +48,7 @@ pub mod refresh;
 pub mod reload;
 pub mod run;
 pub mod shutdown;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod state;
 pub mod upstream;

@@ -249,7 +249,18 @@ mod tests {
     #[test]
     fn malformed_values_are_ignored_field_by_field() {
         let now = humantime::parse_rfc3339("2026-11-30T10:00:00Z").unwrap();
-        for remaining in ["-1", "1.5", "lots", "", "99999999999999999999", "1e3", "+3"] {
+        for remaining in [
+            "-1",
+            "1.5",
+            "lots",
+            "",
+            "99999999999999999999",
+            "1e3",
+            "+3",
+            "1e300",
+            "NaN",
+            "10000000000000000000000000000000000000000",
+        ] {
             let h = headers(&[("ratelimit-remaining", remaining)]);
             assert_eq!(from_headers(&h, now), None, "remaining {remaining:?}");
         }
@@ -262,6 +273,11 @@ mod tests {
             ("-6m", "openai"),
             ("6x", "openai"),
             ("9999999h", "openai"),
+            ("10000000000000000000000000000000000000000", "ietf"),
+            ("1e300", "ietf"),
+            ("NaN", "ietf"),
+            ("9999-12-31T23:59:59Z", "anthropic"),
+            ("1e300s", "openai"),
             ("s", "openai"),
             ("0s", "openai"),
         ] {

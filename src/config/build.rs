@@ -13,7 +13,10 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 use toml::Spanned;
 
-use super::raw::{unplaced, Preset, RawClientKey, RawCluster, RawConfig};
+use super::raw::{
+    unplaced, Preset, RawAdmin, RawClientKey, RawCluster, RawConfig, RawPool, RawQuota, RawRefresh,
+    RawServer, RawToken, RawUpstream,
+};
 use super::{
     duration, guard, AdminConfig, ClientKey, ClusterConfig, Config, ConfigError, EnvLookup,
     LogConfig, PoolConfig, Provider, QuotaConfig, QuotaProvider, RefreshConfig, Secret,
@@ -266,65 +269,112 @@ impl Builder<'_> {
     }
 
     pub(super) fn build(&self, raw: RawConfig, path: Option<&Path>) -> Result<Config, ConfigError> {
-        // [server]
-        let listen = self.listen(&raw.server.listen, "[server] listen")?;
-        let api_keys = self.client_keys(&raw.server.api_keys)?;
-        if api_keys.is_empty() && !listen.ip().is_loopback() && !raw.server.allow_unauthenticated {
+        let server = self.server(&raw.server)?;
+        let admin = self.admin(&raw.admin, server.listen)?;
+        let preset = raw
+            .upstream
+            .preset
+            .as_ref()
+            .filter(|p| *p.get_ref() == Preset::Warp);
+        let client_headers: &[(&'static str, &'static str)] = if preset.is_some() {
+            &WARP_CLIENT_HEADERS
+        } else {
+            &[]
+        };
+        let upstream = self.upstream(&raw.upstream, client_headers)?;
+        let refresh = self.refresh(&raw.refresh, preset, path.is_some(), client_headers)?;
+        let pool = self.pool(&raw.pool)?;
+        // [state]: a relative path is relative to the working directory
+        // (the config's folder may be a read-only mount).
+        let state = StateConfig {
+            path: raw.state.path.as_ref().map(|p| p.get_ref().clone()),
+        };
+        let log = LogConfig {
+            access: raw.log.access,
+        };
+        let quota = self.quota(&raw.quota, &upstream.url)?;
+        let cluster = raw.cluster.as_ref().map(|c| self.cluster(c)).transpose()?;
+        let tokens = self.tokens(&raw.tokens, &pool.order)?;
+        Ok(Config {
+            path: path.map(Path::to_path_buf),
+            server,
+            admin,
+            upstream,
+            refresh,
+            pool,
+            state,
+            log,
+            cluster,
+            quota,
+            tokens,
+            // Each file once, in the order read.
+            read_files: {
+                let mut seen = HashSet::new();
+                self.read
+                    .take()
+                    .into_iter()
+                    .filter(|f| seen.insert(f.clone()))
+                    .collect()
+            },
+        })
+    }
+
+    /// `[server]`.
+    fn server(&self, s: &RawServer) -> Result<ServerConfig, ConfigError> {
+        let listen = self.listen(&s.listen, "[server] listen")?;
+        let api_keys = self.client_keys(&s.api_keys)?;
+        if api_keys.is_empty() && !listen.ip().is_loopback() && !s.allow_unauthenticated {
             return self.err(
-                raw.server.listen.span(),
+                s.listen.span(),
                 format!(
                     "[server] listen = {listen} is not a loopback address and no api_keys are set: \
                      add api_keys, or set allow_unauthenticated = true to serve anyone who can connect"
                 ),
             );
         }
-        let max_body = &raw.server.max_request_body_bytes;
+        let max_body = &s.max_request_body_bytes;
         if *max_body.get_ref() == 0 {
             return self.err(
                 max_body.span(),
                 "[server] max_request_body_bytes must be greater than zero",
             );
         }
-        let server = ServerConfig {
+        Ok(ServerConfig {
             listen,
             api_keys,
             max_request_body_bytes: *max_body.get_ref(),
-            allow_unauthenticated: raw.server.allow_unauthenticated,
-            shutdown_grace: self.duration(&raw.server.shutdown_grace, "[server] shutdown_grace")?,
-            drain_delay: self.duration(&raw.server.drain_delay, "[server] drain_delay")?,
-            header_read_timeout: self.positive(
-                &raw.server.header_read_timeout,
-                "[server] header_read_timeout",
-            )?,
-            body_read_timeout: self
-                .positive(&raw.server.body_read_timeout, "[server] body_read_timeout")?,
-        };
+            allow_unauthenticated: s.allow_unauthenticated,
+            shutdown_grace: self.duration(&s.shutdown_grace, "[server] shutdown_grace")?,
+            drain_delay: self.duration(&s.drain_delay, "[server] drain_delay")?,
+            header_read_timeout: self
+                .positive(&s.header_read_timeout, "[server] header_read_timeout")?,
+            body_read_timeout: self.positive(&s.body_read_timeout, "[server] body_read_timeout")?,
+        })
+    }
 
-        // [admin]
-        let admin_listen = self.listen(&raw.admin.listen, "[admin] listen")?;
-        if guard::same_socket(admin_listen, listen) {
+    /// `[admin]`, whose listener must not be the proxy's (`proxy`).
+    fn admin(&self, a: &RawAdmin, proxy: SocketAddr) -> Result<AdminConfig, ConfigError> {
+        let admin_listen = self.listen(&a.listen, "[admin] listen")?;
+        if guard::same_socket(admin_listen, proxy) {
             return self.err(
-                raw.admin.listen.span(),
+                a.listen.span(),
                 format!("[admin] listen = {admin_listen} is the proxy's address too: give each listener its own"),
             );
         }
-        let admin = AdminConfig {
+        Ok(AdminConfig {
             listen: admin_listen,
-            token: raw
-                .admin
-                .token
-                .as_ref()
-                .map(|t| self.secret(t))
-                .transpose()?,
-        };
+            token: a.token.as_ref().map(|t| self.secret(t)).transpose()?,
+        })
+    }
 
-        // [upstream]
-        let preset = raw.upstream.preset.as_ref().map(|p| *p.get_ref());
-        let warp = preset == Some(Preset::Warp);
-        let client_headers: &[(&'static str, &'static str)] =
-            if warp { &WARP_CLIENT_HEADERS } else { &[] };
+    /// `[upstream]`; `client_headers`: the preset's.
+    fn upstream(
+        &self,
+        u: &RawUpstream,
+        client_headers: &[(&'static str, &'static str)],
+    ) -> Result<UpstreamConfig, ConfigError> {
         let default_url = unplaced(WARP_UPSTREAM.to_string());
-        let url_value = raw.upstream.url.as_ref().unwrap_or(&default_url);
+        let url_value = u.url.as_ref().unwrap_or(&default_url);
         let upstream_url = self.http_url(url_value, "[upstream] url")?;
         if upstream_url.query().is_some() {
             return self.err(
@@ -332,20 +382,27 @@ impl Builder<'_> {
                 "[upstream] url must not have a query string",
             );
         }
-        let upstream = UpstreamConfig {
+        Ok(UpstreamConfig {
             url: upstream_url,
-            connect_timeout: self
-                .positive(&raw.upstream.connect_timeout, "[upstream] connect_timeout")?,
-            idle_timeout: self.positive(&raw.upstream.idle_timeout, "[upstream] idle_timeout")?,
-            headers: self.headers(&raw.upstream.headers, client_headers, "[upstream] headers")?,
-            ca_certs: match &raw.upstream.ca_file {
+            connect_timeout: self.positive(&u.connect_timeout, "[upstream] connect_timeout")?,
+            idle_timeout: self.positive(&u.idle_timeout, "[upstream] idle_timeout")?,
+            headers: self.headers(&u.headers, client_headers, "[upstream] headers")?,
+            ca_certs: match &u.ca_file {
                 Some(file) => self.ca_certs(file, "[upstream] ca_file")?,
                 None => Vec::new(),
             },
-        };
+        })
+    }
 
-        // [refresh]
-        let r = &raw.refresh;
+    /// `[refresh]`; `preset`: the Warp preset, where it is set;
+    /// `from_file`: not env-only mode.
+    fn refresh(
+        &self,
+        r: &RawRefresh,
+        preset: Option<&Spanned<Preset>>,
+        from_file: bool,
+        client_headers: &[(&'static str, &'static str)],
+    ) -> Result<RefreshConfig, ConfigError> {
         let provider = r.provider;
         let key = r.key.as_ref().map(|k| self.secret(k)).transpose()?;
         let refresh_url = match (&r.url, provider) {
@@ -366,8 +423,8 @@ impl Builder<'_> {
                     url
                 }
                 // env-only mode starts without one and says so (`warnings`).
-                None if warp && path.is_some() => {
-                    let at = raw.upstream.preset.as_ref().map_or(0..0, |p| p.span());
+                None if preset.is_some() && from_file => {
+                    let at = preset.map_or(0..0, |p| p.span());
                     return self.err(
                         at,
                         "preset \"warp\" needs [refresh] key (Warp's Firebase web API key), \
@@ -388,7 +445,7 @@ impl Builder<'_> {
                 "[refresh] client_id and client_secret are for provider \"oauth2\" only",
             );
         }
-        let refresh = RefreshConfig {
+        Ok(RefreshConfig {
             provider,
             url: refresh_url,
             headers: self.headers(&r.headers, client_headers, "[refresh] headers")?,
@@ -400,10 +457,11 @@ impl Builder<'_> {
                 .as_ref()
                 .map(|s| self.secret(s))
                 .transpose()?,
-        };
+        })
+    }
 
-        // [pool]
-        let p = &raw.pool;
+    /// `[pool]`.
+    fn pool(&self, p: &RawPool) -> Result<PoolConfig, ConfigError> {
         let order = p.order.get_ref().clone();
         if order.is_empty() {
             return self.err(p.order.span(), "[pool] order must name at least one tier");
@@ -465,20 +523,11 @@ impl Builder<'_> {
                 "[pool] max_recovery_backoff must be at least recovery_backoff",
             );
         }
+        Ok(pool)
+    }
 
-        // [state]: a relative path is relative to the working directory
-        // (the config's folder may be a read-only mount).
-        let state = StateConfig {
-            path: raw.state.path.as_ref().map(|p| p.get_ref().clone()),
-        };
-
-        // [log]
-        let log = LogConfig {
-            access: raw.log.access,
-        };
-
-        // [quota]
-        let q = &raw.quota;
+    /// `[quota]`; the Warp poller's URL defaults to `upstream`'s host.
+    fn quota(&self, q: &RawQuota, upstream: &Uri) -> Result<QuotaConfig, ConfigError> {
         let interval = self.positive(&q.interval, "[quota] interval")?;
         if interval < Duration::from_secs(10) {
             return self.err(q.interval.span(), "[quota] interval must be at least 10s");
@@ -491,23 +540,27 @@ impl Builder<'_> {
             (Some(url), QuotaProvider::None) => {
                 return self.err(url.span(), "[quota] url needs provider = \"warp\"");
             }
-            (None, QuotaProvider::Warp) => Some(warp_quota_url(&upstream.url)),
+            (None, QuotaProvider::Warp) => Some(warp_quota_url(upstream)),
             (None, QuotaProvider::None) => None,
         };
-        let quota = QuotaConfig {
+        Ok(QuotaConfig {
             provider: q.provider,
             url: quota_url,
             interval,
-        };
+        })
+    }
 
-        // [cluster]
-        let cluster = raw.cluster.as_ref().map(|c| self.cluster(c)).transpose()?;
-
-        // [[tokens]]
+    /// `[[tokens]]`, then the tokens of the environment (Warp2Api's
+    /// variables) not already there; `order`: the tiers in use.
+    fn tokens(
+        &self,
+        raw: &[Spanned<RawToken>],
+        order: &[Tier],
+    ) -> Result<Vec<TokenConfig>, ConfigError> {
         let mut tokens = Vec::new();
         let mut names: HashSet<String> = HashSet::new();
         let mut secrets: HashSet<Secret> = HashSet::new();
-        for entry in &raw.tokens {
+        for entry in raw {
             let t = entry.get_ref();
             let secret = self.secret(&t.token)?;
             let name = match &t.name {
@@ -524,7 +577,7 @@ impl Builder<'_> {
                     format!("token `{name}` has the same secret as an earlier token"),
                 );
             }
-            if !pool.order.contains(&t.tier) {
+            if !order.contains(&t.tier) {
                 return self.err(
                     entry.span(),
                     format!(
@@ -541,7 +594,7 @@ impl Builder<'_> {
             });
         }
         for (tier, secret) in env_tokens(self.env) {
-            if !pool.order.contains(&tier) || !secrets.insert(secret.clone()) {
+            if !order.contains(&tier) || !secrets.insert(secret.clone()) {
                 // Already configured in the file, or a tier the order leaves out.
                 continue;
             }
@@ -556,29 +609,7 @@ impl Builder<'_> {
                 origin: TokenOrigin::Env,
             });
         }
-
-        Ok(Config {
-            path: path.map(Path::to_path_buf),
-            server,
-            admin,
-            upstream,
-            refresh,
-            pool,
-            state,
-            log,
-            cluster,
-            quota,
-            tokens,
-            // Each file once, in the order read.
-            read_files: {
-                let mut seen = HashSet::new();
-                self.read
-                    .take()
-                    .into_iter()
-                    .filter(|f| seen.insert(f.clone()))
-                    .collect()
-            },
-        })
+        Ok(tokens)
     }
 
     /// `[pool] affinity_header`: a header name that is not one the proxy

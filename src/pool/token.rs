@@ -1,12 +1,12 @@
 //! One token: its name and tier, its [`Credentials`], its quota count
-//! and its [`Health`] (the state machine of `docs/tokens.md`: `active`,
+//! and its `Health` (the state machine of `docs/tokens.md`: `active`,
 //! `cooling_down`, `disabled`, `revoked`).
 //!
 //! The hot path reads a single atomic, the *gate*: the clock reading (in
 //! milliseconds) from which the token may be picked. Every transition runs
 //! under a short `std::sync::Mutex` that is never held across an `.await`,
-//! through one commit point: a [`Change`] lets its caller edit the
-//! [`Health`] and, when it ends, compares the [`Facts`] before and after
+//! through one commit point: a `Change` lets its caller edit the
+//! `Health` and, when it ends, compares the `Facts` before and after
 //! and applies what follows — the gate, the state file's dirty flag, the
 //! stamp other replicas learn by, the log line and the count of state
 //! changes. No transition places those by hand.
@@ -174,7 +174,7 @@ impl Drop for Change<'_> {
             token.dirty.store(true, Ordering::Release);
         }
         if (changed && origin == Origin::Here) || origin == Origin::Enable {
-            health.stamp = shared::unix_ms(SystemTime::now()).max(health.stamp + 1);
+            health.stamp = shared::unix_ms(SystemTime::now()).max(health.stamp.saturating_add(1));
             if origin == Origin::Enable {
                 health.enabled_at = health.stamp;
             }

@@ -379,11 +379,29 @@ mod tests {
         )
         .unwrap();
         assert!(q.unlimited);
+        // A refill in the year 9999, or a date that is none: no refill time.
+        for when in ["9999-12-31T23:59:59.000Z", "NaN", "1e300", "-1"] {
+            let q = parse_answer(
+                format!(
+                    r#"{{"data":{{"user":{{"user":{{"requestLimitInfo":{{"isUnlimited":false,
+                    "requestLimit":150,"requestsUsedSinceLastRefresh":150,"nextRefreshTime":"{when}"}}}}}}}}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            assert_eq!((q.remaining, q.resets_at), (Some(0), None), "{when}");
+        }
         for bad in [
             &br#"{"errors":[{"message":"Unauthorized"}],"data":null}"#[..],
             br#"{"data":{"user":{"requestLimitInfo":{"requestLimit":1}}}}"#,
             br#"{"data":{"user":{"user":{"requestLimitInfo":{"requestLimit":-1,"requestsUsedSinceLastRefresh":0}}}}}"#,
             br#"{"data":{"user":{"user":{"requestLimitInfo":{"requestLimit":"150","requestsUsedSinceLastRefresh":0}}}}}"#,
+            // Numbers no quota has: 10^40, 1e300, fractions, negatives, NaN.
+            br#"{"data":{"user":{"user":{"requestLimitInfo":{"requestLimit":10000000000000000000000000000000000000000,"requestsUsedSinceLastRefresh":0}}}}}"#,
+            br#"{"data":{"user":{"user":{"requestLimitInfo":{"requestLimit":1e300,"requestsUsedSinceLastRefresh":0}}}}}"#,
+            br#"{"data":{"user":{"user":{"requestLimitInfo":{"requestLimit":150,"requestsUsedSinceLastRefresh":-3}}}}}"#,
+            br#"{"data":{"user":{"user":{"requestLimitInfo":{"requestLimit":150,"requestsUsedSinceLastRefresh":1.5}}}}}"#,
+            br#"{"data":{"user":{"user":{"requestLimitInfo":{"requestLimit":"NaN","requestsUsedSinceLastRefresh":0}}}}}"#,
             b"<html>",
             b"",
         ] {

@@ -246,6 +246,41 @@ mod tests {
     }
 
     #[test]
+    fn absurd_retry_afters_are_absent_or_bounded_where_used() {
+        for value in [
+            "-1",
+            "1e300",
+            "NaN",
+            "10000000000000000000000000000000000000000",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "",
+        ] {
+            assert_eq!(parse_retry_after(value), None, "{value}");
+        }
+        // The largest that parses is bounded by whoever waits: a token's
+        // rest by max_cooldown.
+        let huge = parse_retry_after("18446744073709551615").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _time = runtime.enter();
+        let config = crate::config::Config::parse(
+            "[[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = \"rt-a\"\n",
+            None,
+            &|_| None,
+        )
+        .unwrap();
+        let pool = crate::pool::Pool::new(&config.pool, &config.tokens, true, None);
+        let token = pool.get("a").unwrap();
+        let settings = pool.settings();
+        token.report(crate::pool::Outcome::RateLimited(Some(huge)), settings);
+        let back = token.snapshot().cooldown_until.unwrap();
+        let rest = back.duration_since(SystemTime::now()).unwrap_or_default();
+        assert!(rest <= settings.max_cooldown, "{rest:?}");
+    }
+
+    #[test]
     fn id_token_wins_and_rotation_is_read() {
         let now = UNIX_EPOCH;
         let g = parse_grant(

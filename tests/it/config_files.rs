@@ -35,7 +35,7 @@ fn valid_fixtures_load() {
     for file in files {
         let c = Config::load(&file, &fixture_env)
             .unwrap_or_else(|e| panic!("{} should load: {e}", file.display()));
-        let summary = c.summary();
+        let summary = tokenpool::cli::summary(&c);
         for t in &c.tokens {
             assert!(
                 summary.contains(&t.name),

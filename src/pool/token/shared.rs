@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{Origin, Reason, Token, TokenState};
+use super::{Origin, Reason, Token, TokenState, MAX_RESTORED_REST};
 use crate::config::Secret;
 
 /// How a shared change is ordered against another.
@@ -155,7 +155,9 @@ impl Token {
         let until = remote.until.map(|ms| {
             let at = UNIX_EPOCH + Duration::from_millis(ms);
             match at.duration_since(now_wall) {
-                Ok(ahead) => now.checked_add(ahead).unwrap_or(now),
+                // Another replica's record may say anything: never a rest
+                // longer than a state file may ask for.
+                Ok(ahead) => now + ahead.min(MAX_RESTORED_REST),
                 Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
             }
         });
@@ -356,5 +358,45 @@ mod tests {
             later,
             Duration::from_secs(3600)
         )));
+    }
+
+    /// A record from Redis is outside input: absurd times, levels and
+    /// stamps never panic, never rest a token for years, and the waits
+    /// they feed stay within their caps.
+    #[tokio::test(start_paused = true)]
+    async fn absurd_numbers_from_another_replica_are_bounded() {
+        let s = settings();
+        for until in [u64::MAX, 253_402_300_799_000, 0, 1] {
+            let t = token("a");
+            let mut remote = t.shared_state();
+            remote.state = TokenState::Disabled;
+            remote.reason = Some(Reason::Forbidden);
+            remote.until = Some(until);
+            remote.failures = u32::MAX;
+            remote.backoff_level = u32::MAX;
+            remote.quota_level = u32::MAX;
+            remote.stamp.at = u64::MAX;
+            assert!(t.apply_shared(&remote, "b"));
+            let snap = t.snapshot();
+            if let Some(back) = snap.cooldown_until {
+                let rest = back.duration_since(SystemTime::now()).unwrap_or_default();
+                assert!(
+                    rest <= MAX_RESTORED_REST + Duration::from_secs(1),
+                    "{until}: {rest:?}"
+                );
+            }
+            // The next failure and trial wait within their caps, and the
+            // counters saturate.
+            t.report(Outcome::Failure(Reason::Forbidden), &s);
+            t.report(Outcome::QuotaExhausted, &s);
+            let snap = t.snapshot();
+            assert_eq!(snap.consecutive_failures, u32::MAX);
+            assert!(s.recovery_wait(u32::MAX) <= s.max_recovery_backoff);
+            assert!(s.quota_wait(snap.quota_level) <= s.max_cooldown);
+            // Stamping after the absurd stamp saturates, never overflows.
+            t.enable();
+            t.enable();
+            assert_eq!(t.shared_state().stamp.at, u64::MAX);
+        }
     }
 }
