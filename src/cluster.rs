@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use crate::config::{ClusterConfig, RefreshAlone, Secret};
 use crate::metrics::{ClusterMetrics, Metrics, Refusal};
 use crate::pool::token::{short_fingerprint, unix_ms};
-use crate::pool::{AccessToken, Pool, SharedState, Stamp, Token, TokenState};
+use crate::pool::{AccessToken, Pool, ReplicaState, Stamp, Token, TokenState};
 use seal::{SealError, Sealer};
 use store::{GrantWrite, LeaseAnswer, LeaseAsk, Record, StateWrite, Store};
 
@@ -470,7 +470,7 @@ impl Cluster {
         let dirty: Vec<&Arc<Token>> = pool
             .tokens()
             .iter()
-            .filter(|t| t.take_shared_dirty())
+            .filter(|t| t.take_replica_dirty())
             .collect();
         let mut written = 0;
         for (i, batch) in dirty.chunks(sync::BATCH).enumerate() {
@@ -481,7 +481,7 @@ impl Cluster {
             let results = futures_util::future::join_all(writes).await;
             if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
                 for token in &dirty[i * sync::BATCH..] {
-                    token.mark_shared_dirty();
+                    token.mark_replica_dirty();
                 }
                 return Err(e.clone());
             }
@@ -858,14 +858,14 @@ impl Cluster {
             }
         }
         if let Some(json) = record.get("st") {
-            match serde_json::from_str::<SharedState>(json) {
+            match serde_json::from_str::<ReplicaState>(json) {
                 Ok(mut state) => {
                     state.stamp = Stamp {
                         at: field(record, "stamp"),
                         revoked: state.state == TokenState::Revoked,
                         enabled_at: field(record, "enabled_at"),
                     };
-                    if token.apply_shared(&state, node) {
+                    if token.apply_replica(&state, node) {
                         taken += 1;
                     }
                 }
@@ -901,7 +901,7 @@ impl Cluster {
         conn: &mut MultiplexedConnection,
         token: &Token,
     ) -> redis::RedisResult<bool> {
-        let state = token.shared_state();
+        let state = token.replica_state();
         if state.stamp.at == 0 {
             return Ok(false);
         }

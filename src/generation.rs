@@ -8,6 +8,7 @@
 //! as the very same `Arc<Token>`, with all its state. This module decides
 //! *what* a reload does; *when* one happens is [`crate::reload`]'s.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -61,7 +62,52 @@ pub struct ReloadSummary {
     /// Names of the tokens gone.
     pub removed: Vec<String>,
     /// Settings that changed but need a restart.
-    pub needs_restart: Vec<String>,
+    pub needs_restart: Vec<NeedsRestart>,
+}
+
+/// A setting a reload changed that only a restart applies; the running
+/// value stays. Shown (and serialized) as the setting's name, with the two
+/// addresses for a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NeedsRestart {
+    /// `[server] listen`.
+    ProxyListen {
+        /// The address bound.
+        from: SocketAddr,
+        /// The file's.
+        to: SocketAddr,
+    },
+    /// `[admin] listen`.
+    AdminListen {
+        /// The address bound.
+        from: SocketAddr,
+        /// The file's.
+        to: SocketAddr,
+    },
+    /// `[server] header_read_timeout`.
+    HeaderReadTimeout,
+    /// `[state] path`.
+    StatePath,
+    /// Anything in `[cluster]`.
+    Cluster,
+}
+
+impl std::fmt::Display for NeedsRestart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NeedsRestart::ProxyListen { from, to } => write!(f, "[server] listen {from} -> {to}"),
+            NeedsRestart::AdminListen { from, to } => write!(f, "[admin] listen {from} -> {to}"),
+            NeedsRestart::HeaderReadTimeout => f.write_str("[server] header_read_timeout"),
+            NeedsRestart::StatePath => f.write_str("[state] path"),
+            NeedsRestart::Cluster => f.write_str("[cluster]"),
+        }
+    }
+}
+
+impl serde::Serialize for NeedsRestart {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Reads an environment variable (injectable for tests).
@@ -223,29 +269,29 @@ impl Generations {
         let old = self.current();
         let mut needs_restart = Vec::new();
         if config.server.listen != old.config.server.listen {
-            needs_restart.push(format!(
-                "[server] listen {} -> {}",
-                old.config.server.listen, config.server.listen
-            ));
+            needs_restart.push(NeedsRestart::ProxyListen {
+                from: old.config.server.listen,
+                to: config.server.listen,
+            });
             config.server.listen = old.config.server.listen;
         }
         if config.admin.listen != old.config.admin.listen {
-            needs_restart.push(format!(
-                "[admin] listen {} -> {}",
-                old.config.admin.listen, config.admin.listen
-            ));
+            needs_restart.push(NeedsRestart::AdminListen {
+                from: old.config.admin.listen,
+                to: config.admin.listen,
+            });
             config.admin.listen = old.config.admin.listen;
         }
         if config.server.header_read_timeout != old.config.server.header_read_timeout {
-            needs_restart.push("[server] header_read_timeout".to_string());
+            needs_restart.push(NeedsRestart::HeaderReadTimeout);
             config.server.header_read_timeout = old.config.server.header_read_timeout;
         }
         if config.state.path != old.config.state.path {
-            needs_restart.push("[state] path".to_string());
+            needs_restart.push(NeedsRestart::StatePath);
             config.state.path = old.config.state.path.clone();
         }
         if config.cluster != old.config.cluster {
-            needs_restart.push("[cluster]".to_string());
+            needs_restart.push(NeedsRestart::Cluster);
             config.cluster = old.config.cluster.clone();
         }
         let bound = self.bound.get().copied().unwrap_or(Bound {

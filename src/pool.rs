@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use token::{
-    AccessToken, Outcome, Quota, Reason, Restored, SharedState, Snapshot, Stamp, Token, TokenState,
+    AccessToken, Outcome, Quota, Reason, ReplicaState, Restored, Snapshot, Stamp, Token, TokenState,
 };
 
 use crate::config::{PoolConfig, Strategy, Tier, TokenConfig};

@@ -183,7 +183,7 @@ impl Upstream {
 /// half-read, it drops the connection too (HTTP/1.1 cannot resume it).
 pub struct UpstreamBody {
     inner: Incoming,
-    lease: Option<connections::Lease>,
+    loan: Option<connections::Loan>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -193,20 +193,20 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, lease: Option<connections::Lease>) -> UpstreamBody {
-        let mut body = UpstreamBody { inner, lease };
+    fn new(inner: Incoming, loan: Option<connections::Loan>) -> UpstreamBody {
+        let mut body = UpstreamBody { inner, loan };
         // An answer without a body (204, 304, HEAD) may never be polled.
-        body.release_if_ended();
+        body.give_back_if_ended();
         body
     }
 
     /// Gives the connection back once the body is known to be whole:
     /// hyper stops polling a body that says it has ended, so this cannot
     /// wait for the final `None`.
-    fn release_if_ended(&mut self) {
+    fn give_back_if_ended(&mut self) {
         if self.inner.is_end_stream() {
-            if let Some(lease) = self.lease.take() {
-                lease.release();
+            if let Some(loan) = self.loan.take() {
+                loan.give_back();
             }
         }
     }
@@ -227,22 +227,22 @@ impl Body for UpstreamBody {
                 if frame.is_trailers() {
                     // Trailers end a body, and whoever reads it may stop
                     // polling once it has them.
-                    if let Some(lease) = this.lease.take() {
-                        lease.release();
+                    if let Some(loan) = this.loan.take() {
+                        loan.give_back();
                     }
                 } else {
-                    this.release_if_ended();
+                    this.give_back_if_ended();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                if let Some(lease) = this.lease.take() {
-                    lease.release();
+                if let Some(loan) = this.loan.take() {
+                    loan.give_back();
                 }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.lease = None;
+                this.loan = None;
                 Poll::Ready(Some(Err(UpstreamError::Exchange(e))))
             }
         }

@@ -93,7 +93,7 @@ end
 ";
 
 /// Writes a token's state if it wins over the stored one (the rule of
-/// `pool::token::shared::accepts`; a revocation is also void once the
+/// `pool::token::replicas::accepts`; a revocation is also void once the
 /// refresh token it was seen with has been replaced).
 /// ARGV: id, channel, node, stamp, revoked_fp ('' unless revoked),
 /// enabled_at (stamp of the last enable, 0 for none), state JSON,

@@ -380,7 +380,7 @@ impl<F: Fn() -> Arc<Pool>> Syncer<F> {
     async fn seed(&mut self, conn: &mut MultiplexedConnection) -> Result<u64, Ended> {
         let pool = self.pool();
         for token in pool.tokens() {
-            token.take_shared_dirty();
+            token.take_replica_dirty();
         }
         let cluster = Arc::clone(&self.cluster);
         let mut written = 0;

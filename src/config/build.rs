@@ -787,3 +787,382 @@ fn env_tokens(env: EnvLookup) -> Vec<(Tier, Secret)> {
     one("WARP_ANONYMOUS_TOKEN", Tier::Anonymous, false);
     out
 }
+
+/// The validation of each section, through `Config::parse` as a file is read.
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{ConfigError, Provider, Strategy};
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Some(Path::new("t.toml")), &no_env)
+    }
+
+    #[test]
+    fn empty_text_is_all_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.pool.order, Tier::ALL.to_vec());
+        assert_eq!(c.pool.max_attempts, 3);
+        assert_eq!(c.refresh.provider, Provider::Firebase);
+        assert!(c.tokens.is_empty());
+    }
+
+    #[test]
+    fn default_names_use_the_fingerprint() {
+        let c = parse("[[tokens]]\ntier = \"shared\"\ntoken = \"abc\"\n").unwrap();
+        assert_eq!(c.tokens[0].name, "shared-ba7816bf");
+    }
+
+    #[test]
+    fn env_tokens_are_added_once() {
+        let env = |name: &str| match name {
+            "WARP_REFRESH_TOKEN" => Some("abc".to_string()),
+            "WARP_PERSONAL_TOKENS" => Some("abc, def,,".to_string()),
+            "WARP_SHARED_TOKENS" => Some("ghi".to_string()),
+            "WARP_ANONYMOUS_TOKEN" => Some("jkl".to_string()),
+            _ => None,
+        };
+        let c = Config::from_env(&env).unwrap();
+        let got: Vec<(Tier, &str)> = c
+            .tokens
+            .iter()
+            .map(|t| (t.tier, t.secret.expose()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Tier::Personal, "abc"),
+                (Tier::Personal, "def"),
+                (Tier::Shared, "ghi"),
+                (Tier::Anonymous, "jkl")
+            ]
+        );
+        // A secret already in the file is not added again.
+        let c = Config::parse(
+            "[[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = \"abc\"\n",
+            Some(Path::new("t.toml")),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.tokens.len(), 4);
+        assert_eq!(c.tokens[0].name, "a");
+        assert!(c
+            .tokens
+            .iter()
+            .skip(1)
+            .all(|t| t.origin == TokenOrigin::Env));
+    }
+
+    #[test]
+    fn every_secret_file_is_followed_and_a_bad_name_is_not_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["admin", "bare", "named", "warp", "rt"] {
+            std::fs::write(dir.path().join(f), format!("secret-{f}\n")).unwrap();
+        }
+        let path = dir.path().join("tokenpool.toml");
+        std::fs::write(
+            &path,
+            "[server]\napi_keys = [{ file = \"bare\" }, { name = \"team\", key = { file = \"named\" } }]\n\
+             [admin]\ntoken = { file = \"admin\" }\n\
+             [upstream]\npreset = \"warp\"\n[refresh]\nkey = { file = \"warp\" }\n\
+             [[tokens]]\nname = \"a\"\ntier = \"personal\"\ntoken = { file = \"rt\" }\n\
+             [[tokens]]\nname = \"b\"\ntier = \"shared\"\ntoken = { file = \"rt-b\" }\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("rt-b"), "secret-rt-b\n").unwrap();
+        let c = Config::load(&path, &no_env).unwrap();
+        let mut read: Vec<String> = c
+            .read_files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        read.sort();
+        assert_eq!(read, ["admin", "bare", "named", "rt", "rt-b", "warp"]);
+
+        // A secret typed into a name's line is not shown back.
+        for text in [
+            "[[tokens]]\nname = \"sk-live/very+secret\"\ntier = \"shared\"\ntoken = \"t\"\n",
+            "[server]\napi_keys = [{ name = \"sk-live/very+secret\", key = \"k\" }]\n",
+            "[cluster]\nredis = \"redis://127.0.0.1:1\"\nnode = \"sk-live/very+secret\"\n",
+            "[cluster]\nredis = \"redis://127.0.0.1:1\"\nkey_prefix = \"sk-live/very+secret\"\n",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.contains("sk-live"), "{err}");
+            assert!(err.contains("must be 1–64 characters"), "{err}");
+        }
+        let err = parse("[[tokens]]\nname = \"a b\"\ntier = \"shared\"\ntoken = \"t\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token name `a b`"), "{err}");
+        // A client key, like any secret, has one source.
+        let err = parse("[server]\napi_keys = [{ env = \"K\", file = \"k\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn selection_and_quota_settings_are_checked_where_they_are_written() {
+        let c = parse(
+            "[pool]\nstrategy = \"most_remaining\"\naffinity_header = \"X-Session-Id\"\n\
+             [quota]\nprovider = \"warp\"\ninterval = \"10s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.pool.strategy, Strategy::MostRemaining);
+        assert_eq!(c.pool.affinity_header.as_ref().unwrap(), "x-session-id");
+        // The default endpoint is on the upstream's origin.
+        assert!(c
+            .quota
+            .url
+            .as_deref()
+            .unwrap()
+            .ends_with("/graphql/v2?op=GetRequestLimitInfo"));
+        assert!(crate::cli::summary(&c).contains("most_remaining, sessions by x-session-id"));
+        for (header, why) in [
+            ("authorization", "reads or sets itself"),
+            ("Content-Type", "reads or sets itself"),
+            ("expect", "reads or sets itself"),
+            ("http2-settings", "reads or sets itself"),
+            ("proxy-authorization", "reads or sets itself"),
+            ("x session", "is not a header name"),
+            ("", "is not a header name"),
+        ] {
+            let err = parse(&format!("[pool]\naffinity_header = \"{header}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("t.toml:2:19: "), "{header}: {err}");
+            assert!(err.contains(why), "{header}: {err}");
+        }
+        let err = parse("[quota]\nprovider = \"warp\"\ninterval = \"9s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("t.toml:3:12: "), "{err}");
+        assert!(err.contains("at least 10s"), "{err}");
+        let err = parse("[quota]\nurl = \"https://q.example/graphql\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs provider = \"warp\""), "{err}");
+    }
+
+    #[test]
+    fn client_keys_are_named_and_the_warp_preset_fills_its_urls() {
+        let c = parse(
+            "[server]\napi_keys = [\"k1\", { name = \"team-a\", key = \"k2\" }]\n\
+             [upstream]\npreset = \"warp\"\nheaders = { \"x-warp-os-name\" = \"Mine\" }\n\
+             [refresh]\nkey = \"AIza-web-key\"\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = c.server.api_keys.iter().map(|k| &*k.name).collect();
+        assert_eq!(names, ["key-1", "team-a"]);
+        assert_eq!(c.upstream.url.to_string(), "https://app.warp.dev/");
+        assert_eq!(
+            c.refresh.url.as_deref(),
+            Some("https://app.warp.dev/proxy/token?key=AIza-web-key")
+        );
+        let header = |list: &[(HeaderName, HeaderValue)], name: &str| {
+            list.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            header(&c.upstream.headers, "x-warp-os-name").as_deref(),
+            Some("Mine")
+        );
+        assert_eq!(
+            header(&c.upstream.headers, "x-warp-client-id").as_deref(),
+            Some("warp-app")
+        );
+        assert!(header(&c.refresh.headers, "x-warp-client-version").is_some());
+        assert!(
+            !crate::cli::summary(&c).contains("AIza"),
+            "{}",
+            crate::cli::summary(&c)
+        );
+        assert!(crate::cli::summary(&c).contains("client keys: key-1, team-a"));
+    }
+
+    #[test]
+    fn env_only_mode_takes_the_listener_key_and_refresh_url_from_the_environment() {
+        let env = |name: &str| match name {
+            "TOKENPOOL_LISTEN" => Some("0.0.0.0:8080".to_string()),
+            "TOKENPOOL_API_KEY" => Some("client-key".to_string()),
+            "TOKENPOOL_WARP_API_KEY" => Some("AIza-web-key".to_string()),
+            "WARP_REFRESH_TOKEN" => Some("rt-one".to_string()),
+            _ => None,
+        };
+        let c = Config::from_env(&env).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.server.api_keys.len(), 1);
+        assert_eq!(
+            c.refresh.url.as_deref(),
+            Some("https://app.warp.dev/proxy/token?key=AIza-web-key")
+        );
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        // Without a key it starts, and says why the refresh calls will fail.
+        let bare = |name: &str| (name == "WARP_REFRESH_TOKEN").then(|| "rt-one".to_string());
+        let c = Config::from_env(&bare).unwrap();
+        assert!(c.warnings()[0].starts_with("the refresh URL has no key="));
+        // A whole URL from the environment wins.
+        let url = |name: &str| {
+            (name == "TOKENPOOL_REFRESH_URL").then(|| "https://x.test/token?key=k".to_string())
+        };
+        assert_eq!(
+            Config::from_env(&url).unwrap().refresh.url.as_deref(),
+            Some("https://x.test/token?key=k")
+        );
+    }
+
+    #[test]
+    fn a_relative_state_path_is_not_moved_next_to_the_config() {
+        let c = Config::parse(
+            "[state]\npath = \"state/tokenpool-state.json\"\n",
+            Some(Path::new("/etc/tokenpool/tokenpool.toml")),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.state.path.as_deref(),
+            Some(Path::new("state/tokenpool-state.json"))
+        );
+        assert!(c.warnings().iter().any(|w| w.contains("working directory")));
+    }
+
+    #[test]
+    fn errors_are_located() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[server]\nlisten = \"nope\"\n",
+                "t.toml:2:10: [server] listen must be IP:PORT",
+            ),
+            ("[pool]\nbogus = 1\n", "t.toml:2:1: unknown field `bogus`"),
+            ("[pool]\ncooldown = \"soon\"\n", "t.toml:2:12:"),
+            (
+                "[pool]\nquota_pattern = \"(\"\n",
+                "t.toml:2:17: [pool] quota_pattern does not compile",
+            ),
+            (
+                "[server]\nlisten = \"0.0.0.0:80\"\n",
+                "t.toml:2:10: [server] listen = 0.0.0.0:80 is not a loopback",
+            ),
+            // Durations: only whole numbers with ms, s, m, h or d.
+            (
+                "[pool]\ncooldown = \"5M\"\n",
+                "t.toml:2:12: [pool] cooldown = \"5M\" is not a duration",
+            ),
+            (
+                "[pool]\ncooldown = \"5 minutes\"\n",
+                "t.toml:2:12: [pool] cooldown = \"5 minutes\" is not a duration",
+            ),
+            (
+                "[refresh]\nmargin = \"1.5h\"\n",
+                "t.toml:2:10: [refresh] margin = \"1.5h\" is not a duration",
+            ),
+            // Checks of a value's meaning keep its place too.
+            (
+                "[pool]\ncooldown = \"0s\"\n",
+                "t.toml:2:12: [pool] cooldown must be greater than zero",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 0\n",
+                "t.toml:2:26: [server] max_request_body_bytes must be greater than zero",
+            ),
+            (
+                "[pool]\ncooldown = \"2h\"\nmax_cooldown = \"1h\"\n",
+                "t.toml:3:16: [pool] max_cooldown must be at least",
+            ),
+            (
+                "[pool]\nrecovery_backoff = \"2h\"\nmax_recovery_backoff = \"1h\"\n",
+                "t.toml:3:24: [pool] max_recovery_backoff must be at least",
+            ),
+            (
+                "[upstream]\npreset = \"warp\"\n",
+                "t.toml:2:10: preset \"warp\" needs [refresh] key",
+            ),
+            (
+                "[server]\napi_keys = [{ name = \"a b\", key = \"k1\" }]\n",
+                "t.toml:2:22: client key name `a b`",
+            ),
+            (
+                "[server]\napi_keys = [\"k1\", { name = \"x\", key = \"k1\" }]\n",
+                "t.toml:2:19: client key `x` is the same key",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(text).unwrap_err().to_string();
+            assert!(
+                got.starts_with(want),
+                "for {text:?}\n got: {got}\nwant: {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_and_the_url_is_never_shown() {
+        let c = parse("[cluster]\nredis = \"redis://:pw-7d1f@10.0.0.5:6379/2\"\n").unwrap();
+        let cluster = c.cluster.as_ref().unwrap();
+        assert_eq!(cluster.key_prefix, "tokenpool");
+        assert_eq!(cluster.sync_interval, Duration::from_secs(1));
+        assert!(!cluster.node.is_empty(), "the host name by default");
+        assert!(cluster.encryption_key.is_none());
+        assert!(c.warnings().iter().any(|w| w.contains("no encryption_key")));
+        let summary = crate::cli::summary(&c);
+        assert!(summary.contains("cluster:"), "{summary}");
+        assert!(!summary.contains("pw-7d1f") && !format!("{c:?}").contains("pw-7d1f"));
+
+        for (text, want) in [
+            ("[cluster]\n", "missing field `redis`"),
+            (
+                "[cluster]\nredis = \"http://:pw-7d1f@h:1\"\n",
+                "not a redis:// or rediss:// URL",
+            ),
+            (
+                "[cluster]\nredis = \"redis://:pw-7d1f@h:notaport\"\n",
+                "not a redis:// or rediss:// URL",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nkey_prefix = \"a b\"\n",
+                "key_prefix",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nnode = \"\"\n",
+                "[cluster] node",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nsync_interval = \"10ms\"\n",
+                "between 100ms and 1h",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nencryption_key = \"short\"\n",
+                "at least 16 characters",
+            ),
+            (
+                "[cluster]\nredis = \"redis://h\"\nport = 1\n",
+                "unknown field",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+            assert!(!e.contains("pw-7d1f"), "the URL was shown: {e}");
+            assert!(!e.contains("short\""), "the key was shown: {e}");
+        }
+        let c = parse(
+            "[cluster]\nredis = \"rediss://h:6380\"\nkey_prefix = \"pool-a\"\nnode = \"replica-1\"\n\
+             sync_interval = \"250ms\"\nencryption_key = \"0123456789abcdef0123\"\n",
+        )
+        .unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(
+            (cluster.key_prefix.as_str(), cluster.node.as_str()),
+            ("pool-a", "replica-1")
+        );
+        assert_eq!(cluster.sync_interval, Duration::from_millis(250));
+        assert!(cluster.encryption_key.is_some());
+    }
+}

@@ -9,6 +9,7 @@
 //! anyone, or take the admin token off a reachable admin listener, is
 //! refused like any invalid file.
 
+use std::fmt;
 use std::net::SocketAddr;
 
 use super::{Config, ConfigError, Provider};
@@ -204,17 +205,59 @@ fn placeholder_warning(place: &str) -> String {
     )
 }
 
+/// A change a reload may make that an operator can mean but should hear
+/// about: said at WARN once the reload is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Risk {
+    /// Every token goes (`before` were configured).
+    RemovesEveryToken {
+        /// Tokens before the reload.
+        before: usize,
+    },
+    /// The upstream moves to another scheme, host or port.
+    MovesUpstream {
+        /// `scheme://host:port` before.
+        from: String,
+        /// And after.
+        to: String,
+    },
+    /// Client keys go and `allow_unauthenticated` is set on a listener
+    /// others can reach.
+    OpensProxy {
+        /// The proxy listener's address.
+        at: SocketAddr,
+    },
+}
+
+impl fmt::Display for Risk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Risk::RemovesEveryToken { before } => write!(
+                f,
+                "this reload removes every token ({before} before, 0 after): the proxy will \
+                 answer 503 until tokens are configured again"
+            ),
+            Risk::MovesUpstream { from, to } => {
+                write!(f, "this reload moves the upstream from {from} to {to}")
+            }
+            Risk::OpensProxy { at } => write!(
+                f,
+                "this reload removes every client key and allow_unauthenticated = true: \
+                 ANYONE WHO CAN REACH {at} CAN USE THE TOKEN POOL"
+            ),
+        }
+    }
+}
+
 /// Checks `next` as a replacement for `running`, whose listeners are bound
-/// at `bound`. Returns the warnings to log when it may be applied (it
-/// removes every token, or moves to another upstream host: an operator can
-/// mean that); an error, which refuses the reload, when applying it would
-/// open the proxy to anyone or take the admin token off a reachable admin
-/// listener.
+/// at `bound`. Returns the [`Risk`]s to say when it may be applied; an
+/// error, which refuses the reload, when applying it would open the proxy
+/// to anyone or take the admin token off a reachable admin listener.
 pub fn check_reload(
     running: &Config,
     bound: Bound,
     next: &Config,
-) -> Result<Vec<String>, ConfigError> {
+) -> Result<Vec<Risk>, ConfigError> {
     if !bound.proxy.ip().is_loopback()
         && next.server.api_keys.is_empty()
         && !next.server.allow_unauthenticated
@@ -237,13 +280,11 @@ pub fn check_reload(
             bound.admin
         )));
     }
-    let mut warnings = Vec::new();
+    let mut risks = Vec::new();
     if next.tokens.is_empty() && !running.tokens.is_empty() {
-        warnings.push(format!(
-            "this reload removes every token ({} before, 0 after): the proxy will answer 503 \
-             until tokens are configured again",
-            running.tokens.len()
-        ));
+        risks.push(Risk::RemovesEveryToken {
+            before: running.tokens.len(),
+        });
     }
     let place = |c: &Config| {
         let url = &c.upstream.url;
@@ -260,23 +301,18 @@ pub fn check_reload(
         )
     };
     if place(running) != place(next) {
-        warnings.push(format!(
-            "this reload moves the upstream from {} to {}",
-            place(running),
-            place(next)
-        ));
+        risks.push(Risk::MovesUpstream {
+            from: place(running),
+            to: place(next),
+        });
     }
     if !bound.proxy.ip().is_loopback()
         && next.server.api_keys.is_empty()
         && !running.server.api_keys.is_empty()
     {
-        warnings.push(format!(
-            "this reload removes every client key and allow_unauthenticated = true: \
-             ANYONE WHO CAN REACH {} CAN USE THE TOKEN POOL",
-            bound.proxy
-        ));
+        risks.push(Risk::OpensProxy { at: bound.proxy });
     }
-    Ok(warnings)
+    Ok(risks)
 }
 
 #[cfg(test)]
@@ -362,15 +398,14 @@ mod tests {
             "",
         );
         let w = check_reload(&running, b, &parse(&none)).unwrap();
-        assert_eq!(w.len(), 1, "{w:?}");
-        assert!(
-            w[0].contains("removes every token (1 before, 0 after)"),
-            "{w:?}"
-        );
+        assert_eq!(w, [Risk::RemovesEveryToken { before: 1 }]);
+        assert!(w[0]
+            .to_string()
+            .contains("removes every token (1 before, 0 after)"));
         let moved = format!("{KEYED}[upstream]\nurl = \"https://other.example:8443/api\"\n");
         let w = check_reload(&running, b, &parse(&moved)).unwrap();
         assert_eq!(
-            w,
+            w.iter().map(Risk::to_string).collect::<Vec<_>>(),
             ["this reload moves the upstream from https://app.warp.dev:443 to https://other.example:8443"]
         );
         // A new path on the same host is not a move.

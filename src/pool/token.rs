@@ -26,7 +26,7 @@ use crate::config::{Secret, Tier, TokenConfig};
 mod credentials;
 mod health;
 mod quota;
-mod shared;
+mod replicas;
 mod vocab;
 
 /// What the token tests beside the code share: a token, and settings.
@@ -66,7 +66,7 @@ mod testing {
 
 pub use credentials::{AccessToken, Credentials, Flight, RefreshResult};
 pub use quota::{Quota, COUNT_TRUST, MAX_QUOTA_REST};
-pub use shared::{accepts, short_fingerprint, unix_ms, SharedState, Stamp};
+pub use replicas::{accepts, short_fingerprint, unix_ms, ReplicaState, Stamp};
 pub use vocab::{Outcome, Reason, TokenState};
 
 use health::{Facts, Health};
@@ -102,7 +102,7 @@ pub struct Token {
     /// Set when a transition happened that the state file should record.
     dirty: AtomicBool,
     /// Set when a change happened that other replicas should learn.
-    shared_dirty: AtomicBool,
+    replica_dirty: AtomicBool,
     /// Woken on such a change (the pool's, shared by every token).
     changes: Arc<Notify>,
     health: Mutex<Health>,
@@ -174,11 +174,11 @@ impl Drop for Change<'_> {
             token.dirty.store(true, Ordering::Release);
         }
         if (changed && origin == Origin::Here) || origin == Origin::Enable {
-            health.stamp = shared::unix_ms(SystemTime::now()).max(health.stamp.saturating_add(1));
+            health.stamp = replicas::unix_ms(SystemTime::now()).max(health.stamp.saturating_add(1));
             if origin == Origin::Enable {
                 health.enabled_at = health.stamp;
             }
-            token.shared_dirty.store(true, Ordering::Release);
+            token.replica_dirty.store(true, Ordering::Release);
             token.changes.notify_one();
         }
         let back = before.state != TokenState::Active && after.state == TokenState::Active;
@@ -287,7 +287,7 @@ impl Token {
             last_used_ms: AtomicU64::new(0),
             state_changes: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
-            shared_dirty: AtomicBool::new(false),
+            replica_dirty: AtomicBool::new(false),
             changes,
             health: Mutex::new(Health::default()),
             clean: AtomicBool::new(true),
@@ -395,7 +395,7 @@ impl Token {
     /// Tries to take the token for one request at clock reading `now_ms`.
     ///
     /// An active token is taken with one atomic load. A token whose gate
-    /// has passed takes the slow path ([`Health::take`]): an ended
+    /// has passed takes the slow path ([`Health::pick`]): an ended
     /// cooldown becomes active; a disabled token due for recovery is taken
     /// for one trial, and its gate moves so that no other request trials
     /// it at the same time.
@@ -413,7 +413,7 @@ impl Token {
         if self.gate.load(Ordering::Acquire) > now_ms {
             return false;
         }
-        let taken = change.take(self.clock.instant(now_ms), settings);
+        let taken = change.pick(self.clock.instant(now_ms), settings);
         drop(change);
         if taken {
             self.note_pick(now_ms);
@@ -717,40 +717,40 @@ mod tests {
         let s = settings();
         // A success on a healthy token changes nothing.
         t.report(Outcome::Success, &s);
-        assert!(!t.take_dirty() && !t.take_shared_dirty());
+        assert!(!t.take_dirty() && !t.take_replica_dirty());
         // A failure below the threshold: replicas learn the count, the
         // state file has nothing new.
         t.report(Outcome::Failure(Reason::Forbidden), &s);
         assert!(!t.take_dirty());
-        assert!(t.take_shared_dirty());
+        assert!(t.take_replica_dirty());
         // A rest: both.
         t.report(Outcome::RateLimited(None), &s);
-        assert!(t.take_dirty() && t.take_shared_dirty());
+        assert!(t.take_dirty() && t.take_replica_dirty());
         // Its end on a pick: the state file, not the replicas.
         tokio::time::advance(s.cooldown + Duration::from_millis(1)).await;
         assert!(t.try_acquire(t.clock.now_millis(), &s));
         assert_eq!(t.snapshot().state, TokenState::Active);
         assert!(t.take_dirty());
-        assert!(!t.take_shared_dirty());
+        assert!(!t.take_replica_dirty());
         // A change from another replica is recorded, never sent back.
-        let mut remote = t.shared_state();
+        let mut remote = t.replica_state();
         remote.state = TokenState::CoolingDown;
         remote.reason = Some(Reason::RateLimited);
         remote.until = Some(unix_ms(SystemTime::now()) + 60_000);
         remote.stamp.at = unix_ms(SystemTime::now()) + 10;
-        assert!(t.apply_shared(&remote, "node-b"));
+        assert!(t.apply_replica(&remote, "node-b"));
         assert!(t.take_dirty());
-        assert!(!t.take_shared_dirty());
+        assert!(!t.take_replica_dirty());
         assert!(t.agrees());
         // An enable is always recorded and shared, stamped as an enable.
         t.enable();
-        assert!(t.take_dirty() && t.take_shared_dirty());
-        let shared = t.shared_state();
+        assert!(t.take_dirty() && t.take_replica_dirty());
+        let shared = t.replica_state();
         assert_eq!(shared.stamp.enabled_at, shared.stamp.at);
         // A rotation marks the state file only.
         t.credentials().rotate(Secret::new("rt-a-2"));
         assert!(t.take_dirty());
-        assert!(!t.take_shared_dirty());
+        assert!(!t.take_replica_dirty());
         // Revocation drops the access token.
         t.set_access(AccessToken::new("bearer", Duration::from_secs(60)));
         t.report(Outcome::Revoked, &s);

@@ -5,7 +5,7 @@
 //! There is one upstream per generation, so the pool is a plain stack of
 //! idle HTTP/1.1 connections rather than a map keyed by host. A request
 //! takes the most recently used connection that is still open (or opens
-//! one), and gets back with its answer a lease that returns the
+//! one), and gets back with its answer a loan that returns the
 //! connection to the stack when the answer's body has been read to its
 //! end.
 //!
@@ -90,15 +90,15 @@ impl std::fmt::Debug for Connections {
 }
 
 /// The HTTP/1.1 connection an answer is read from, until its body ends.
-pub(super) struct Lease {
+pub(super) struct Loan {
     sender: http1::SendRequest<RequestBody>,
     shared: Arc<Shared>,
 }
 
-impl Lease {
+impl Loan {
     /// The answer's body was read to its end: the connection can serve
     /// the next request.
-    pub(super) fn release(self) {
+    pub(super) fn give_back(self) {
         self.shared.put(self.sender);
     }
 }
@@ -280,14 +280,14 @@ impl Connections {
             };
             let mut error = match sent {
                 Ok(response) => {
-                    let lease = match conn {
-                        Conn::H1(sender) => Some(Lease {
+                    let loan = match conn {
+                        Conn::H1(sender) => Some(Loan {
                             sender,
                             shared: Arc::clone(&self.shared),
                         }),
                         Conn::H2(_) => None,
                     };
-                    return Ok(response.map(|inner| UpstreamBody::new(inner, lease)));
+                    return Ok(response.map(|inner| UpstreamBody::new(inner, loan)));
                 }
                 Err(error) => error,
             };

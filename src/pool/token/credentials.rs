@@ -18,7 +18,7 @@ use http::HeaderValue;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::shared::short_fingerprint;
+use super::replicas::short_fingerprint;
 use super::Reason;
 use crate::config::Secret;
 

@@ -268,7 +268,7 @@ impl Health {
     /// half-open trial, and the next one is due only after another wait
     /// (if this trial's outcome never arrives, say the client went away).
     /// Returns whether it was taken.
-    pub fn take(&mut self, now: Instant, settings: &PoolSettings) -> bool {
+    pub fn pick(&mut self, now: Instant, settings: &PoolSettings) -> bool {
         match self.state {
             TokenState::Active => true,
             TokenState::CoolingDown => {
@@ -384,6 +384,6 @@ mod tests {
             h.apply(outcome, now, &settings());
             assert!(h.is_manual(), "{outcome:?}");
         }
-        assert!(!h.take(now, &settings()));
+        assert!(!h.pick(now, &settings()));
     }
 }

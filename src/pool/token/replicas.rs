@@ -1,5 +1,5 @@
 //! What replicas share of a token (cluster mode): its state as a
-//! [`SharedState`] stamped with the time of the change, the rule by which
+//! [`ReplicaState`] stamped with the time of the change, the rule by which
 //! a change made elsewhere is taken ([`accepts`]), and taking a refresh or
 //! access token another replica obtained.
 //!
@@ -50,7 +50,7 @@ pub fn accepts(local: Stamp, remote: Stamp) -> bool {
 
 /// A token's state as replicas share it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SharedState {
+pub struct ReplicaState {
     /// Its state.
     pub state: TokenState,
     /// Why it is not active.
@@ -94,17 +94,17 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 impl Token {
     /// Whether a change other replicas should learn happened since the
     /// last call.
-    pub fn take_shared_dirty(&self) -> bool {
-        self.shared_dirty.swap(false, Ordering::AcqRel)
+    pub fn take_replica_dirty(&self) -> bool {
+        self.replica_dirty.swap(false, Ordering::AcqRel)
     }
 
     /// Marks the token's state as not yet shared (a write that failed).
-    pub fn mark_shared_dirty(&self) {
-        self.shared_dirty.store(true, Ordering::Release);
+    pub fn mark_replica_dirty(&self) {
+        self.replica_dirty.store(true, Ordering::Release);
     }
 
     /// Its state as replicas share it.
-    pub fn shared_state(&self) -> SharedState {
+    pub fn replica_state(&self) -> ReplicaState {
         let refresh_fp = self.credentials.refresh_fingerprint();
         let health = self.read();
         let now = Instant::now();
@@ -116,7 +116,7 @@ impl Token {
                 unix_ms(now_wall).saturating_sub((now - u).as_millis() as u64)
             }
         });
-        SharedState {
+        ReplicaState {
             state: health.state,
             reason: health.reason,
             until,
@@ -135,7 +135,7 @@ impl Token {
     /// Takes a change made on replica `node`, if [`accepts`] says so and,
     /// for a revocation, it is of the refresh token this replica uses.
     /// Returns whether it was taken.
-    pub fn apply_shared(&self, remote: &SharedState, node: &str) -> bool {
+    pub fn apply_replica(&self, remote: &ReplicaState, node: &str) -> bool {
         let refresh_fp = self.credentials.refresh_fingerprint();
         let mut health = self.change(Origin::Replica(node));
         let local = Stamp {
@@ -245,12 +245,12 @@ mod tests {
         let s = settings();
         a.report(Outcome::Success, &s);
         assert!(
-            !a.take_shared_dirty(),
+            !a.take_replica_dirty(),
             "a success on a healthy token is no change"
         );
         a.report(Outcome::QuotaExhausted, &s);
-        assert!(a.take_shared_dirty());
-        let shared = a.shared_state();
+        assert!(a.take_replica_dirty());
+        let shared = a.replica_state();
         assert_eq!(shared.state, TokenState::CoolingDown);
         assert_eq!(shared.reason, Some(Reason::QuotaExhausted));
         assert!(shared.stamp.at > 0);
@@ -258,13 +258,13 @@ mod tests {
         // Another replica's copy of the same token takes it, and is out
         // of rotation until the same time.
         let b = token("alice");
-        assert!(b.apply_shared(&shared, "a"));
-        assert!(!b.take_shared_dirty(), "a change taken is not sent back");
+        assert!(b.apply_replica(&shared, "a"));
+        assert!(!b.take_replica_dirty(), "a change taken is not sent back");
         let now_ms = b.clock.now_millis();
         assert!(!b.try_acquire(now_ms, &s));
-        assert_eq!(b.shared_state().until, shared.until);
+        assert_eq!(b.replica_state().until, shared.until);
         // Taken once only.
-        assert!(!b.apply_shared(&shared, "a"));
+        assert!(!b.apply_replica(&shared, "a"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -272,29 +272,29 @@ mod tests {
         let s = settings();
         let a = token("alice");
         a.report(Outcome::Revoked, &s);
-        let revoked = a.shared_state();
+        let revoked = a.replica_state();
         let b = token("alice");
         b.report(Outcome::Failure(Reason::Forbidden), &s);
-        let newer_failure = b.shared_state();
-        assert!(b.apply_shared(&revoked, "a"), "an older revocation wins");
+        let newer_failure = b.replica_state();
+        assert!(b.apply_replica(&revoked, "a"), "an older revocation wins");
         assert!(b.is_out_for_good());
-        assert!(!b.apply_shared(&newer_failure, "b"));
+        assert!(!b.apply_replica(&newer_failure, "b"));
 
         // An operator's enable on a third replica lifts it everywhere.
         let c = token("alice");
-        c.apply_shared(&revoked, "a");
+        c.apply_replica(&revoked, "a");
         // Stamped after the revocation it lifts, whatever the wall clock says.
         c.enable();
-        let enabled = c.shared_state();
+        let enabled = c.replica_state();
         assert_eq!(enabled.stamp.enabled_at, enabled.stamp.at);
-        assert!(b.apply_shared(&enabled, "c"));
+        assert!(b.apply_replica(&enabled, "c"));
         assert!(!b.is_out_for_good());
 
         // A revocation of a refresh token another replica has replaced
         // means nothing, and a newer refresh token lifts one seen here.
         let d = token("alice");
         d.adopt_refresh_token(Secret::new("rt-alice-2"), 1, false);
-        assert!(!d.apply_shared(&revoked, "a"));
+        assert!(!d.apply_replica(&revoked, "a"));
         let e = token("alice");
         e.report(Outcome::Revoked, &s);
         assert!(e.adopt_refresh_token(Secret::new("rt-alice-2"), 1, false));
@@ -368,7 +368,7 @@ mod tests {
         let s = settings();
         for until in [u64::MAX, 253_402_300_799_000, 0, 1] {
             let t = token("a");
-            let mut remote = t.shared_state();
+            let mut remote = t.replica_state();
             remote.state = TokenState::Disabled;
             remote.reason = Some(Reason::Forbidden);
             remote.until = Some(until);
@@ -376,7 +376,7 @@ mod tests {
             remote.backoff_level = u32::MAX;
             remote.quota_level = u32::MAX;
             remote.stamp.at = u64::MAX;
-            assert!(t.apply_shared(&remote, "b"));
+            assert!(t.apply_replica(&remote, "b"));
             let snap = t.snapshot();
             if let Some(back) = snap.cooldown_until {
                 let rest = back.duration_since(SystemTime::now()).unwrap_or_default();
@@ -396,7 +396,7 @@ mod tests {
             // Stamping after the absurd stamp saturates, never overflows.
             t.enable();
             t.enable();
-            assert_eq!(t.shared_state().stamp.at, u64::MAX);
+            assert_eq!(t.replica_state().stamp.at, u64::MAX);
         }
     }
 }
