@@ -894,6 +894,47 @@ mod tests {
     use crate::config::Config;
     use crate::pool::{AccessToken, Quota};
 
+    /// (family, label) → the values `docs/metrics.md` lists for it, in
+    /// parentheses after the label's name (`result` (`ok`, `error`)).
+    fn documented_values() -> BTreeMap<(String, String), BTreeSet<String>> {
+        let doc = include_str!("../docs/metrics.md");
+        let mut out = BTreeMap::new();
+        for row in doc.lines().filter(|l| l.starts_with("| `tokenpool_")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let name = cells[1].trim_matches('`').to_string();
+            let mut rest = cells[3];
+            while let Some(open) = rest.find('(') {
+                let label = rest[..open].trim().trim_end_matches(',').trim();
+                let label = label.rsplit(',').next().unwrap().trim().trim_matches('`');
+                let close = rest[open..].find(')').map_or(rest.len(), |c| open + c);
+                let values: BTreeSet<String> = rest[open + 1..close]
+                    .split(',')
+                    .map(|v| v.trim().trim_matches('`').to_string())
+                    .collect();
+                out.insert((name.clone(), label.to_string()), values);
+                rest = &rest[(close + 1).min(rest.len())..];
+            }
+        }
+        out
+    }
+
+    /// (family, label) → the values a scrape shows.
+    fn exposed_values(text: &str) -> BTreeMap<(String, String), BTreeSet<String>> {
+        let mut out: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+        for line in text.lines().filter(|l| l.starts_with("tokenpool_")) {
+            let Some((series, rest)) = line.split_once('{') else {
+                continue;
+            };
+            for pair in rest.split_once('}').unwrap().0.split(',') {
+                let (label, value) = pair.split_once('=').unwrap();
+                out.entry((series.to_string(), label.to_string()))
+                    .or_default()
+                    .insert(value.trim_matches('"').to_string());
+            }
+        }
+        out
+    }
+
     /// Family name → (type, label names), as `docs/metrics.md` lists them.
     fn documented() -> BTreeMap<String, (String, BTreeSet<String>)> {
         let doc = include_str!("../docs/metrics.md");
@@ -1009,6 +1050,45 @@ mod tests {
             let (doc_kind, doc_labels) = &documented[name];
             assert_eq!(kind, doc_kind, "{name}'s type");
             assert_eq!(labels, doc_labels, "{name}'s labels");
+        }
+        // Every value a documented list names is the only kind shown (the
+        // dashboards and alerts match on them).
+        let values = exposed_values(&text);
+        let mut listed = documented_values();
+        assert!(listed.len() >= 7, "{listed:?}");
+        // And the lists of the reference's opening bullets: `tier`,
+        // `state`, `reason` wherever they are labels, `outcome` of a
+        // request and of a refresh.
+        let doc = include_str!("../docs/metrics.md");
+        let intro = doc.split("| family |").next().unwrap();
+        for bullet in intro.split("\n- ").skip(1) {
+            let words: Vec<&str> = bullet.split('`').skip(1).step_by(2).collect();
+            let (label, rest) = words.split_first().unwrap();
+            let mut allowed: BTreeSet<String> = rest.iter().map(|w| w.to_string()).collect();
+            allowed.insert(String::new());
+            let families: Vec<&str> = match *label {
+                "outcome" if bullet.contains("of a request") => vec![
+                    "tokenpool_requests_total",
+                    "tokenpool_client_requests_total",
+                ],
+                "outcome" => vec!["tokenpool_refreshes_total"],
+                _ => exposed.keys().map(String::as_str).collect(),
+            };
+            for family in families {
+                if values.contains_key(&(family.to_string(), label.to_string())) {
+                    listed.insert((family.to_string(), label.to_string()), allowed.clone());
+                }
+            }
+        }
+        assert!(listed.len() >= 20, "{listed:?}");
+        for ((family, label), allowed) in &listed {
+            let shown = values
+                .get(&(family.clone(), label.clone()))
+                .unwrap_or_else(|| panic!("{family} shows no {label}"));
+            assert!(
+                shown.is_subset(allowed),
+                "{family}{{{label}}}: {shown:?} not all in {allowed:?}"
+            );
         }
         assert!(!text.contains("rt-a") && !text.contains("bearer"));
     }

@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -64,7 +64,24 @@ struct Server {
     shutdown: Shutdown,
     header_read_timeout: Duration,
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<InSpan>,
+}
+
+/// The executor of HTTP/2 streams: hyper serves each stream in a task of
+/// its own, spawned while the connection is polled; the task keeps the
+/// span current then, the connection's (its peer), so that every line a
+/// stream says, the access log's included, names the client.
+#[derive(Clone, Copy, Debug)]
+struct InSpan;
+
+impl<F> hyper::rt::Executor<F> for InSpan
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(future.in_current_span());
+    }
 }
 
 /// What one connection's requests tell its I/O.
@@ -121,7 +138,7 @@ pub async fn serve(
         .header_read_timeout(header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES.max(8192))
         .max_headers(MAX_HEADERS);
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    let mut h2 = http2::Builder::new(InSpan);
     h2.timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_BYTES as u32)

@@ -621,6 +621,29 @@ async fn the_access_log_tells_which_tokens_a_request_tried() {
     assert_eq!(v["span"]["name"], "connection");
     assert_eq!(v["span"]["peer"], peer);
     assert_eq!(f["tried"], "q/personal,b/personal,g/shared");
+    // Over h2c too (hyper serves each stream in a task of its own), and a
+    // refused request names where its error came from.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let refused = h2
+        .post(format!("http://{proxy}/ai/multi-agent"))
+        .header("x-request-id", "req-h2-refused")
+        .header("authorization", "Bearer not-a-key")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.version(), reqwest::Version::HTTP_2);
+    assert_eq!(refused.status(), 401);
+    let h2_line = run.wait_for("req-h2-refused").await;
+    let h2v: serde_json::Value = serde_json::from_str(&h2_line).unwrap();
+    assert_eq!(h2v["fields"]["error"], "unauthorized");
+    assert_eq!(h2v["fields"]["error_source"], "client");
+    let h2_peer = h2v["fields"]["peer"].as_str().unwrap();
+    assert!(h2_peer.starts_with("127.0.0.1:"), "{h2_line}");
+    assert_eq!(h2v["span"]["peer"], h2_peer, "{h2_line}");
     assert_eq!(f["token"], "g");
     assert_eq!(f["attempts"], 3);
     assert_eq!(f["upstream_status"], 200);
@@ -683,12 +706,13 @@ async fn the_access_log_tells_which_tokens_a_request_tried() {
         ),
         1.0
     );
+    // The h2c request and this one.
     assert_eq!(
         metric(
             &m,
             "tokenpool_client_requests_total{client=\"-\",outcome=\"rejected\"}"
         ),
-        1.0
+        2.0
     );
     for secret in [CLIENT_KEY, "sim-web-api-key", &rt("g")] {
         assert!(!logs.contains(secret), "a secret is in the log");

@@ -70,20 +70,22 @@ impl QuotaInfo {
 }
 
 /// The lock-free part of a token's quota: the remaining count and the
-/// quota poller's flags.
+/// quota poller's flags (the count and its trust first: selection reads
+/// them together).
 #[derive(Debug)]
+#[repr(C)]
 pub(super) struct Count {
     /// Requests left ([`UNKNOWN`]: not known, or no limit).
     remaining: AtomicU64,
     /// Clock reading (ms) from which `remaining` reads as unknown: the
     /// refill, or a while after a report without one.
     until: AtomicU64,
-    /// The quota poller should look at it soon.
-    poll: AtomicBool,
     /// Clock reading (ms) until which a rest its own count decided awaits
     /// the poll that confirms it (0: none): till then a client is told to
     /// retry soon, not at the refill.
     confirming: AtomicU64,
+    /// The quota poller should look at it soon.
+    poll: AtomicBool,
 }
 
 impl Default for Count {

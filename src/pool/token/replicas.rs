@@ -105,8 +105,9 @@ impl Token {
 
     /// Its state as replicas share it.
     pub fn replica_state(&self) -> ReplicaState {
-        let refresh_fp = self.credentials.refresh_fingerprint();
         let health = self.read();
+        // Read with the health lock held: the pair is one token's.
+        let refresh_fp = self.credentials.refresh_fingerprint();
         let now = Instant::now();
         let now_wall = SystemTime::now();
         let until = health.cooldown_until.map(|u| {
@@ -136,8 +137,11 @@ impl Token {
     /// for a revocation, it is of the refresh token this replica uses.
     /// Returns whether it was taken.
     pub fn apply_replica(&self, remote: &ReplicaState, node: &str) -> bool {
-        let refresh_fp = self.credentials.refresh_fingerprint();
         let mut health = self.change(Origin::Replica(node));
+        // Read with the health lock held (health, then credentials: the one
+        // order both are taken in), so that a newer refresh token adopted
+        // meanwhile is the one a revocation is checked against.
+        let refresh_fp = self.credentials.refresh_fingerprint();
         let local = Stamp {
             at: health.stamp,
             revoked: health.state == TokenState::Revoked,
@@ -163,8 +167,9 @@ impl Token {
         });
         health.state = remote.state;
         health.reason = remote.reason;
-        health.cooldown_until = match remote.state {
-            TokenState::Active | TokenState::Revoked => None,
+        health.cooldown_until = match (remote.state, remote.reason) {
+            (TokenState::Active | TokenState::Revoked, _) => None,
+            (TokenState::Disabled, Some(Reason::Manual)) => None,
             // A rest with no end given may end now.
             _ => Some(until.unwrap_or(now)),
         };
