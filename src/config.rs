@@ -11,6 +11,7 @@ mod form;
 mod guard;
 mod raw;
 pub(crate) mod redact;
+pub mod routes;
 mod secret;
 pub mod watch;
 
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) use form::form_encode;
 pub use guard::{check_reload, Bound, Risk};
 use redact::{redact_quoted, shown};
+pub use routes::Route;
 pub(crate) use secret::hex;
 pub use secret::{find_key, key_matches, ClientKey, Secret, SecretSource};
 
@@ -196,6 +198,24 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
 }
 
+/// What a client may do: the `tiers` and `routes` of its `[[clients]]`
+/// entry (a key of `[server] api_keys` may do everything the proxy does).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientPolicy {
+    /// The tiers its requests may draw tokens from; `None`: every tier.
+    pub tiers: Option<Vec<Tier>>,
+    /// The requests it may make; `None`: `[upstream] routes`.
+    pub routes: Option<Vec<Route>>,
+}
+
+impl ClientPolicy {
+    /// The routes that apply to this client under `upstream`'s (`None`:
+    /// every request).
+    pub fn routes<'a>(&'a self, upstream: &'a UpstreamConfig) -> Option<&'a [Route]> {
+        self.routes.as_deref().or(upstream.routes.as_deref())
+    }
+}
+
 /// `[upstream]`.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -210,6 +230,9 @@ pub struct UpstreamConfig {
     /// CA certificates trusted for an https upstream besides the built-in
     /// web roots (`ca_file`, PEM): for an upstream behind a private CA.
     pub ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The requests forwarded (`routes`, or the preset's); `None`: every
+    /// one.
+    pub routes: Option<Vec<Route>>,
 }
 
 /// `[refresh]`.

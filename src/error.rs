@@ -80,6 +80,10 @@ pub enum ProxyError {
     /// The upstream did not answer in time.
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// The request's method and path are not in `routes`: it never
+    /// reaches the upstream.
+    #[error("this method and path are not forwarded by the proxy")]
+    RouteNotAllowed,
     /// The admin route does not exist.
     #[error("not found")]
     NotFound,
@@ -109,6 +113,7 @@ impl ProxyError {
             | ProxyError::BadRequest { .. }
             | ProxyError::RequestTimeout { .. }
             | ProxyError::NotFound
+            | ProxyError::RouteNotAllowed
             | ProxyError::MethodNotAllowed
             | ProxyError::UnknownToken
             | ProxyError::ConfigRejected { .. } => ErrorSource::Client,
@@ -130,6 +135,7 @@ impl ProxyError {
             | ProxyError::BadRequest { .. }
             | ProxyError::RequestTimeout { .. }
             | ProxyError::NotFound
+            | ProxyError::RouteNotAllowed
             | ProxyError::MethodNotAllowed
             | ProxyError::UnknownToken
             | ProxyError::ConfigRejected { .. } => RequestOutcome::ClientError,
@@ -147,6 +153,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::NotFound => "not_found",
+            ProxyError::RouteNotAllowed => "route_not_allowed",
             ProxyError::MethodNotAllowed => "method_not_allowed",
             ProxyError::UnknownToken => "unknown_token",
             ProxyError::ConfigRejected { .. } => "config_rejected",
@@ -167,6 +174,7 @@ impl ProxyError {
             | ProxyError::UpstreamUnreachable
             | ProxyError::UpstreamTimeout
             | ProxyError::NotFound
+            | ProxyError::RouteNotAllowed
             | ProxyError::MethodNotAllowed
             | ProxyError::UnknownToken
             | ProxyError::ConfigRejected { .. }
@@ -184,7 +192,9 @@ impl ProxyError {
             ProxyError::NoTokenAvailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::NotFound | ProxyError::UnknownToken => StatusCode::NOT_FOUND,
+            ProxyError::NotFound | ProxyError::UnknownToken | ProxyError::RouteNotAllowed => {
+                StatusCode::NOT_FOUND
+            }
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ConfigRejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -226,6 +236,7 @@ impl ProxyError {
             | ProxyError::UpstreamUnreachable
             | ProxyError::UpstreamTimeout
             | ProxyError::NotFound
+            | ProxyError::RouteNotAllowed
             | ProxyError::MethodNotAllowed
             | ProxyError::UnknownToken
             | ProxyError::ConfigRejected { .. }
@@ -299,6 +310,12 @@ mod tests {
                 ErrorSource::Upstream,
             ),
             (ProxyError::NotFound, 404, "not_found", ErrorSource::Client),
+            (
+                ProxyError::RouteNotAllowed,
+                404,
+                "route_not_allowed",
+                ErrorSource::Client,
+            ),
             (
                 ProxyError::MethodNotAllowed,
                 405,

@@ -493,6 +493,18 @@ impl Pool {
     /// session stays on its token while it is available, and a token
     /// coming or going moves only its own sessions.
     pub fn select_for(&self, tried: &[&Arc<Token>], session: Option<u64>) -> Option<Selected<'_>> {
+        self.select_within(tried, session, None)
+    }
+
+    /// [`Pool::select_for`] among the tiers `tiers` only (a client's
+    /// `tiers`; `None`: every tier). The tiers left out are as if they had
+    /// no tokens: no fallback is counted from them.
+    pub fn select_within(
+        &self,
+        tried: &[&Arc<Token>],
+        session: Option<u64>,
+        tiers: Option<&[Tier]>,
+    ) -> Option<Selected<'_>> {
         let now = Instant::now();
         let now_ms = self.clock.millis(now);
         // While the refresh endpoint is backing off, a token without a valid
@@ -509,7 +521,8 @@ impl Pool {
         // with tokens, available or not.
         let mut home: Option<&Arc<Token>> = None;
         for tier in &self.tiers {
-            if tier.tokens.is_empty() {
+            if tier.tokens.is_empty() || tiers.is_some_and(|allowed| !allowed.contains(&tier.tier))
+            {
                 continue;
             }
             let first = first_tier.is_none();

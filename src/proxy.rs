@@ -121,19 +121,32 @@ async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let server = &generation.config.server;
-    match admit(&parts, &server.api_keys) {
-        Ok(client) => exchange.client = client,
+    let client = match admit(&parts, &server.api_keys) {
+        Ok(client) => client,
         Err(refused) => {
             body::skip_buffered(body, &parts.headers, conn);
             return Err(refused);
         }
-    }
+    };
+    exchange.client = client.map(|key| Arc::clone(&key.name));
+    let policy = client.map(|key| &*key.policy);
     if parts.method == Method::OPTIONS && parts.uri.path() == "*" {
         // A question about the server itself (RFC 9110 §9.3.7): answered
         // here, no token spent.
         let mut answer = Response::new(ProxyBody::full(bytes::Bytes::new()));
         *answer.status_mut() = StatusCode::NO_CONTENT;
         return Ok(answer);
+    }
+    let upstream = &generation.config.upstream;
+    let routes = match policy {
+        Some(policy) => policy.routes(upstream),
+        None => upstream.routes.as_deref(),
+    };
+    if let Some(routes) = routes {
+        if !crate::config::routes::allowed(routes, &parts.method, parts.uri.path()) {
+            body::skip_buffered(body, &parts.headers, conn);
+            return Err(ProxyError::RouteNotAllowed);
+        }
     }
     let body = body::read_request(
         body,
@@ -162,24 +175,25 @@ async fn forward(
         &parts,
         &body,
         session,
+        policy.and_then(|p| p.tiers.as_deref()),
         &mut exchange.trail,
     )
     .await
 }
 
 /// Whether the proxy serves this request at all: its target and `Host`,
-/// then the client's key. Returns the name of the key (none when no keys
-/// are configured).
-fn admit(
+/// then the client's key. Returns the key (none when no keys are
+/// configured), with its client's name and policy.
+fn admit<'a>(
     parts: &http::request::Parts,
-    api_keys: &[crate::config::ClientKey],
-) -> Result<Option<Arc<str>>, ProxyError> {
+    api_keys: &'a [crate::config::ClientKey],
+) -> Result<Option<&'a crate::config::ClientKey>, ProxyError> {
     request::check(parts)?;
     if api_keys.is_empty() {
         return Ok(None);
     }
     request::presented_key(&parts.headers)
         .and_then(|key| crate::config::find_key(api_keys, key))
-        .map(|key| Some(Arc::clone(&key.name)))
+        .map(Some)
         .ok_or(ProxyError::Unauthorized)
 }

@@ -48,7 +48,9 @@ pub fn summary(config: &Config) -> String {
     let auth = if config.server.api_keys.is_empty() {
         "no client authentication".to_string()
     } else {
-        let names: Vec<&str> = config.server.api_keys.iter().map(|k| &*k.name).collect();
+        let mut names: Vec<&str> = config.server.api_keys.iter().map(|k| &*k.name).collect();
+        // A client of [[clients]] has a key per rotation: named once.
+        names.dedup();
         format!("client keys: {}", names.join(", "))
     };
     let _ = writeln!(out, "proxy:     {} ({auth})", config.server.listen);
@@ -111,6 +113,17 @@ pub fn summary(config: &Config) -> String {
         ),
         _ => "answer headers only".to_string(),
     };
+    let routes = config.upstream.routes.as_ref().map_or_else(
+        || "every method and path (no [upstream] routes)".to_string(),
+        |routes| {
+            routes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
+    let _ = writeln!(out, "routes:    {routes}");
     let _ = writeln!(out, "quota:     {quota}");
     let _ = writeln!(out, "tokens:    {}", config.tokens.len());
     for tier in &config.pool.order {

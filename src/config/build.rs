@@ -14,12 +14,13 @@ use http::{HeaderName, HeaderValue, Uri};
 use toml::Spanned;
 
 use super::raw::{
-    unplaced, Preset, RawAdmin, RawClientKey, RawCluster, RawConfig, RawPool, RawQuota, RawRefresh,
-    RawServer, RawToken, RawUpstream,
+    unplaced, Preset, RawAdmin, RawClient, RawClientKey, RawCluster, RawConfig, RawPool, RawQuota,
+    RawRefresh, RawServer, RawToken, RawUpstream,
 };
+use super::routes::{Route, WARP_ROUTES};
 use super::{
-    duration, guard, AdminConfig, ClientKey, ClusterConfig, Config, ConfigError, EnvLookup,
-    LogConfig, PoolConfig, Provider, QuotaConfig, QuotaProvider, RefreshConfig, Secret,
+    duration, guard, AdminConfig, ClientKey, ClientPolicy, ClusterConfig, Config, ConfigError,
+    EnvLookup, LogConfig, PoolConfig, Provider, QuotaConfig, QuotaProvider, RefreshConfig, Secret,
     SecretSource, ServerConfig, StateConfig, Tier, TokenConfig, TokenOrigin, UpstreamConfig,
 };
 
@@ -263,6 +264,7 @@ impl Builder<'_> {
             keys.push(ClientKey {
                 name: Arc::from(name),
                 secret,
+                policy: Arc::default(),
             });
         }
         Ok(keys)
@@ -281,9 +283,23 @@ impl Builder<'_> {
         } else {
             &[]
         };
-        let upstream = self.upstream(&raw.upstream, client_headers)?;
+        let upstream = self.upstream(&raw.upstream, preset.is_some(), client_headers)?;
         let refresh = self.refresh(&raw.refresh, preset, path.is_some(), client_headers)?;
         let pool = self.pool(&raw.pool)?;
+        let mut server = server;
+        self.clients(&raw.clients, &pool.order, &mut server.api_keys)?;
+        let listen = server.listen;
+        if server.api_keys.is_empty() && !listen.ip().is_loopback() && !server.allow_unauthenticated
+        {
+            return self.err(
+                raw.server.listen.span(),
+                format!(
+                    "[server] listen = {listen} is not a loopback address and no api_keys or \
+                     [[clients]] are set: add them, or set allow_unauthenticated = true to serve \
+                     anyone who can connect"
+                ),
+            );
+        }
         // [state]: a relative path is relative to the working directory
         // (the config's folder may be a read-only mount).
         let state = StateConfig {
@@ -323,15 +339,6 @@ impl Builder<'_> {
     fn server(&self, s: &RawServer) -> Result<ServerConfig, ConfigError> {
         let listen = self.listen(&s.listen, "[server] listen")?;
         let api_keys = self.client_keys(&s.api_keys)?;
-        if api_keys.is_empty() && !listen.ip().is_loopback() && !s.allow_unauthenticated {
-            return self.err(
-                s.listen.span(),
-                format!(
-                    "[server] listen = {listen} is not a loopback address and no api_keys are set: \
-                     add api_keys, or set allow_unauthenticated = true to serve anyone who can connect"
-                ),
-            );
-        }
         let max_body = &s.max_request_body_bytes;
         if *max_body.get_ref() == 0 {
             return self.err(
@@ -367,10 +374,12 @@ impl Builder<'_> {
         })
     }
 
-    /// `[upstream]`; `client_headers`: the preset's.
+    /// `[upstream]`; `warp`: under the Warp preset, whose routes and
+    /// `client_headers` are the defaults.
     fn upstream(
         &self,
         u: &RawUpstream,
+        warp: bool,
         client_headers: &[(&'static str, &'static str)],
     ) -> Result<UpstreamConfig, ConfigError> {
         let default_url = unplaced(WARP_UPSTREAM.to_string());
@@ -391,7 +400,112 @@ impl Builder<'_> {
                 Some(file) => self.ca_certs(file, "[upstream] ca_file")?,
                 None => Vec::new(),
             },
+            routes: self.routes(u.routes.as_ref(), warp)?,
         })
+    }
+
+    /// `[upstream] routes`: as written, else the Warp preset's, else none
+    /// (every request is forwarded; `check` warns).
+    fn routes(
+        &self,
+        routes: Option<&Spanned<Vec<Spanned<String>>>>,
+        warp: bool,
+    ) -> Result<Option<Vec<Route>>, ConfigError> {
+        match routes {
+            Some(list) => self.route_list(list, "[upstream] routes").map(Some),
+            None => Ok(warp.then(|| {
+                WARP_ROUTES
+                    .iter()
+                    .map(|r| Route::parse(r).expect("the preset's routes are valid"))
+                    .collect()
+            })),
+        }
+    }
+
+    /// A list of routes, never empty; `what` names it in errors.
+    fn route_list(
+        &self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        what: &str,
+    ) -> Result<Vec<Route>, ConfigError> {
+        if list.get_ref().is_empty() {
+            return self.err(
+                list.span(),
+                format!(
+                    "{what} is empty: nothing would be forwarded. List the routes, or leave \
+                     routes out"
+                ),
+            );
+        }
+        list.get_ref()
+            .iter()
+            .map(|route| {
+                Route::parse(route.get_ref())
+                    .or_else(|e| self.err(route.span(), format!("{what}: {e}")))
+            })
+            .collect()
+    }
+
+    /// `[[clients]]`: each client's keys join `keys` (the short form's),
+    /// sharing its policy. Names are unique across both forms, and so are
+    /// keys; a client's tiers must be in `order`.
+    fn clients(
+        &self,
+        raw: &[Spanned<RawClient>],
+        order: &[Tier],
+        keys: &mut Vec<ClientKey>,
+    ) -> Result<(), ConfigError> {
+        for entry in raw {
+            let c = entry.get_ref();
+            let name = self.name(&c.name, "client name")?;
+            if keys.iter().any(|k| *k.name == *name) {
+                return self.err(c.name.span(), format!("duplicate client name `{name}`"));
+            }
+            let what = format!("client `{name}`");
+            let tiers = match &c.tiers {
+                None => None,
+                Some(list) => {
+                    if list.get_ref().is_empty() {
+                        return self.err(
+                            list.span(),
+                            format!("{what}: tiers is empty; leave it out for every tier"),
+                        );
+                    }
+                    if let Some(t) = list.get_ref().iter().find(|t| !order.contains(t)) {
+                        return self.err(
+                            list.span(),
+                            format!("{what}: tier {t} is one [pool] order leaves out"),
+                        );
+                    }
+                    Some(list.get_ref().clone())
+                }
+            };
+            let routes = c
+                .routes
+                .as_ref()
+                .map(|list| self.route_list(list, &format!("{what} routes")))
+                .transpose()?;
+            if c.keys.get_ref().is_empty() {
+                return self.err(c.keys.span(), format!("{what} has no keys"));
+            }
+            let policy = Arc::new(ClientPolicy { tiers, routes });
+            let name: Arc<str> = Arc::from(name);
+            for key in c.keys.get_ref() {
+                let secret = self.secret(key)?;
+                if keys.iter().any(|k| k.secret == secret) {
+                    return self.err(
+                        key.span(),
+                        format!("a key of {what} is the same key as an earlier one"),
+                    );
+                }
+                keys.push(ClientKey {
+                    name: Arc::clone(&name),
+                    secret,
+                    policy: Arc::clone(&policy),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// `[refresh]`; `preset`: the Warp preset, where it is set;
@@ -1164,5 +1278,88 @@ mod tests {
         );
         assert_eq!(cluster.sync_interval, Duration::from_millis(250));
         assert!(cluster.encryption_key.is_some());
+    }
+
+    #[test]
+    fn clients_are_the_long_form_of_api_keys() {
+        let c = parse(
+            "[server]\napi_keys = [{ name = \"ops\", key = \"k-ops\" }]\n\
+             [[clients]]\nname = \"team-a\"\nkeys = [\"k-a1\", { env = \"NOPE_UNUSED\" }]\n",
+        );
+        // A missing variable is the error it always is.
+        assert!(c.unwrap_err().to_string().contains("NOPE_UNUSED"));
+        let c = parse(
+            "[server]\nlisten = \"0.0.0.0:8080\"\napi_keys = [{ name = \"ops\", key = \"k-ops\" }]\n\
+             [upstream]\nroutes = [\"* /*\"]\n\
+             [[clients]]\nname = \"team-a\"\nkeys = [\"k-a1\", \"k-a2\"]\n\
+             tiers = [\"shared\"]\nroutes = [\"POST /ai/multi-agent\"]\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = c.server.api_keys.iter().map(|k| &*k.name).collect();
+        assert_eq!(names, ["ops", "team-a", "team-a"]);
+        let team = &c.server.api_keys[1].policy;
+        assert!(
+            Arc::ptr_eq(team, &c.server.api_keys[2].policy),
+            "one policy per client"
+        );
+        assert_eq!(team.tiers.as_deref(), Some(&[Tier::Shared][..]));
+        assert_eq!(team.routes(&c.upstream).unwrap().len(), 1);
+        // A key of api_keys: every tier, [upstream] routes.
+        let ops = &c.server.api_keys[0].policy;
+        assert_eq!(ops.tiers, None);
+        assert_eq!(ops.routes(&c.upstream).unwrap()[0].to_string(), "* /*");
+        // Clients alone are keys enough for a public listener.
+        assert!(parse(
+            "[server]\nlisten = \"0.0.0.0:8080\"\n[[clients]]\nname = \"a\"\nkeys = [\"k-1\"]\n"
+        )
+        .is_ok());
+
+        for (text, message) in [
+            (
+                "[server]\napi_keys = [{ name = \"a\", key = \"k-1\" }]\n[[clients]]\nname = \"a\"\nkeys = [\"k-2\"]\n",
+                "duplicate client name `a`",
+            ),
+            (
+                "[server]\napi_keys = [\"k-1\"]\n[[clients]]\nname = \"b\"\nkeys = [\"k-1\"]\n",
+                "a key of client `b` is the same key as an earlier one",
+            ),
+            (
+                "[[clients]]\nname = \"b\"\nkeys = []\n",
+                "client `b` has no keys",
+            ),
+            (
+                "[pool]\norder = [\"personal\", \"shared\"]\n[[clients]]\nname = \"b\"\nkeys = [\"k-1\"]\ntiers = [\"anonymous\"]\n",
+                "client `b`: tier anonymous is one [pool] order leaves out",
+            ),
+            (
+                "[[clients]]\nname = \"b\"\nkeys = [\"k-1\"]\ntiers = []\n",
+                "client `b`: tiers is empty",
+            ),
+            (
+                "[[clients]]\nname = \"b\"\nkeys = [\"k-1\"]\nroutes = []\n",
+                "client `b` routes is empty",
+            ),
+            (
+                "[[clients]]\nname = \"b\"\nkeys = [\"k-1\"]\nroutes = [\"POST /a/../b\"]\n",
+                "client `b` routes: a route's path has no . or .. segment",
+            ),
+            (
+                "[[clients]]\nname = \"b\"\nkeys = [\"k-1\"]\nrate = \"10/s\"\n",
+                "unknown field `rate`",
+            ),
+            (
+                "[server]\nlisten = \"0.0.0.0:8080\"\n",
+                "no api_keys or [[clients]] are set",
+            ),
+            (
+                "[upstream]\nroutes = [\"post /x\"]\n",
+                "[upstream] routes: a route's method is in capitals",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(message), "{text}: {e}");
+            assert!(e.starts_with("t.toml:"), "located: {e}");
+            assert!(!e.contains("k-1") && !e.contains("k-2"), "no key shown: {e}");
+        }
     }
 }

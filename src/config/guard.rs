@@ -160,6 +160,14 @@ impl Config {
                 out.push(placeholder_warning(&place));
             }
         }
+        if self.upstream.routes.is_none() {
+            out.push(
+                "[upstream] routes is not set: every method and path a client sends goes \
+                 upstream with a pooled account's credentials; list the routes clients need \
+                 (preset = \"warp\" sets Warp's)"
+                    .to_string(),
+            );
+        }
         out
     }
 
@@ -421,7 +429,8 @@ mod tests {
             .iter()
             .any(|w| w.starts_with("the refresh URL has no key=")));
         let w = c.warnings();
-        assert_eq!(w.len(), 3, "{w:?}");
+        assert_eq!(w.len(), 4, "{w:?}");
+        assert!(w[3].starts_with("[upstream] routes is not set"));
         assert!(w[0].starts_with("[admin] listen = 0.0.0.0:9090 is not a loopback address"));
         assert!(
             w[1].starts_with("[refresh] margin = 2h is not shorter"),
@@ -429,10 +438,12 @@ mod tests {
             w[1]
         );
         assert!(w[2].contains("placeholder"));
-        assert!(parse("[refresh]\nkey = \"k\"\nmargin = \"59m\"\n")
-            .warnings()
-            .is_empty());
-        assert!(parse("[refresh]\nprovider = \"static\"\nmargin = \"2h\"\n")
+        assert!(parse(
+            "[upstream]\nroutes = [\"POST /a\"]\n[refresh]\nkey = \"k\"\nmargin = \"59m\"\n"
+        )
+        .warnings()
+        .is_empty());
+        assert!(parse("[upstream]\nroutes = [\"POST /a\"]\n[refresh]\nprovider = \"static\"\nmargin = \"2h\"\n")
             .warnings()
             .is_empty());
     }
@@ -481,7 +492,9 @@ mod tests {
 
     #[test]
     fn relative_state_paths_are_said_once_and_cluster_without_state_is_warned() {
-        let c = parse("[refresh]\nkey = \"k\"\n[state]\npath = \"s.json\"\n");
+        let c = parse(
+            "[upstream]\npreset = \"warp\"\n[refresh]\nkey = \"k\"\n[state]\npath = \"s.json\"\n",
+        );
         assert!(c.warnings().iter().any(|w| w.contains("is relative")));
         assert!(c.reload_warnings().is_empty(), "{:?}", c.reload_warnings());
         let c = parse("[refresh]\nkey = \"k\"\n[cluster]\nredis = \"redis://r:6379\"\nnode = \"n\"\nencryption_key = \"k-4a0c-9d1e-77b2-c3\"\n");

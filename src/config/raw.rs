@@ -44,6 +44,20 @@ pub(super) struct RawConfig {
     pub quota: RawQuota,
     #[serde(default)]
     pub tokens: Vec<Spanned<RawToken>>,
+    #[serde(default)]
+    pub clients: Vec<Spanned<RawClient>>,
+}
+
+/// `[[clients]]`: the long form of `[server] api_keys`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClient {
+    pub name: Spanned<String>,
+    pub keys: Spanned<Vec<Spanned<SecretSource>>>,
+    #[serde(default)]
+    pub tiers: Option<Spanned<Vec<Tier>>>,
+    #[serde(default)]
+    pub routes: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +189,7 @@ pub(super) struct RawUpstream {
     pub idle_timeout: Spanned<String>,
     pub headers: Spanned<HashMap<String, String>>,
     pub ca_file: Option<Spanned<String>>,
+    pub routes: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 impl Default for RawUpstream {
@@ -186,6 +201,7 @@ impl Default for RawUpstream {
             idle_timeout: unplaced("120s".into()),
             headers: unplaced(HashMap::new()),
             ca_file: None,
+            routes: None,
         }
     }
 }

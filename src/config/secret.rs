@@ -51,10 +51,12 @@ impl fmt::Display for Secret {
 /// `client` label; a bare key is named `key-<n>`, n counted from 1).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClientKey {
-    /// Its name.
+    /// Its name (its client's, for a key of `[[clients]]`).
     pub name: Arc<str>,
     /// The key.
     pub secret: Secret,
+    /// What its client may do (shared by every key of one client).
+    pub policy: Arc<super::ClientPolicy>,
 }
 
 impl fmt::Debug for ClientKey {
@@ -272,10 +274,12 @@ mod tests {
             ClientKey {
                 name: Arc::from("team-a"),
                 secret: Secret::new("k-one"),
+                policy: Arc::default(),
             },
             ClientKey {
                 name: Arc::from("key-2"),
                 secret: Secret::new("k-two"),
+                policy: Arc::default(),
             },
         ];
         assert_eq!(find_key(&keys, b"k-two").map(|k| &*k.name), Some("key-2"));

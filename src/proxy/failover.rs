@@ -26,6 +26,7 @@ use http::Response;
 
 use super::body::{collect_limited, ProxyBody};
 use super::exchange::Trail;
+use crate::config::Tier;
 use crate::error::ProxyError;
 use crate::generation::Generation;
 use crate::metrics::Metrics;
@@ -54,13 +55,15 @@ enum Attempt {
 
 /// Tries tokens for a request until one answers or attempts run out.
 /// `session`: with `[pool] affinity_header` set, the request's session
-/// key (`Some(None)`: the request has no session).
+/// key (`Some(None)`: the request has no session); `tiers`: the tiers the
+/// client may draw from (`None`: every one).
 pub(super) async fn run(
     metrics: &Metrics,
     generation: &Generation,
     parts: &Parts,
     body: &Bytes,
     session: Option<Option<u64>>,
+    tiers: Option<&[Tier]>,
     trail: &mut Trail,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let config = &generation.config;
@@ -74,7 +77,7 @@ pub(super) async fn run(
     // once the request leaves that token.
     let mut affinity = session.map(|_| Affinity::None);
     while tried.len() < max_attempts {
-        let Some(selected) = pool.select_for(&tried, key) else {
+        let Some(selected) = pool.select_within(&tried, key, tiers) else {
             break;
         };
         affinity = affinity.map(|a| match (tried.is_empty(), a) {

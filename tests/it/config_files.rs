@@ -183,10 +183,12 @@ fn check_warns_about_likely_mistakes_and_refuses_empty_files() {
         .lines()
         .filter(|l| l.starts_with("warning: "))
         .collect();
-    assert_eq!(warnings.len(), 3, "{stdout}");
+    assert_eq!(warnings.len(), 4, "{stdout}");
     assert!(warnings[0].contains("[admin] listen = 0.0.0.0:9090 is not a loopback address"));
     assert!(warnings[1].contains("[refresh] margin = 2h"));
     assert!(warnings[2].contains("placeholder YOUR_FIREBASE_WEB_API_KEY"));
+    assert!(warnings[3].contains("[upstream] routes is not set"));
+    assert!(stdout.contains("routes:    every method and path (no [upstream] routes)"));
 
     for empty in ["", "\n  \n"] {
         std::fs::write(&file, empty).unwrap();

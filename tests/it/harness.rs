@@ -32,6 +32,8 @@ pub fn static_config(dir: &Path, url: &str, server_extra: &str, upstream_extra: 
     let path = dir.join("tokenpool.toml");
     // No empty line when there is nothing to add: errors name lines.
     let server_lines: String = server_extra.lines().map(|l| format!("{l}\n")).collect();
+    // The suites send many paths: every route is forwarded.
+    let routes = "routes = [\"* /*\"]\n";
     std::fs::write(
         &path,
         format!(
@@ -44,7 +46,7 @@ listen = "127.0.0.1:0"
 preset = "warp"
 url = "{url}"
 idle_timeout = "5s"
-{upstream_extra}
+{routes}{upstream_extra}
 [refresh]
 provider = "static"
 [[tokens]]
@@ -109,6 +111,8 @@ preset = "warp"
 url = "{url}"
 idle_timeout = "5s"
 headers = {{ "x-warp-client-version" = "sim-test" }}
+# The suites send many paths; the route tests take this line out.
+routes = ["* /*"]
 
 [refresh]
 url = "{refresh}"

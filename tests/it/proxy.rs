@@ -615,3 +615,184 @@ async fn http2_cleartext_clients_are_served() {
     assert_eq!(r.status(), 413);
     assert_eq!(r.headers()["x-tokenpool-error"], "request_too_large");
 }
+
+/// `[upstream] routes` (here the Warp preset's own, `POST /ai/multi-agent`):
+/// any other method or path is 404 `route_not_allowed` and never reaches
+/// the upstream, however the path is spelled; a reload changes them.
+#[tokio::test]
+async fn only_routed_requests_reach_the_upstream() {
+    let tokens = &[("a", "personal")];
+    let s = Setup::new(tokens, "", "").await;
+    let every = s.config(tokens, "", "");
+    let preset = every.replace("routes = [\"* /*\"]\n", "");
+    assert_ne!(preset, every, "the harness forwards every route");
+    s.write(&preset);
+    let p = s.proxy().await;
+    let r = p
+        .client
+        .post(p.url("/ai/multi-agent"))
+        .header("x-api-key", CLIENT_KEY)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    // Raw bytes: a client library would resolve the dot segments itself.
+    for (method, path) in [
+        ("GET", "/ai/multi-agent"),
+        ("POST", "/graphql/v2"),
+        ("POST", "/ai/multi-agent/"),
+        ("POST", "/ai/multi-agent/../../graphql/v2"),
+        ("POST", "/ai/%2e%2e/graphql/v2"),
+        ("POST", "/ai/multi-agent%2f..%2f..%2fgraphql/v2"),
+        ("DELETE", "/ai/multi-agent"),
+    ] {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nx-api-key: {CLIENT_KEY}\r\n\
+             content-length: 1\r\nconnection: close\r\n\r\nx"
+        );
+        let answer = raw_exchange(p.addr, &[request.as_bytes()]).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 404"),
+            "{method} {path}: {answer}"
+        );
+        assert!(
+            answer.contains("x-tokenpool-error: route_not_allowed"),
+            "{method} {path}: {answer}"
+        );
+    }
+    // A stranger is told 401 first: routes are for clients to learn.
+    let r = p.client.post(p.url("/graphql/v2")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // (The refresh call goes to the simulator too, not through the proxy.)
+    let reached: Vec<String> = s
+        .sim
+        .seen()
+        .into_iter()
+        .map(|(path, _)| path)
+        .filter(|path| path != "/proxy/token")
+        .collect();
+    assert_eq!(
+        reached,
+        ["/ai/multi-agent"],
+        "nothing else reached the upstream"
+    );
+    assert_eq!(
+        metric(
+            &p.metrics().await,
+            "tokenpool_requests_total{outcome=\"client_error\"}"
+        ),
+        7.0
+    );
+
+    // A reload widens them (a prefix), and what it allows goes through.
+    s.write(&preset.replace(
+        "idle_timeout",
+        "routes = [\"POST /ai/*\", \"GET /x\"]\nidle_timeout",
+    ));
+    let r = p
+        .client
+        .post(p.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    for (method, path, status) in [
+        (reqwest::Method::POST, "/ai/multi-agent", 200),
+        (reqwest::Method::GET, "/x", 200),
+        (reqwest::Method::GET, "/ai/multi-agent", 404),
+    ] {
+        let r = p
+            .client
+            .request(method.clone(), p.url(path))
+            .header("x-api-key", CLIENT_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{method} {path}");
+    }
+}
+
+/// `[[clients]]`: either of a client's keys works; it draws only from its
+/// tiers (a personal token is never used for a client limited to
+/// `shared`, even when it is the only one left) and calls only its own
+/// routes; a key of `api_keys` keeps every tier and `[upstream] routes`.
+#[tokio::test]
+async fn a_client_draws_only_from_its_tiers_and_calls_only_its_routes() {
+    let tokens = &[("a", "personal"), ("g", "shared")];
+    let s = Setup::new(
+        tokens,
+        "",
+        "[[clients]]\nname = \"team-a\"\nkeys = [\"team-a-key-1\", \"team-a-key-2\"]\n\
+         tiers = [\"shared\"]\nroutes = [\"POST /ai/multi-agent\"]\n",
+    )
+    .await;
+    let p = s.proxy().await;
+    let ask = |key: &'static str, method: reqwest::Method, path: &str| {
+        p.client
+            .request(method, p.url(path))
+            .header("x-api-key", key)
+            .body("x")
+            .send()
+    };
+    for key in ["team-a-key-1", "team-a-key-2"] {
+        let r = ask(key, reqwest::Method::POST, "/ai/multi-agent")
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{key}");
+        let _ = r.text().await;
+    }
+    let r = ask(CLIENT_KEY, reqwest::Method::POST, "/ai/multi-agent")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let m = p.metrics().await;
+    let picks = |tier: &str, token: &str| {
+        metric(
+            &m,
+            &format!("tokenpool_selections_total{{tier=\"{tier}\",token=\"{token}\"}}"),
+        )
+    };
+    assert_eq!(
+        (picks("shared", "g"), picks("personal", "a")),
+        (2.0, 1.0),
+        "team-a on the shared token only; the plain key on the personal one first"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tokenpool_client_requests_total{client=\"team-a\",outcome=\"success\"}"
+        ),
+        2.0
+    );
+
+    // Its own routes, in place of [upstream]'s (which forward everything here).
+    let r = ask("team-a-key-1", reqwest::Method::GET, "/x")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-tokenpool-error"], "route_not_allowed");
+    let r = ask(CLIENT_KEY, reqwest::Method::GET, "/x").await.unwrap();
+    assert!(r.headers().get("x-tokenpool-error").is_none(), "{r:?}");
+    assert!(s.sim.seen().iter().any(|(path, _)| path == "/x"));
+
+    // With its only tier out, team-a gets 503 though a personal token serves.
+    let r = p
+        .client
+        .post(p.admin_url("/admin/tokens/g/disable"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = ask("team-a-key-2", reqwest::Method::POST, "/ai/multi-agent")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-tokenpool-error"], "no_token_available");
+    let r = ask(CLIENT_KEY, reqwest::Method::POST, "/ai/multi-agent")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -173,7 +173,7 @@ async fn a_ca_file_without_certificates_is_a_config_error() {
         "{text}"
     );
     assert!(
-        text.contains(":10:"),
+        text.contains(":11:"),
         "the error points at the line: {text}"
     );
 }
