@@ -565,6 +565,13 @@ impl Pool {
     /// none is available: the earliest gate among tokens that come back by
     /// themselves, at least one second. `None` when none will.
     pub fn next_available_in(&self) -> Option<Duration> {
+        self.next_available_within(None)
+    }
+
+    /// [`Pool::next_available_in`] among the tokens of `tiers` (a client's;
+    /// `None`: every tier): a client is not told to come back for a token
+    /// it may not use.
+    pub fn next_available_within(&self, tiers: Option<&[Tier]>) -> Option<Duration> {
         let now_ms = self.clock.now_millis();
         let refresh_gate = if self.refreshes {
             self.refresh_gate.load(Ordering::Relaxed)
@@ -573,6 +580,7 @@ impl Pool {
         };
         self.tokens
             .iter()
+            .filter(|t| tiers.is_none_or(|allowed| allowed.contains(&t.tier())))
             .filter_map(|t| t.retry_due_ms(now_ms))
             .map(|due| due.max(refresh_gate))
             .min()

@@ -111,6 +111,17 @@ fn ends_connection(version: Version, response: &Response<ProxyBody>, conn: &Conn
     }
 }
 
+/// Headers that ask an upstream for another method or path than the
+/// request's (Express, ASP.NET, Symfony, Google APIs, old Zend/Symfony):
+/// dropped wherever routes apply.
+const OVERRIDE_HEADERS: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
 async fn forward(
     metrics: &Metrics,
     generation: &Generation,
@@ -146,6 +157,11 @@ async fn forward(
         if !crate::config::routes::allowed(routes, &parts.method, parts.uri.path()) {
             body::skip_buffered(body, &parts.headers, conn);
             return Err(ProxyError::RouteNotAllowed);
+        }
+        // Headers by which many frameworks take another method or path
+        // than the request line's: the route checked is the one served.
+        for name in OVERRIDE_HEADERS {
+            parts.headers.remove(name);
         }
     }
     let body = body::read_request(

@@ -174,7 +174,14 @@ impl Upstream {
         let mut s = String::with_capacity(self.base_path.len() + pq_str.len());
         s.push_str(&self.base_path);
         s.push_str(pq_str);
-        PathAndQuery::try_from(s).unwrap_or_else(|_| PathAndQuery::from_static("/"))
+        // The client's target is at most 16 KiB (admission) and the base
+        // path at most 4 KiB (config): the join is always a valid path.
+        // Were it not, the base path alone is sent, never a path outside
+        // the configured prefix.
+        PathAndQuery::try_from(s).unwrap_or_else(|_| {
+            PathAndQuery::try_from(self.base_path.as_str())
+                .unwrap_or_else(|_| PathAndQuery::from_static("/"))
+        })
     }
 }
 

@@ -124,6 +124,36 @@ pub fn summary(config: &Config) -> String {
         },
     );
     let _ = writeln!(out, "routes:    {routes}");
+    // Each [[clients]] entry that narrows (or widens) what it may do.
+    let mut seen: Vec<&str> = Vec::new();
+    for key in &config.server.api_keys {
+        let policy = &key.policy;
+        if seen.contains(&&*key.name) || (policy.tiers.is_none() && policy.routes.is_none()) {
+            continue;
+        }
+        seen.push(&key.name);
+        let tiers = policy.tiers.as_ref().map_or_else(
+            || "every tier".to_string(),
+            |tiers| {
+                tiers
+                    .iter()
+                    .map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        );
+        let routes = policy.routes.as_ref().map_or_else(
+            || "[upstream] routes".to_string(),
+            |routes| {
+                routes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        );
+        let _ = writeln!(out, "  client {}: tiers {tiers}; routes {routes}", key.name);
+    }
     let _ = writeln!(out, "quota:     {quota}");
     let _ = writeln!(out, "tokens:    {}", config.tokens.len());
     for tier in &config.pool.order {
@@ -173,5 +203,22 @@ mod tests {
         );
         let s = summary(&c);
         assert!(!s.contains("hunter2") && !s.contains("AIzaK"), "{s}");
+    }
+
+    #[test]
+    fn the_summary_names_routes_and_each_clients_limits() {
+        let c = parse(
+            "[upstream]\npreset = \"warp\"\n[refresh]\nkey = \"k\"\n\
+             [[clients]]\nname = \"team-a\"\nkeys = [\"k-1\", \"k-2\"]\ntiers = [\"shared\"]\n\
+             [[clients]]\nname = \"all\"\nkeys = [\"k-3\"]\n",
+        );
+        let s = summary(&c);
+        assert!(s.contains("routes:    POST /ai/multi-agent\n"), "{s}");
+        assert!(
+            s.contains("  client team-a: tiers shared; routes [upstream] routes\n"),
+            "{s}"
+        );
+        assert!(!s.contains("client all:"), "{s}");
+        assert!(s.contains("client keys: team-a, all"), "{s}");
     }
 }

@@ -272,7 +272,8 @@ pub fn check_reload(
     {
         return Err(next.error(format!(
             "refused: the proxy listener stays bound on {} (a listen change needs a restart), \
-             which is not a loopback address, and this file sets no [server] api_keys: \
+             which is not a loopback address, and this file sets no [server] api_keys or \
+             [[clients]]: \
              it would serve anyone who can connect. Keep api_keys, or set \
              allow_unauthenticated = true if that is meant",
             bound.proxy

@@ -3,9 +3,13 @@
 //! matches a prefix). Anything else is refused with 404
 //! `route_not_allowed` and never reaches the upstream.
 //!
-//! Paths are compared byte for byte, so a path an upstream could read as
-//! another one is never matched: one with a `.` or `..` segment, or with
-//! `/`, `.` or `\` percent-encoded, or a `\`.
+//! Paths are compared byte for byte, and only a path that cannot mean
+//! another one to any upstream is matched: made of letters, digits,
+//! `-._~!$&'()*+,=:@` and `/`, with no empty segment and no segment of dots
+//! alone, and percent-encoding only of letters, digits, `-`, `_` and `~`.
+//! So `..;`, `%2e`, `%c0%ae`, `%252e`, `\`, `;` and `//` never match: an
+//! upstream that normalizes or decodes them could serve a path the route
+//! does not name. The query string is not looked at.
 
 use std::fmt;
 
@@ -56,7 +60,11 @@ impl Route {
             return Err("a route's path may end in *, and have no other *".into());
         }
         if !plain(path) {
-            return Err("a route's path has no . or .. segment and no %-encoded /, . or \\".into());
+            return Err(
+                "a route's path is made of letters, digits, -._~!$&'()+,=:@ and /, \
+                 with no empty segment and no segment of dots alone"
+                    .into(),
+            );
         }
         Ok(Route {
             method,
@@ -84,16 +92,38 @@ impl fmt::Display for Route {
     }
 }
 
-/// Whether a path means only what its bytes say: no dot segment, no
-/// percent-encoded slash, dot or backslash, no backslash (an upstream that
-/// normalizes those would serve another path than the one matched).
+/// Whether a path means only what its bytes say to any upstream (see the
+/// module documentation): a trailing `/` is one empty segment allowed.
 fn plain(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    let encoded = ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e));
-    let dots = path
-        .split('/')
-        .any(|segment| segment == "." || segment == "..");
-    !encoded && !dots && !path.contains('\\')
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {}
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b'=' | b':' | b'@' => {}
+            b'/' => {}
+            b'%' => {
+                let decoded = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+                match decoded {
+                    Some(b) if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') => {}
+                    _ => return false,
+                }
+                i += 2;
+            }
+            _ => return false,
+        }
+        i += 1;
+    }
+    let inner = path.strip_suffix('/').unwrap_or(path);
+    path.starts_with('/')
+        && inner
+            .split('/')
+            .skip(1)
+            .all(|segment| !segment.is_empty() && !segment.bytes().all(|b| b == b'.'))
+        || path == "/"
 }
 
 /// Whether `routes` let a request of `method` for `path` go upstream.
@@ -134,6 +164,9 @@ mod tests {
         assert!(allowed(&r, &Method::POST, "/v1/chat/completions"));
         assert!(allowed(&r, &Method::DELETE, "/v1/"));
         assert!(allowed(&r, &Method::GET, "/models"));
+        // Encoded letters, digits and -_~ say nothing new; a trailing / is fine.
+        assert!(allowed(&r, &Method::GET, "/v1/%41bc-%7e/x.json"));
+        assert!(allowed(&r, &Method::GET, "/v1/models/"));
         for path in [
             "/v1/../admin",
             "/v1/./x",
@@ -144,6 +177,19 @@ mod tests {
             "/v1/..\\admin",
             "/v1/%5c..",
             "/v1/..",
+            "/v1/..;/admin",
+            "/v1/x;a=b",
+            "/v1/%c0%ae%c0%ae/admin",
+            "/v1/%c0%af",
+            "/v1/%252e%252e/admin",
+            "/v1/%u002e%u002e/admin",
+            "/v1/%ef%bc%8e%ef%bc%8e/admin",
+            "/v1/..%00/admin",
+            "/v1/..%20/admin",
+            "/v1/.../admin",
+            "/v1//admin",
+            "/v1/a%2",
+            "/v1/%zz",
             "/v2/x",
             "/v1",
         ] {
@@ -165,6 +211,11 @@ mod tests {
             "POST /a*b",
             "POST /a/../b",
             "POST /a/%2e%2e/b",
+            "POST /a?b",
+            "POST /a#b",
+            "POST /a;b",
+            "POST /a//b",
+            "POST /é",
             "POST /a extra",
             "PO ST /a",
         ] {

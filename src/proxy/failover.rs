@@ -124,7 +124,7 @@ pub(super) async fn run(
     }
     Err(ProxyError::NoTokenAvailable {
         retry_after: pool
-            .next_available_in()
+            .next_available_within(tiers)
             .unwrap_or(RETRY_AFTER_WHEN_NONE_RETURN),
     })
 }

@@ -20,6 +20,10 @@ fn bad(detail: &'static str) -> ProxyError {
     ProxyError::BadRequest { detail }
 }
 
+/// Longest request target (path and query) served, in bytes: nginx's
+/// default header buffers take 8 KiB.
+const MAX_TARGET: usize = 16 * 1024;
+
 /// Refuses a request whose target or `Host` the proxy does not serve.
 pub(super) fn check(parts: &Parts) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT {
@@ -38,6 +42,15 @@ pub(super) fn check(parts: &Parts) -> Result<(), ProxyError> {
     }
     if !uri.path_and_query().is_none_or(|pq| pq.as_str().is_ascii()) {
         return Err(bad("the request target has bytes outside ASCII"));
+    }
+    if uri
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().len() > MAX_TARGET)
+    {
+        // Joined to the upstream URL's own path it must still be a path
+        // the http crate takes (under 64 KiB), or the request could not
+        // go where it was checked to go.
+        return Err(bad("the request target is longer than 16384 bytes"));
     }
     if !headers::chunked_at_most(&parts.headers) {
         // hyper reads the chunks and passes any other coding through

@@ -632,12 +632,19 @@ async fn only_routed_requests_reach_the_upstream() {
         .client
         .post(p.url("/ai/multi-agent"))
         .header("x-api-key", CLIENT_KEY)
+        .header("x-http-method-override", "DELETE")
+        .header("x-original-url", "/graphql/v2")
         .body("x")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     let _ = r.text().await;
+    // The route checked is the one served: no header asks for another.
+    let seen = s.sim.seen();
+    let (_, headers) = seen.iter().find(|(p, _)| p == "/ai/multi-agent").unwrap();
+    assert!(headers.get("x-http-method-override").is_none());
+    assert!(headers.get("x-original-url").is_none());
     // Raw bytes: a client library would resolve the dot segments itself.
     for (method, path) in [
         ("GET", "/ai/multi-agent"),
@@ -646,6 +653,7 @@ async fn only_routed_requests_reach_the_upstream() {
         ("POST", "/ai/multi-agent/../../graphql/v2"),
         ("POST", "/ai/%2e%2e/graphql/v2"),
         ("POST", "/ai/multi-agent%2f..%2f..%2fgraphql/v2"),
+        ("POST", "/ai/multi-agent/..;/graphql/v2"),
         ("DELETE", "/ai/multi-agent"),
     ] {
         let request = format!(
@@ -683,8 +691,17 @@ async fn only_routed_requests_reach_the_upstream() {
             &p.metrics().await,
             "tokenpool_requests_total{outcome=\"client_error\"}"
         ),
-        7.0
+        8.0
     );
+    // A target too long to join to the upstream's own path is refused
+    // before anything (16 KiB at most).
+    let long = format!(
+        "POST /ai/multi-agent?q={} HTTP/1.1\r\nhost: x\r\nx-api-key: {CLIENT_KEY}\r\n\
+         content-length: 0\r\nconnection: close\r\n\r\n",
+        "a".repeat(16 * 1024)
+    );
+    let answer = raw_exchange(p.addr, &[long.as_bytes()]).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:.200}");
 
     // A reload widens them (a prefix), and what it allows goes through.
     s.write(&preset.replace(
