@@ -177,7 +177,8 @@ impl Config {
         let mut out = Vec::new();
         for key in &self.server.api_keys {
             out.push((
-                format!("[server] api_keys {:?}", &*key.name),
+                // Either form: `[server] api_keys` or a `[[clients]]` entry.
+                format!("client key {:?}", &*key.name),
                 key.secret.expose(),
             ));
         }
@@ -469,7 +470,7 @@ mod tests {
             places,
             [
                 "[refresh] key",
-                "[server] api_keys \"team-a\"",
+                "client key \"team-a\"",
                 "[admin] token",
                 "[cluster] redis",
                 "[cluster] encryption_key",
