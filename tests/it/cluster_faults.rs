@@ -116,6 +116,22 @@ impl Scene {
         .await;
     }
 
+    /// Whether every rotating account was refreshed again after `since`
+    /// within `limit`.
+    async fn refreshed_within(&self, since: &[u64], limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let now = self.refresh_calls();
+            if now.iter().zip(since).all(|(n, before)| n > before) {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Until every rotating account was refreshed again after `since`
     /// (its refresh calls then).
     async fn refreshed_after(&self, since: &[u64]) {
@@ -153,7 +169,28 @@ impl Scene {
         for p in &replicas {
             wait_connected(p, true).await;
         }
-        self.refreshed_after(before).await;
+        if !self.refreshed_within(before, WAIT * 2).await {
+            // What each replica says, to tell a stuck token from a slow one.
+            let mut said = String::new();
+            for p in &replicas {
+                let m = p.metrics().await;
+                for line in m.lines().filter(|l| {
+                    l.starts_with("tokenpool_cluster_refresh_refused_total")
+                        || l.starts_with("tokenpool_cluster_up")
+                        || l.starts_with("tokenpool_token_state{")
+                        || l.starts_with("tokenpool_refreshes_total")
+                }) {
+                    said.push_str(&format!("  {line}\n"));
+                }
+                said.push_str("  --\n");
+            }
+            panic!(
+                "{scenario}: not every account refreshed within {:?} after the fault: \
+                 calls before {before:?}, now {:?}\n{said}",
+                WAIT * 2,
+                self.refresh_calls()
+            );
+        }
         let result = load.finish().await;
         let views: Vec<&Proxy> = replicas.iter().map(|p| &**p).collect();
         self.verdict(scenario, &result, &views);
