@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     };
     match Config::parse(text, Some(std::path::Path::new("fuzz.toml")), &|_| None) {
         Ok(config) => {
-            let _ = config.summary();
+            let _ = tokenpool::cli::summary(&config);
         }
         Err(e) => {
             let shown = e.to_string();
