@@ -113,15 +113,9 @@ pub fn summary(config: &Config) -> String {
         ),
         _ => "answer headers only".to_string(),
     };
-    let routes = config.upstream.routes.as_ref().map_or_else(
-        || "every method and path (no [upstream] routes)".to_string(),
-        |routes| {
-            routes
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        },
+    let routes = listed(
+        config.upstream.routes.as_deref(),
+        "every method and path (no [upstream] routes)",
     );
     let _ = writeln!(out, "routes:    {routes}");
     // Each [[clients]] entry that narrows (or widens) what it may do.
@@ -132,26 +126,8 @@ pub fn summary(config: &Config) -> String {
             continue;
         }
         seen.push(&key.name);
-        let tiers = policy.tiers.as_ref().map_or_else(
-            || "every tier".to_string(),
-            |tiers| {
-                tiers
-                    .iter()
-                    .map(|t| t.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-        );
-        let routes = policy.routes.as_ref().map_or_else(
-            || "[upstream] routes".to_string(),
-            |routes| {
-                routes
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-        );
+        let tiers = listed(policy.tiers.as_deref(), "every tier");
+        let routes = listed(policy.routes.as_deref(), "[upstream] routes");
         let _ = writeln!(out, "  client {}: tiers {tiers}; routes {routes}", key.name);
     }
     let _ = writeln!(out, "quota:     {quota}");
@@ -175,6 +151,20 @@ pub fn summary(config: &Config) -> String {
         );
     }
     out
+}
+
+/// `items` as a comma-separated list, or `none` when there are none set.
+fn listed<T: std::fmt::Display>(items: Option<&[T]>, none: &str) -> String {
+    items.map_or_else(
+        || none.to_string(),
+        |items| {
+            items
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    )
 }
 
 #[cfg(test)]
